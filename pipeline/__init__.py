@@ -1,0 +1,1 @@
+"""Distillery pipeline: thin wiring of components into stages, DVC and Prefect."""
