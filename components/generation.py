@@ -1,0 +1,166 @@
+"""Image generation: per-image-seeded noise, prompt encoding, the teacher's DDIM sampler with CFG,
+one-step generators, and the ``Student`` a distillation run produces.
+
+Image *i* is always generated from ``torch.Generator().manual_seed(seeds[i])`` on the CPU, so the
+same seeds give the same images whatever the batch size or device.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from components.diffusion import Denoiser, guided_eps, predict_eps, x0_from_eps
+from components.teacher import TextConditioning, UNetDenoiser, teacher_denoiser
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """How a one-step generator maps noise z to x0 through an ε-network at a fixed timestep.
+
+    ``x0_from_eps``: ``x_in = input_scale * z``, ``x̂0 = (x_in − σ_t ε(x_in, t)) / α_t``.
+    ``input_scale`` is ``"unit"`` (SwiftBrush/DMD2: pure noise at t = 999) or ``"sigma"`` (SiD:
+    ``x_in = σ_t z`` at t = 625).
+    """
+
+    kind: Literal["x0_from_eps"] = "x0_from_eps"
+    t: int = 999
+    input_scale: Literal["unit", "sigma"] = "unit"
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Noise (N, *shape), row i drawn from its own CPU generator seeded with ``seeds[i]``."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds]
+    return torch.stack(rows)
+
+
+def one_step_x0(denoiser: Denoiser, z: torch.Tensor, cond: Any, spec: GeneratorSpec) -> torch.Tensor:
+    """The one-step generator G(z, y) of ``spec`` (differentiable through ``denoiser``)."""
+    t = torch.full((z.shape[0],), spec.t, dtype=torch.long, device=z.device)
+    alpha, sigma = denoiser.schedule.alpha_sigma(t, z)
+    x_in = z if spec.input_scale == "unit" else sigma * z
+    return x0_from_eps(x_in, predict_eps(denoiser, x_in, t, cond), alpha, sigma)
+
+
+@torch.no_grad()
+def ddim_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, uncond: Any, steps: int,
+                guidance_scale: float) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) from pure noise with CFG scale s; ``steps`` evenly spaced.
+
+    With ``steps = 1`` this is the teacher's own one-step x0 prediction at t = T − 1: the
+    untrained student that distillation starts from.
+    """
+    T = denoiser.schedule.num_timesteps
+    ts = torch.linspace(T - 1, 0, steps).round().long().tolist()
+    x = z
+    for i, t_now in enumerate(ts):
+        t = torch.full((z.shape[0],), t_now, dtype=torch.long, device=z.device)
+        eps = guided_eps(denoiser, x, t, cond, uncond, guidance_scale)
+        alpha, sigma = denoiser.schedule.alpha_sigma(t, x)
+        x0 = x0_from_eps(x, eps, alpha, sigma)
+        if i + 1 == len(ts):
+            return x0
+        t_next = torch.full_like(t, ts[i + 1])
+        alpha_n, sigma_n = denoiser.schedule.alpha_sigma(t_next, x)
+        x = alpha_n * x0 + sigma_n * eps
+    return x
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, prompts: Sequence[str], device: str = "cpu") -> TextConditioning:
+    """Text conditioning from the pipeline's own tokenizer and text encoder (SD1.x/2.x)."""
+    tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
+                            max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
+    hidden = pipe.text_encoder(tokens.input_ids.to(device))[0]
+    return TextConditioning(hidden.float())
+
+
+@torch.no_grad()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> np.ndarray:
+    """Latents (B, C, h, w) → uint8 images (B, H, W, 3) through the pipeline's VAE."""
+    vae = pipe.vae
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def latent_shape(pipe: Any) -> tuple[int, int, int]:
+    """(C, h, w) of the pipeline's latents at its native resolution."""
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (pipe.unet.config.in_channels, h, w)
+
+
+def _batched(items: Sequence[Any], size: int):
+    for start in range(0, len(items), size):
+        yield start, items[start:start + size]
+
+
+@torch.no_grad()
+def sample_teacher(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                   guidance_scale: float, batch_size: int = 16) -> np.ndarray:
+    """Teacher images (N, H, W, 3) uint8 by DDIM with CFG; image i seeded with ``seeds[i]``."""
+    denoiser = teacher_denoiser(pipe)
+    null = encode_prompts(pipe, [""])
+    out = []
+    for start, chunk in _batched(list(prompts), batch_size):
+        z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(pipe))
+        cond = encode_prompts(pipe, chunk)
+        latents = ddim_sample(denoiser, z, cond, null.expand(len(chunk)), steps, guidance_scale)
+        out.append(decode_latents(pipe, latents))
+    return np.concatenate(out)
+
+
+class Student:
+    """A distilled one-step generator: the teacher pipeline with the student UNet."""
+
+    def __init__(self, pipe: Any, spec: GeneratorSpec):
+        self.pipe = pipe
+        self.spec = spec
+        self.denoiser = UNetDenoiser(pipe.unet, teacher_denoiser(pipe).schedule, "epsilon")
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int],
+                 batch_size: int = 16) -> np.ndarray:
+        """Images (N, H, W, 3) uint8, one network evaluation each; image i from ``seeds[i]``."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        out = []
+        for start, chunk in _batched(list(prompts), batch_size):
+            z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(self.pipe))
+            cond = encode_prompts(self.pipe, chunk)
+            out.append(decode_latents(self.pipe, one_step_x0(self.denoiser, z, cond, self.spec)))
+        return np.concatenate(out)
+
+
+STUDENT_FILE = "student.json"
+
+
+def save_student(pipe: Any, spec: GeneratorSpec, folder: str | Path, extra: dict) -> None:
+    """Write the student as a diffusers pipeline folder plus ``student.json`` (its generator)."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (folder / STUDENT_FILE).write_text(json.dumps({"generator": asdict(spec), **extra}, indent=2,
+                                                  sort_keys=True) + "\n")
+
+
+def load_student(folder: str | Path) -> Student:
+    """Load a student folder written by ``save_student`` (CPU, fp32)."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder)
+    meta_path = folder / STUDENT_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{folder} is not a Distillery student (no {STUDENT_FILE}); "
+                                "produce one with the distill stage (`dvc repro distill`).")
+    meta = json.loads(meta_path.read_text())
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return Student(pipe, GeneratorSpec(**meta["generator"]))

@@ -1,0 +1,153 @@
+"""Loading a teacher (a hub id or a local diffusers folder) and adapting its UNet to ``Denoiser``.
+
+The miniature world's teacher and Stable Diffusion go through the same code: a diffusers pipeline
+folder loaded with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.diffusion import NoiseSchedule, PredictionType
+
+
+class TeacherNotFoundError(FileNotFoundError):
+    """The configured teacher cannot be loaded; the message says how to supply it."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """``params.yaml: teacher``. ``model`` is a local diffusers folder or a hub id."""
+
+    model: str = "models/teacher"
+    revision: str | None = None
+    variant: str | None = None
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """Text conditioning of a batch: token embeddings, plus SDXL's pooled embeddings and time ids."""
+
+    text: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor | None = None  # (B, D_pooled), SDXL only
+    time_ids: torch.Tensor | None = None  # (B, 6), SDXL only
+
+    def concat(self, other: TextConditioning) -> TextConditioning:
+        cat = lambda a, b: None if a is None else torch.cat([a, b])
+        return TextConditioning(torch.cat([self.text, other.text]), cat(self.pooled, other.pooled),
+                                cat(self.time_ids, other.time_ids))
+
+    def to(self, device: torch.device | str) -> TextConditioning:
+        move = lambda a: None if a is None else a.to(device)
+        return replace(self, text=self.text.to(device), pooled=move(self.pooled),
+                       time_ids=move(self.time_ids))
+
+    def expand(self, batch: int) -> TextConditioning:
+        """Repeat a single-row conditioning (e.g. the empty prompt) to ``batch`` rows."""
+        grow = lambda a: None if a is None else a.expand(batch, *a.shape[1:])
+        return TextConditioning(grow(self.text), grow(self.pooled), grow(self.time_ids))
+
+    def where(self, mask: torch.Tensor, other: TextConditioning) -> TextConditioning:
+        """Rows of ``other`` where ``mask`` (B,) is true, else rows of ``self``."""
+        def pick(a, b):
+            if a is None:
+                return None
+            return torch.where(mask.view(-1, *([1] * (a.ndim - 1))), b, a)
+        return TextConditioning(pick(self.text, other.text), pick(self.pooled, other.pooled),
+                                pick(self.time_ids, other.time_ids))
+
+
+class UNetDenoiser(torch.nn.Module):
+    """A diffusers ``UNet2DConditionModel`` behind the ``Denoiser`` protocol.
+
+    Knows diffusers' call conventions: ``encoder_hidden_states``, SDXL's ``added_cond_kwargs``
+    and an optional ``timestep_cond``; runs the network in ``compute_dtype`` and returns fp32.
+    """
+
+    def __init__(self, unet: torch.nn.Module, schedule: NoiseSchedule,
+                 prediction_type: PredictionType, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.compute_dtype = compute_dtype
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = self.compute_dtype or next(self.unet.parameters()).dtype
+        added = None
+        if cond.pooled is not None:
+            added = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
+        out = self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.text.to(dtype),
+                        added_cond_kwargs=added, timestep_cond=timestep_cond,
+                        return_dict=False)[0]
+        return out.float()
+
+
+def is_local_reference(model: str) -> bool:
+    """A path-like string (existing, relative with a separator, or absolute) is a local folder."""
+    return os.path.exists(model) or model.startswith((".", "/", "~")) or (
+        model.count("/") != 1 and "/" in model)
+
+
+def resolve_model(model: str, root: Path) -> str:
+    """Local folders are resolved against the project root; hub ids pass through unchanged."""
+    path = Path(model).expanduser()
+    if not path.is_absolute() and (root / path).exists():
+        return str(root / path)
+    if path.exists():
+        return str(path)
+    if is_local_reference(model) or model.startswith("models/"):
+        raise TeacherNotFoundError(
+            f"teacher folder {model!r} does not exist (looked in {root / path}). Build the "
+            "miniature world's teacher with `dvc repro bootstrap`, or set `teacher.model` in "
+            "params.yaml to a local diffusers pipeline folder or a hub id such as "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5'.")
+    return model
+
+
+def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """Load the teacher's diffusers pipeline (folder or hub id) with the safety checker off."""
+    from diffusers import DiffusionPipeline
+
+    source = resolve_model(cfg.model, root)
+    if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
+        raise TeacherNotFoundError(
+            f"{source} is not a diffusers pipeline folder (no model_index.json); point "
+            "`teacher.model` at a folder written by `save_pretrained`.")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.variant:
+        kwargs["variant"] = cfg.variant
+    if "safety_checker" in _expected_components(source):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return DiffusionPipeline.from_pretrained(source, **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (" The hub is not reachable offline (HF_HUB_OFFLINE=1): download the model "
+                "on a connected machine and point `teacher.model` at the local folder, or run "
+                "with DISTILLERY_OFFLINE=0 where the hub is reachable.") if offline else ""
+        raise TeacherNotFoundError(f"cannot load teacher {cfg.model!r}: {err}.{hint}") from None
+
+
+def _expected_components(source: str) -> set[str]:
+    index = Path(source) / "model_index.json"
+    if index.exists():
+        import json
+
+        return set(json.loads(index.read_text()))
+    return {"safety_checker"}
+
+
+def teacher_denoiser(pipe: Any, compute_dtype: torch.dtype | None = None) -> UNetDenoiser:
+    """The pipeline's UNet as a ``Denoiser`` with the scheduler's own ᾱ table."""
+    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
+    kind = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return UNetDenoiser(pipe.unet, schedule, kind, compute_dtype)
