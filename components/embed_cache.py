@@ -1,0 +1,142 @@
+"""The text-embedding cache: the one module that knows its on-disk format.
+
+Layout of a cache folder::
+
+    index.json              {"prompts_sha256", "count", "shape", "dtype", "teacher",
+                             "shards": [{"file", "start", "count", "sha256"}],
+                             "null": {"file", "sha256"}}
+    null.safetensors        {"text": (1, L, D)}           the empty prompt
+    shard-00000.safetensors {"text": (n, L, D)}           prompts start .. start + n
+
+Shards are written one at a time into ``<dir>.partial`` and kept there if the run is killed, so a
+re-run resumes after the last complete shard; the finished folder replaces ``<dir>`` by rename.
+Distillation reads embeddings from here and never loads the text encoder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.io import read_json, sha256_bytes, sha256_file, write_json
+from components.teacher import TextConditioning
+
+INDEX = "index.json"
+
+
+class CacheError(RuntimeError):
+    """A cache folder is missing, stale or corrupt; the message says how to rebuild it."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """``params.yaml: cache``."""
+
+    shard_size: int = 4096
+    batch_size: int = 64
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("shard_size and batch_size must be positive")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype {self.dtype!r} is not one of float32, float16, bfloat16")
+
+
+Encoder = Callable[[Sequence[str]], torch.Tensor]  # prompts -> (B, L, D)
+
+
+def prompts_hash(prompts: Sequence[str]) -> str:
+    return sha256_bytes("\n".join(prompts).encode())
+
+
+def _save(path: Path, tensor: torch.Tensor) -> str:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"text": tensor.contiguous()}, str(tmp))
+    os.replace(tmp, path)
+    return sha256_file(path)
+
+
+def _encode(encode: Encoder, prompts: Sequence[str], batch: int, dtype: torch.dtype) -> torch.Tensor:
+    parts = [encode(prompts[i:i + batch]).to(dtype) for i in range(0, len(prompts), batch)]
+    return torch.cat(parts)
+
+
+def write_cache(out_dir: str | Path, prompts: Sequence[str], encode: Encoder, cfg: CacheConfig,
+                teacher: str, log: Callable[[str], None] = print) -> dict:
+    """Encode every prompt (and the empty prompt) into shards; resume a killed run's shards."""
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, cfg.dtype)
+    digest = prompts_hash(prompts)
+    progress_path = work / "progress.json"
+    progress = read_json(progress_path) if progress_path.exists() else {}
+    if progress.get("prompts_sha256") != digest or progress.get("dtype") != cfg.dtype:
+        progress = {"prompts_sha256": digest, "dtype": cfg.dtype, "shards": []}
+    done = {s["file"]: s for s in progress["shards"]
+            if (work / s["file"]).exists() and sha256_file(work / s["file"]) == s["sha256"]}
+    shards = []
+    for k, start in enumerate(range(0, len(prompts), cfg.shard_size)):
+        name = f"shard-{k:05d}.safetensors"
+        chunk = prompts[start:start + cfg.shard_size]
+        if name not in done:
+            emb = _encode(encode, chunk, cfg.batch_size, dtype)
+            done[name] = {"file": name, "start": start, "count": len(chunk),
+                          "sha256": _save(work / name, emb)}
+            progress["shards"] = list(done.values())
+            write_json(progress_path, progress)
+            log(f"cache_teacher: shard {k} ({start + len(chunk)}/{len(prompts)} prompts)")
+        shards.append(done[name])
+    null = encode([""]).to(dtype)
+    index = {"prompts_sha256": digest, "count": len(prompts), "shape": list(null.shape[1:]),
+             "dtype": cfg.dtype, "teacher": teacher, "shards": shards,
+             "null": {"file": "null.safetensors", "sha256": _save(work / "null.safetensors", null)}}
+    progress_path.unlink()
+    write_json(work / INDEX, index)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+    return index
+
+
+class EmbeddingCache:
+    """Read access to a cache folder; every file's hash is checked when it is opened."""
+
+    def __init__(self, folder: str | Path, expected_prompts_sha256: str | None = None):
+        self.folder = Path(folder)
+        if not (self.folder / INDEX).exists():
+            raise CacheError(f"no embedding cache at {self.folder} (missing {INDEX}); build it "
+                             "with `dvc repro cache_teacher`")
+        self.index = read_json(self.folder / INDEX)
+        if expected_prompts_sha256 and self.index["prompts_sha256"] != expected_prompts_sha256:
+            raise CacheError(f"embedding cache {self.folder} was built for other prompts; "
+                             "re-run `dvc repro cache_teacher`")
+        self._tensors = [self._load(s) for s in self.index["shards"]]
+        self.text = torch.cat(self._tensors).float() if self._tensors else None
+        self._null = self._load(self.index["null"]).float()
+
+    def _load(self, entry: dict) -> torch.Tensor:
+        path = self.folder / entry["file"]
+        if not path.exists() or sha256_file(path) != entry["sha256"]:
+            raise CacheError(f"cache shard {path} is missing or corrupt (sha256 mismatch); "
+                             "rebuild it with `dvc repro cache_teacher --force` "
+                             "(or restore it with `dvc checkout`)")
+        return load_file(str(path))["text"]
+
+    def __len__(self) -> int:
+        return int(self.index["count"])
+
+    def conditioning(self, indices: torch.Tensor) -> TextConditioning:
+        """Embeddings of prompts ``indices`` (B,) as conditioning (B, L, D)."""
+        return TextConditioning(self.text[indices])
+
+    def null(self, batch: int = 1) -> TextConditioning:
+        """The empty prompt's embedding, repeated ``batch`` times."""
+        return TextConditioning(self._null).expand(batch)

@@ -1,0 +1,144 @@
+"""SwiftBrush: one-step text-to-image distillation by variational score distillation.
+
+Nguyen & Tran, "SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational Score
+Distillation", CVPR 2024, arXiv:2312.05239 (v2). Defaults follow the authors' training script
+(lr 1e-6 / 1e-3, Adam (0.9, 0.999), LoRA r = 64, α = 108 on to_q/to_v, CFG 4.5, clip 1.0).
+
+Networks: the student f_θ is a full copy of the teacher UNet. The frozen teacher ε_φ and the LoRA
+"fake teacher" ε_ψ share one UNet: adapters disabled give ε_φ, enabled give ε_ψ.
+
+Generator loss (VSD, paper Eq. 5–6, with the code's σ_t² weighting):
+    x̂_0 = f_θ(z, y) = (z − σ_T ε_θ(z, T, y)) / α_T,     T = 999
+    x_t = α_t x̂_0 + σ_t ε,  t ~ U{20, …, 980}
+    g   = σ_t² (ε̂_φ(x_t, t, y) − ε̂_ψ(x_t, t, y))        both with CFG scale s = 4.5
+    L_G = ½ ‖x̂_0 − sg[x̂_0 − g]‖²                        so ∂L_G/∂x̂_0 = g
+Fake-teacher loss (paper Eq. 7, ᾱ_t-weighted ε-MSE as in the code):
+    L_ψ = ‖α_t (ε_ψ(x_t, t, y) − ε)‖²,  x_t from sg[x̂_0],  t ~ U{0, …, 999}
+with the whole batch switched to the empty prompt with probability 0.1 (batch-level dropout, as
+in the code). One student update, then one LoRA update, per iteration (1 : 1).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from components.diffusion import NoiseSchedule, apply_guidance_scale, concat_conditioning
+from components.generation import GeneratorSpec, one_step_x0
+from components.methods import Batch, GroupSpec, register
+from components.teacher import UNetDenoiser
+
+
+@dataclass(frozen=True)
+class SwiftBrushConfig:
+    """Published defaults (SwiftBrush README command and ``train_swiftbrush.py``)."""
+
+    student_lr: float = 1e-6
+    lora_lr: float = 1e-3
+    lora_rank: int = 64
+    lora_alpha: float = 108.0
+    lora_targets: tuple[str, ...] = ("to_q", "to_v")
+    guidance_scale: float = 4.5
+    t_min: int = 20
+    t_max: int = 980
+    generator_t: int = 999
+    null_prompt_prob: float = 0.1
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 <= self.t_min < self.t_max <= 999:
+            raise ValueError(f"need 0 <= t_min < t_max <= 999, got {self.t_min}, {self.t_max}")
+        if len(self.adam_betas) != 2:
+            raise ValueError("adam_betas must have two values")
+
+
+class SwiftBrush:
+    """VSD with a LoRA fake teacher; see the module docstring for the losses."""
+
+    def __init__(self, cfg: SwiftBrushConfig, teacher_unet: torch.nn.Module,
+                 schedule: NoiseSchedule):
+        from peft import LoraConfig
+
+        self.cfg = cfg
+        self.schedule = schedule
+        self.spec = GeneratorSpec(t=cfg.generator_t, input_scale="unit")
+        self.groups = (GroupSpec("student", max_grad_norm=cfg.max_grad_norm),
+                       GroupSpec("lora", max_grad_norm=cfg.max_grad_norm))
+        student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
+        self.f_theta = UNetDenoiser(student, schedule, "epsilon")
+        teacher_unet.requires_grad_(False)
+        teacher_unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                            target_modules=list(cfg.lora_targets)))
+        self.shared = teacher_unet  # ε_φ with adapters disabled, ε_ψ with them enabled
+        self.eps_shared = UNetDenoiser(teacher_unet, schedule, "epsilon")
+
+    def parameters(self, group: str) -> list[torch.nn.Parameter]:
+        if group == "student":
+            return list(self.f_theta.unet.parameters())
+        return [p for p in self.shared.parameters() if p.requires_grad]
+
+    def make_optimizer(self, group: str) -> torch.optim.Optimizer:
+        lr = self.cfg.student_lr if group == "student" else self.cfg.lora_lr
+        return torch.optim.Adam(self.parameters(group), lr=lr, betas=tuple(self.cfg.adam_betas),
+                                eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+
+    def student(self) -> torch.nn.Module:
+        return self.f_theta.unet
+
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        return {"student": self.f_theta.unet, "lora": self.shared}
+
+    def loss(self, group: str, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
+        if group == "student":
+            return self.generator_loss(batch, scratch)
+        return self.fake_teacher_loss(batch, scratch)
+
+    def _guided(self, x_t, t, batch: Batch, adapters: bool) -> torch.Tensor:
+        (self.shared.enable_adapters if adapters else self.shared.disable_adapters)()
+        both = self.eps_shared(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                               concat_conditioning(batch.uncond, batch.cond))
+        eps_u, eps_c = both.chunk(2)
+        return apply_guidance_scale(eps_u, eps_c, self.cfg.guidance_scale)
+
+    def generator_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
+        """Per-sample VSD surrogate (B,); its gradient w.r.t. x̂_0 is σ_t²(ε̂_φ − ε̂_ψ)."""
+        x0_hat = one_step_x0(self.f_theta, batch.z, batch.cond, self.spec)
+        scratch["x0_hat"] = x0_hat.detach()
+        B, gen = x0_hat.shape[0], batch.generator
+        t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (B,), generator=gen)
+        eps = torch.randn(x0_hat.shape, generator=gen)
+        alpha_t, sigma_t = self.schedule.alpha_sigma(t, x0_hat)
+        with torch.no_grad():
+            x_t = alpha_t * x0_hat.detach() + sigma_t * eps
+            eps_phi = self._guided(x_t, t, batch, adapters=False)
+            eps_psi = self._guided(x_t, t, batch, adapters=True)
+            g = torch.nan_to_num(sigma_t**2 * (eps_phi - eps_psi))
+        target = (x0_hat - g).detach()
+        per_sample = 0.5 * ((x0_hat - target) ** 2).flatten(1).mean(1)
+        return per_sample, {"loss_vsd": per_sample.mean().item(), "grad_norm_g": g.norm().item()}
+
+    def fake_teacher_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
+        """Per-sample ᾱ_t-weighted ε-MSE of the LoRA teacher on the student's samples (B,)."""
+        x0_hat, gen = scratch["x0_hat"], batch.generator
+        B = x0_hat.shape[0]
+        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=gen)
+        eps = torch.randn(x0_hat.shape, generator=gen)
+        use_null = torch.rand((), generator=gen).item() < self.cfg.null_prompt_prob
+        cond = batch.uncond if use_null else batch.cond
+        alpha_t, sigma_t = self.schedule.alpha_sigma(t, x0_hat)
+        x_t = alpha_t * x0_hat + sigma_t * eps
+        self.shared.enable_adapters()
+        eps_psi = self.eps_shared(x_t, t, cond)
+        per_sample = ((alpha_t * (eps_psi - eps)) ** 2).flatten(1).mean(1)
+        return per_sample, {"loss_lora": per_sample.mean().item()}
+
+
+@register("swiftbrush", SwiftBrushConfig)
+def build(cfg: SwiftBrushConfig, teacher_unet: torch.nn.Module,
+          schedule: NoiseSchedule) -> SwiftBrush:
+    return SwiftBrush(cfg, teacher_unet, schedule)

@@ -1,0 +1,211 @@
+"""The method-agnostic distillation loop.
+
+It owns optimizers (one per method group), the update ratio of each group, gradient accumulation,
+per-sample NaN filtering, gradient clipping, EMA of the student, checkpoint/resume and logging.
+All randomness of iteration ``k`` comes from a generator seeded with ``(seed, k)``, so a run
+resumed from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.embed_cache import EmbeddingCache
+from components.methods import Batch, Method
+
+LogFn = Callable[[dict, int], None]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Loop settings shared by every method (part of ``params.yaml: distill``)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    ema_decay: float = 0.9999
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 100
+    checkpoint_every: int = 100
+
+    def validate(self) -> None:
+        if min(self.steps, self.batch_size, self.grad_accum) < 1:
+            raise ValueError("steps, batch_size and grad_accum must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum "
+                             f"{self.grad_accum}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("ema_decay must be in [0, 1)")
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point parameters."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module) -> None:
+        module.load_state_dict(self.shadow)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def make_batch(cache: EmbeddingCache, latent_shape: tuple[int, ...], batch_size: int,
+               gen: torch.Generator) -> Batch:
+    """Random prompts from the cache and fresh generator noise, all drawn from ``gen``."""
+    idx = torch.randint(0, len(cache), (batch_size,), generator=gen)
+    z = torch.randn((batch_size, *latent_shape), generator=gen)
+    return Batch(cache.conditioning(idx), cache.null(batch_size), z, gen)
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    if parts == 1:
+        return [batch]
+    n = batch.z.shape[0] // parts
+    out = []
+    for k in range(parts):
+        sl = slice(k * n, (k + 1) * n)
+        cond = type(batch.cond)(batch.cond.text[sl])
+        uncond = type(batch.uncond)(batch.uncond.text[sl])
+        out.append(Batch(cond, uncond, batch.z[sl], batch.generator))
+    return out
+
+
+def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[Batch],
+                 scratch: list[dict], batch_size: int) -> dict:
+    """Accumulate the group's loss over micro-batches, drop non-finite samples, clip, step."""
+    opt.zero_grad(set_to_none=True)
+    metrics: dict = {}
+    dropped = 0
+    for mb, sc in zip(micro, scratch):
+        per_sample, m = method.loss(group.name, mb, sc)
+        finite = torch.isfinite(per_sample)
+        dropped += int((~finite).sum())
+        if finite.any():
+            (per_sample[finite].sum() / batch_size).backward()
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+    params = method.parameters(group.name)
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if group.max_grad_norm:
+        norm = torch.nn.utils.clip_grad_norm_(params, group.max_grad_norm)
+        metrics[f"grad_norm_{group.name}"] = float(norm)
+    opt.step()
+    metrics[f"dropped_{group.name}"] = dropped
+    return metrics
+
+
+def train(method: Method, cache: EmbeddingCache, latent_shape: tuple[int, ...], cfg: LoopConfig,
+          ckpt_dir: Path, log: LogFn, on_sample: Callable[[torch.nn.Module, int], None],
+          progress: Callable[[int, int], None] | None = None) -> EMA:
+    """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA."""
+    opts = {g.name: method.make_optimizer(g.name) for g in method.groups}
+    ema = EMA(method.student(), cfg.ema_decay)
+    start = load_checkpoint(ckpt_dir, method, opts, ema)
+    for step in range(start, cfg.steps):
+        gen = step_generator(cfg.seed, step)
+        batch = make_batch(cache, latent_shape, cfg.batch_size, gen)
+        micro = split_batch(batch, cfg.grad_accum)
+        scratch: list[dict] = [{} for _ in micro]
+        metrics: dict = {}
+        for group in method.groups:
+            if step % group.every == 0:
+                metrics.update(update_group(method, group, opts[group.name], micro, scratch,
+                                            cfg.batch_size))
+        ema.update(method.student())
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            log(metrics, done)
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            on_sample(method.student(), done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(ckpt_dir, method, opts, ema, done)
+        if progress:
+            progress(done, cfg.steps)
+    return ema
+
+
+def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in module.named_parameters() if p.requires_grad}
+    return {k: v.detach().contiguous() for k, v in module.state_dict().items()
+            if k in names or not names}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, entry in state["state"].items():
+        for key, val in entry.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{key}"] = val.contiguous()
+            else:
+                scalars["state"].setdefault(str(idx), {})[key] = val
+    return tensors, scalars
+
+
+def save_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA, step: int) -> None:
+    """Write ``ckpt_dir/step-N`` (safetensors + JSON) atomically and point ``latest`` at it."""
+    final = ckpt_dir / f"step-{step:07d}"
+    tmp = ckpt_dir / f".step-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, module in method.state_modules().items():
+        save_file(_trainable_state(module), str(tmp / f"{name}.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+    meta = {"step": step, "optimizers": {}}
+    for name, opt in opts.items():
+        tensors, scalars = _optimizer_tensors(opt)
+        save_file(tensors, str(tmp / f"optim-{name}.safetensors"))
+        meta["optimizers"][name] = scalars
+    (tmp / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (ckpt_dir / "latest.tmp").write_text(final.name)
+    os.replace(ckpt_dir / "latest.tmp", ckpt_dir / "latest")
+    for old in sorted(ckpt_dir.glob("step-*"))[:-2]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA) -> int:
+    """Restore the newest complete checkpoint; return the step to continue from (0 if none)."""
+    pointer = ckpt_dir / "latest"
+    if not pointer.exists():
+        return 0
+    src = ckpt_dir / pointer.read_text().strip()
+    meta = json.loads((src / "state.json").read_text())
+    for name, module in method.state_modules().items():
+        module.load_state_dict(load_file(str(src / f"{name}.safetensors")), strict=False)
+    ema.shadow = load_file(str(src / "ema.safetensors"))
+    for name, opt in opts.items():
+        tensors = load_file(str(src / f"optim-{name}.safetensors"))
+        scalars = meta["optimizers"][name]
+        state: dict = {}
+        for key, val in tensors.items():
+            idx, field = key.split(".", 1)
+            state.setdefault(int(idx), {})[field] = val
+        for idx, entry in scalars["state"].items():
+            state.setdefault(int(idx), {}).update(entry)
+        opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+    return int(meta["step"])
