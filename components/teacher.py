@@ -111,8 +111,12 @@ def resolve_model(model: str, root: Path) -> str:
     return model
 
 
-def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.float32) -> Any:
-    """Load the teacher's diffusers pipeline (folder or hub id) with the safety checker off."""
+def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.float32,
+                  **components: Any) -> Any:
+    """Load the teacher's diffusers pipeline (folder or hub id) with the safety checker off.
+
+    ``components`` replace or skip parts (``text_encoder=None`` does not load the text encoder).
+    """
     from diffusers import DiffusionPipeline
 
     source = resolve_model(cfg.model, root)
@@ -120,7 +124,7 @@ def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.flo
         raise TeacherNotFoundError(
             f"{source} is not a diffusers pipeline folder (no model_index.json); point "
             "`teacher.model` at a folder written by `save_pretrained`.")
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, **components}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg.variant:
@@ -128,7 +132,9 @@ def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.flo
     if "safety_checker" in _expected_components(source):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (" The hub is not reachable offline (HF_HUB_OFFLINE=1): download the model "

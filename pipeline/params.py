@@ -1,0 +1,141 @@
+"""Strict loading of ``params.yaml``: one frozen config per stage, built from its sections.
+
+Unknown top-level sections, unknown keys and wrong types fail at load time with the valid keys
+named; the method name is checked against the method registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.config import ConfigError, from_dict
+from components.embed_cache import CacheConfig
+from components.methods import get_method, method_names
+from components.prompts import PromptsConfig
+from components.teacher import TeacherConfig
+from components.training import LoopConfig
+
+PARAMS_FILE = "params.yaml"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """``params.yaml: distill``: the method, the loop, and a section of settings per method."""
+
+    method: str
+    loop: LoopConfig
+    methods: dict = field(default_factory=dict)
+    device: str = "cpu"
+    sample_prompts: int = 8
+    sample_seed: int = 0
+
+    def validate(self) -> None:
+        valid = method_names()
+        if self.method not in valid:
+            raise ValueError(f"unknown method {self.method!r}; valid methods are: "
+                             f"{', '.join(valid)}")
+        for name in self.methods:
+            if name not in valid:
+                raise ValueError(f"methods.{name}: unknown method; valid methods are: "
+                                 f"{', '.join(valid)}")
+        for name, section in self.methods.items():
+            cfg_cls, _ = get_method(name)
+            from_dict(cfg_cls, section or {}, f"distill.methods.{name}")
+
+    def method_config(self) -> Any:
+        """The chosen method's typed config (published defaults where params say nothing)."""
+        cfg_cls, _ = get_method(self.method)
+        return from_dict(cfg_cls, self.methods.get(self.method) or {},
+                         f"distill.methods.{self.method}")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """``params.yaml: reference``: the FID reference image set and the feature network."""
+
+    images: str = "data/world/reference"
+    feature_weights: str = "fid-helper"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """``params.yaml: evaluate``: the evaluation protocol, for the student and the teacher."""
+
+    protocol: str = "world"
+    num_images: int = 500
+    seed: int = 0
+    teacher_steps: int = 25
+    teacher_guidance_scale: float = 3.0
+    scorer: str = "models/scorer"
+    clip_prefix: str = ""
+    batch_size: int = 32
+    grid_images: int = 16
+    latency_repeats: int = 5
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.num_images < 2:
+            raise ValueError("num_images must be at least 2 (FID needs a covariance)")
+        if self.teacher_steps < 1:
+            raise ValueError("teacher_steps must be at least 1")
+
+
+# Section name -> config class. Stages that own further sections add them in ``SECTIONS``.
+SECTIONS: dict[str, type] = {
+    "prompts": PromptsConfig,
+    "teacher": TeacherConfig,
+    "cache": CacheConfig,
+    "distill": DistillConfig,
+    "reference": ReferenceConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def read_params(root: str | Path) -> dict:
+    path = Path(root) / PARAMS_FILE
+    if not path.exists():
+        raise ConfigError(f"{path} not found; copy one of pipeline/presets/*.yaml to "
+                          f"{PARAMS_FILE} or run from the project root")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of sections")
+    _register_late_sections()
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(map(repr, unknown))}; valid "
+                          f"sections are: {', '.join(sorted(SECTIONS))}")
+    return data
+
+
+def load_section(root: str | Path, name: str) -> Any:
+    """Validate the whole params file, then return section ``name`` as its config dataclass."""
+    configs = load_all(root)
+    return configs[name]
+
+
+def load_all(root: str | Path) -> dict[str, Any]:
+    """Every section of the params file as its config dataclass (all validated)."""
+    data = read_params(root)
+    missing = sorted(set(SECTIONS) - set(data))
+    if missing:
+        raise ConfigError(f"{Path(root) / PARAMS_FILE}: missing section(s) "
+                          f"{', '.join(map(repr, missing))}")
+    return {name: from_dict(cls, data[name], name) for name, cls in SECTIONS.items()}
+
+
+def _register_late_sections() -> None:
+    """Sections whose config classes live in heavier component packages."""
+    from components.evaluation.scorer import ScorerConfig
+    from components.world.presets import WorldConfig
+
+    from components.registry import RegisterConfig
+
+    SECTIONS.update(world=WorldConfig, scorer=ScorerConfig, register=RegisterConfig)

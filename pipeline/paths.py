@@ -1,0 +1,27 @@
+"""Every path the pipeline reads or writes, relative to the project root, written once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORLD = Path("data/world")
+TEACHER = Path("models/teacher")
+SCORER = Path("models/scorer")
+PROMPTS = Path("data/prompts")
+CACHE = Path("data/cache")
+REFSTATS = Path("data/refstats")
+STUDENT = Path("models/student")
+CHECKPOINTS = Path("checkpoints/distill")
+DISTILL_OUT = Path("outputs/distill")
+EVAL_OUT = Path("outputs/eval")
+REGISTER_OUT = Path("outputs/register.json")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+TOOL_CACHE = Path(".cache")
+
+TRAIN_PROMPTS = PROMPTS / "train.txt"
+EVAL_CAPTIONS = PROMPTS / "eval.json"
+PROMPTS_MANIFEST = PROMPTS / "manifest.json"
+DISTILL_METRICS = METRICS / "distill.json"
+EVAL_METRICS = METRICS / "eval.json"
+LOSS_PLOT = PLOTS / "distill_loss.csv"

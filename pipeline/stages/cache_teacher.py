@@ -1,0 +1,36 @@
+"""Stage cache_teacher: the teacher's text embeddings of every prompt and of the empty prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from components.embed_cache import write_cache
+from components.generation import encode_prompts
+from components.teacher import load_pipeline
+from pipeline import paths
+from pipeline.params import load_all
+from pipeline.stages.common import entry, log, write_resolved
+
+
+def run(root: Path) -> None:
+    configs = load_all(root)
+    teacher, cfg = configs["teacher"], configs["cache"]
+    prompts = (root / paths.TRAIN_PROMPTS).read_text(encoding="utf-8").splitlines()
+    pipe = load_pipeline(teacher, root)
+    torch.set_grad_enabled(False)
+    index = write_cache(root / paths.CACHE, prompts,
+                        lambda batch: encode_prompts(pipe, batch).text, cfg, teacher.model,
+                        log=log)
+    write_resolved(root / paths.CACHE / "resolved_config.json", teacher=teacher, cache=cfg)
+    log(f"cache_teacher: {index['count']} prompts in {len(index['shards'])} shard(s), "
+        f"embedding shape {index['shape']}")
+
+
+def main() -> None:
+    entry(run, "cache_teacher")
+
+
+if __name__ == "__main__":
+    main()

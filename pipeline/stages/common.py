@@ -1,0 +1,36 @@
+"""What every stage entry point shares: the root, offline settings, logging, resolved configs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from components.config import ConfigError, to_dict
+from components.io import write_json
+from pipeline import env
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_resolved(path: Path, **configs) -> None:
+    """The resolved configs of a stage, written next to its outputs."""
+    write_json(path, {name: to_dict(cfg) for name, cfg in configs.items()})
+
+
+def entry(run: Callable[[Path], None], name: str) -> None:
+    """``main()`` of a stage: parse ``--root``, set offline defaults, turn config errors into
+    one clear line and exit code 2."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    args = parser.parse_args()
+    env.configure(args.root)
+    try:
+        run(args.root.resolve())
+    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        log(f"{name}: error: {message}")
+        raise SystemExit(2) from None
