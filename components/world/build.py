@@ -1,0 +1,98 @@
+"""Bootstrap of the miniature world: render the splits, train the teacher, save both atomically."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+
+from components.io import atomic_dir
+from components.world.config import WorldConfig
+from components.world.dataset import SPLITS, render_splits, split_summary
+from components.world.evaluate import teacher_accuracy
+from components.world.export import write_split
+from components.world.models import build_text_encoder, build_unet, build_vae, save_pipeline
+from components.world.render import chance_levels
+from components.world.tokenizer import build_tokenizer
+from components.world.train import encode_latents, reconstruction_psnr, train_unet, train_vae
+
+
+def _metric_logger(log: Callable[[str], None]) -> Callable[[dict, int], None]:
+    def emit(metrics: dict, step: int) -> None:
+        log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    return emit
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Token ids (N, 77), padded exactly as StableDiffusionPipeline pads prompts."""
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids
+
+
+def train_teacher(cfg: WorldConfig, train_images: np.ndarray, train_captions: list[str],
+                  reference_images: np.ndarray, log: Callable[[str], None]):
+    """Train VAE, then UNet + text encoder; returns (parts for the pipeline, report)."""
+    emit = _metric_logger(log)
+    images = torch.from_numpy(train_images)
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.vae, cfg.data.image_size)
+    report = {"vae": train_vae(vae, images, cfg.vae, cfg.seed, emit)}
+    report["vae"].update(reconstruction_psnr(vae, torch.from_numpy(reference_images)))
+    log(f"vae: {report['vae']}")
+    latents = encode_latents(vae, images)
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    report["vae"]["scaling_factor"] = scale
+
+    tokenizer = build_tokenizer()
+    unique = sorted(set(train_captions))
+    unique_ids = tokenize(tokenizer, unique)
+    index = {c: i for i, c in enumerate(unique)}
+    ids = unique_ids[torch.tensor([index[c] for c in train_captions])]
+    torch.manual_seed(cfg.seed + 1)
+    text_encoder = build_text_encoder(cfg.text, len(tokenizer))
+    unet = build_unet(cfg.unet, latents.shape[-1], cfg.vae.latent_channels, cfg.text.hidden)
+    report["unet"] = train_unet(unet, text_encoder, latents * scale, ids,
+                                tokenize(tokenizer, [""])[0], cfg.unet, cfg.seed, emit)
+    log(f"unet: {report['unet']}")
+    return (vae, text_encoder, tokenizer, unet), report
+
+
+def build_world(cfg: WorldConfig, data_dir: str | Path, teacher_dir: str | Path,
+                log: Callable[[str], None] = print) -> dict:
+    """Render all splits to ``data_dir/<split>/``, train and save the teacher to ``teacher_dir``.
+
+    Both folders are written atomically. Returns a report: timings, losses, VAE PSNR, caption
+    split counts, and attribute accuracy of teacher samples on eval captions with chance levels.
+    """
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.perf_counter()
+    splits = render_splits(cfg.data, cfg.seed)
+    report = {"splits": split_summary(splits, cfg.data)}
+    with atomic_dir(data_dir) as tmp:
+        for name in SPLITS:
+            write_split(tmp / name, *splits[name])
+    report["render_seconds"] = round(time.perf_counter() - start, 1)
+    log(f"rendered {report['splits']} in {report['render_seconds']} s")
+
+    parts, trained = train_teacher(cfg, *splits["train"], splits["reference"][0], log)
+    report.update(trained)
+    with atomic_dir(teacher_dir) as tmp:
+        save_pipeline(tmp, *parts)
+    report["train_seconds"] = round(time.perf_counter() - start, 1)
+
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
+    captions = splits["eval"][1][: cfg.check.n_samples]
+    settings = {"cfg": (cfg.check.steps, cfg.check.guidance_scale), "one_step": (1, 1.0)}
+    report["accuracy"] = teacher_accuracy(pipe, captions, settings, cfg.seed)
+    report["chance"] = chance_levels(cfg.data.space)
+    report["total_seconds"] = round(time.perf_counter() - start, 1)
+    log(f"accuracy {report['accuracy']} (chance {report['chance']})")
+    return report

@@ -1,0 +1,30 @@
+"""Presets for the ``world`` params section, as YAML-ready dicts.
+
+Measured figures: filled in below once measured.
+"""
+
+from __future__ import annotations
+
+from components.config import from_dict
+from components.world.config import WorldConfig
+
+PRESETS: dict[str, dict] = {
+    "micro": {
+        "seed": 0,
+        "data": {"image_size": 32, "n_train": 256, "n_reference": 32, "n_eval": 16,
+                 "holdout": 0.1, "space": {"colours": ["red", "blue"], "max_objects": 1}},
+        "vae": {"channels": [16, 32, 32], "steps": 10, "batch": 16},
+        "text": {"hidden": 32, "layers": 1, "heads": 2},
+        "unet": {"channels": [32, 32], "attention": [False, True], "steps": 10, "batch": 16},
+        "check": {"n_samples": 4, "steps": 2, "guidance_scale": 4.0},
+    },
+    "default": {},
+    "gpu": {},
+}
+
+
+def preset(name: str) -> WorldConfig:
+    """The named preset as a validated ``WorldConfig``."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown world preset {name!r}; valid: {sorted(PRESETS)}")
+    return from_dict(WorldConfig, PRESETS[name], f"world[{name}]")
