@@ -1,0 +1,257 @@
+"""Registry: the promotion gate (pure) and registration against real MLflow stores.
+
+Store tests use a sqlite store in a temporary folder and a real ``mlflow server`` on 127.0.0.1
+(fixture ``mlflow_server`` in ``tests/servers.py``); the student is a tiny random-weight one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from components.config import ConfigError, from_dict
+from components.registry import (
+    Decision,
+    Lineage,
+    RegisterConfig,
+    artifact_location,
+    flatten,
+    prompts_and_seeds,
+    register_student,
+    should_promote,
+    tracking_uri,
+)
+
+RULE = RegisterConfig(model_name="m", experiment="e", fid_margin=1.0, clip_tolerance=0.25)
+
+
+def rec(fid=10.0, clip=0.5, protocol="p1"):
+    return {"fid": fid, "clip_score": clip, "protocol": protocol}
+
+
+# ---------------------------------------------------------------- the gate (pure)
+
+def test_no_champion_promotes():
+    assert should_promote(rec(), None, RULE) == Decision(True, "no champion yet")
+
+
+@pytest.mark.parametrize("fid, promote", [
+    (8.0, True),     # 2.0 better, margin 1.0
+    (9.0, True),     # exactly the margin (values exact in binary)
+    (9.5, False),    # better, but by less than the margin
+    (10.0, False),   # equal
+    (12.0, False),   # worse
+])
+def test_fid_margin(fid, promote):
+    decision = should_promote(rec(fid=fid), rec(fid=10.0), RULE)
+    assert decision.promote is promote, decision.reason
+    if not promote:
+        assert "fid" in decision.reason
+
+
+def test_equal_fid_does_not_promote_even_with_zero_margin():
+    rule = RegisterConfig("m", "e", fid_margin=0.0, clip_tolerance=0.0)
+    assert not should_promote(rec(), rec(), rule).promote
+    assert should_promote(rec(fid=9.999), rec(), rule).promote
+
+
+@pytest.mark.parametrize("clip, promote", [(0.75, True), (0.5, True), (0.25, True), (0.2, False)])
+def test_clip_tolerance(clip, promote):
+    decision = should_promote(rec(fid=5.0, clip=clip), rec(fid=10.0, clip=0.5), RULE)
+    assert decision.promote is promote, decision.reason
+    if not promote:
+        assert "clip_score dropped" in decision.reason
+
+
+@pytest.mark.parametrize("candidate_protocol, champion_protocol", [
+    ("p2", "p1"), ("p1", None), (None, "p1"), (None, None), ("", ""),
+])
+def test_protocol_mismatch_never_promotes(candidate_protocol, champion_protocol):
+    decision = should_promote(rec(fid=1.0, protocol=candidate_protocol),
+                              rec(fid=100.0, protocol=champion_protocol), RULE)
+    assert not decision.promote
+    assert "protocol" in decision.reason
+
+
+@pytest.mark.parametrize("side", ["candidate", "champion"])
+@pytest.mark.parametrize("key", ["fid", "clip_score"])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf, "3.0", True])
+def test_missing_or_invalid_metric_blocks(side, key, bad):
+    candidate, champion = rec(fid=1.0), rec(fid=100.0)
+    record = candidate if side == "candidate" else champion
+    if bad is None:
+        del record[key]
+    else:
+        record[key] = bad
+    decision = should_promote(candidate, champion, RULE)
+    assert not decision.promote
+    assert side in decision.reason and repr(key) in decision.reason
+
+
+def test_numpy_and_int_metrics_are_numbers():
+    assert should_promote(rec(fid=np.float32(5.0), clip=1), rec(fid=10, clip=0.5), RULE).promote
+
+
+def test_gate_uses_configured_metric_names():
+    rule = RegisterConfig("m", "e", 0.0, 0.0, fid_metric="fid_10k", clip_metric="clip")
+    cand = {"fid_10k": 5.0, "clip": 0.3, "protocol": "p"}
+    champ = {"fid_10k": 6.0, "clip": 0.3, "protocol": "p"}
+    assert should_promote(cand, champ, rule).promote
+    assert not should_promote(rec(), rec(fid=20.0), rule).promote  # names absent
+
+
+# ---------------------------------------------------------------- config and helpers
+
+def test_config_from_params_section():
+    cfg = from_dict(RegisterConfig, {"model_name": "s", "experiment": "x", "fid_margin": 1,
+                                     "clip_tolerance": 0.01}, "register")
+    assert cfg.fid_margin == 1.0 and cfg.champion_alias == "champion"
+    with pytest.raises(ConfigError, match="valid keys are"):
+        from_dict(RegisterConfig, {"model_name": "s", "experiment": "x", "fid_margin": 1,
+                                   "clip_tolerance": 0.0, "margin": 2}, "register")
+    for bad in ({"fid_margin": -1.0}, {"clip_tolerance": math.nan},
+                {"champion_alias": "candidate"}, {"model_name": ""}):
+        with pytest.raises(ConfigError, match="register"):
+            from_dict(RegisterConfig, {"model_name": "s", "experiment": "x", "fid_margin": 1,
+                                       "clip_tolerance": 0.0, **bad}, "register")
+
+
+def test_tracking_uri_and_artifacts(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert artifact_location(tmp_path, uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+    assert artifact_location(tmp_path, "http://127.0.0.1:5000") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}) == {
+        "a.b": 1, "a.c.d": [1, 2], "e": "x"}
+
+
+def test_prompts_and_seeds():
+    assert prompts_and_seeds(["a", "b"]) == (["a", "b"], [0, 1])
+    assert prompts_and_seeds("a") == (["a"], [0])
+    assert prompts_and_seeds(pd.DataFrame({"prompt": ["a", "b"], "seed": [7, 3]})) == (
+        ["a", "b"], [7, 3])
+    assert prompts_and_seeds(pd.DataFrame({"prompt": ["a"]})) == (["a"], [0])
+    with pytest.raises(ValueError, match="'prompt' column"):
+        prompts_and_seeds(pd.DataFrame({"text": ["a"]}))
+    with pytest.raises(TypeError, match="list of prompt strings"):
+        prompts_and_seeds([1, 2])
+
+
+# ---------------------------------------------------------------- real stores
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    from tests.tiny import build_tiny_student
+
+    return build_tiny_student(tmp_path_factory.mktemp("student") / "student")
+
+
+@pytest.fixture(scope="module")
+def sqlite_root(tmp_path_factory) -> Path:
+    """One sqlite store per module: creating its tables costs several seconds."""
+    return tmp_path_factory.mktemp("registry")
+
+
+def lineage(protocol="fid-clip-v1") -> Lineage:
+    return Lineage(git_commit="abc123", method="swiftbrush", teacher="tiny", params_hash="ph",
+                   eval_protocol=protocol)
+
+
+def register(cfg, student, uri, root, fid, clip=0.3, protocol="fid-clip-v1", extra=()):
+    metrics = {"fid": fid, "clip_score": clip, "latency": {"ms_per_image": 4.0}, "note": "x"}
+    return register_student(cfg, student, metrics, lineage(protocol), uri=uri,
+                            artifact_root=artifact_location(root, uri),
+                            params={"distill": {"lr": 1e-5, "steps": 3}}, artifacts=extra)
+
+
+def load_champion(uri: str, name: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def check_champion_sequence(cfg, student, uri, root, extra=()):
+    from mlflow import MlflowClient
+
+    first = register(cfg, student, uri, root, fid=50.0, extra=extra)
+    assert first["promoted"] and first["champion"] == first["version"] == "1"
+    worse = register(cfg, student, uri, root, fid=60.0)
+    assert not worse["promoted"] and worse["champion"] == "1", worse
+    better = register(cfg, student, uri, root, fid=40.0)
+    assert better["promoted"] and better["champion"] == better["version"] == "3", better
+    client = MlflowClient(uri, registry_uri=uri)
+    aliases = client.get_registered_model(cfg.model_name).aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "3", "candidate": "3"}
+    return first, worse, better
+
+
+def test_sqlite_register_and_promote(student, sqlite_root, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working folder
+    uri = tracking_uri(sqlite_root)
+    cfg = RegisterConfig("tiny-student", "distillery", fid_margin=1.0, clip_tolerance=0.05)
+    card = sqlite_root / "eval_card.json"
+    card.write_text('{"protocol": "fid-clip-v1"}')
+    first, worse, _ = check_champion_sequence(cfg, student, uri, sqlite_root, extra=[card])
+    assert "not lower" in worse["reason"]
+
+    client = MlflowClient(uri)
+    run = client.get_run(first["run_id"])
+    assert run.info.run_name == "register"
+    assert run.data.params["distill.lr"] == "1e-05"
+    assert run.data.metrics["latency.ms_per_image"] == 4.0 and "note" not in run.data.metrics
+    assert run.data.tags["eval_protocol"] == "fid-clip-v1"
+    assert run.data.tags["git_commit"] == "abc123" and run.data.tags["method"] == "swiftbrush"
+    assert [a.path for a in client.list_artifacts(first["run_id"])] == ["eval_card.json"]
+    assert list(tmp_path.iterdir()) == []
+    assert (sqlite_root / "mlartifacts").is_dir()
+    version = client.get_model_version(cfg.model_name, "2")
+    assert version.tags["promotion"] == worse["reason"]
+
+    # a better FID under another protocol is not comparable
+    other = register(cfg, student, uri, sqlite_root, fid=1.0, protocol="fid-clip-v2")
+    assert not other["promoted"] and "protocol" in other["reason"] and other["champion"] == "3"
+
+
+def test_champion_predicts_images(student, sqlite_root, monkeypatch):
+    from components.generation import load_student
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(sqlite_root)
+    cfg = RegisterConfig("tiny-predict", "distillery", fid_margin=0.0, clip_tolerance=0.0)
+    register(cfg, student, uri, sqlite_root, fid=10.0)
+    model = load_champion(uri, cfg.model_name)
+    images = model.predict(["a red circle"])
+    assert images.dtype == np.uint8 and images.shape == (1, 16, 16, 3)
+    seeded = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"],
+                                         "seed": [0, 5]}))
+    assert seeded.shape == (2, 16, 16, 3)
+    np.testing.assert_array_equal(seeded[0], images[0])
+    direct = load_student(student).generate(["a blue square"], [5])
+    np.testing.assert_array_equal(seeded[1], direct[0])
+
+
+def test_server_register_and_promote(student, mlflow_server, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = RegisterConfig("tiny-student", "distillery", fid_margin=1.0, clip_tolerance=0.05)
+    check_champion_sequence(cfg, student, mlflow_server.uri, mlflow_server.folder)
+    # artifacts went through the server into its own artifacts folder
+    assert any((mlflow_server.folder / "mlartifacts").rglob("student.json"))
+    images = load_champion(mlflow_server.uri, cfg.model_name).predict(["a red circle"])
+    assert images.dtype == np.uint8 and images.shape == (1, 16, 16, 3)
