@@ -57,9 +57,15 @@ class DistillConfig:
 class ReferenceConfig:
     """``params.yaml: reference``: the FID reference image set and the feature network."""
 
-    images: str = "data/world/reference"
+    images: str = "data/world/reference/images"
     feature_weights: str = "fid-helper"
     batch_size: int = 64
+    center_crop_size: int | None = None
+
+    def validate(self) -> None:
+        if self.feature_weights not in ("fid-helper", "torch-fidelity"):
+            raise ValueError(f"feature_weights {self.feature_weights!r} is not one of "
+                             "'fid-helper' (offline file), 'torch-fidelity' (its own download)")
 
 
 @dataclass(frozen=True)
@@ -115,10 +121,12 @@ def read_params(root: str | Path) -> dict:
     return data
 
 
-def load_section(root: str | Path, name: str) -> Any:
-    """Validate the whole params file, then return section ``name`` as its config dataclass."""
+def load_stage(root: str | Path, stage: str) -> dict[str, Any]:
+    """Validate the whole params file; return only the sections ``stage`` declares in dvc.yaml."""
+    from pipeline.stages import STAGE_SECTIONS
+
     configs = load_all(root)
-    return configs[name]
+    return {name: configs[name] for name in STAGE_SECTIONS[stage]}
 
 
 def load_all(root: str | Path) -> dict[str, Any]:
@@ -134,8 +142,7 @@ def load_all(root: str | Path) -> dict[str, Any]:
 def _register_late_sections() -> None:
     """Sections whose config classes live in heavier component packages."""
     from components.evaluation.scorer import ScorerConfig
-    from components.world.presets import WorldConfig
-
     from components.registry import RegisterConfig
+    from components.world.config import WorldConfig
 
     SECTIONS.update(world=WorldConfig, scorer=ScorerConfig, register=RegisterConfig)

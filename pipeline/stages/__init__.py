@@ -1,4 +1,13 @@
 """Stage entry points: ``python -m pipeline.stages.<name>`` (what ``dvc.yaml`` runs)."""
 
-STAGES = ("bootstrap", "prepare_prompts", "cache_teacher", "reference_stats", "distill",
-          "evaluate", "register")
+# Stage -> the params sections it reads, in DAG order. dvc.yaml lists the same (a test checks).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "bootstrap": ("world", "scorer"),
+    "prepare_prompts": ("prompts",),
+    "cache_teacher": ("teacher", "cache"),
+    "reference_stats": ("reference",),
+    "distill": ("teacher", "distill"),
+    "evaluate": ("teacher", "evaluate"),
+    "register": ("register",),
+}
+STAGES = tuple(STAGE_SECTIONS)

@@ -10,12 +10,12 @@ from components.embed_cache import write_cache
 from components.generation import encode_prompts
 from components.teacher import load_pipeline
 from pipeline import paths
-from pipeline.params import load_all
+from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, write_resolved
 
 
 def run(root: Path) -> None:
-    configs = load_all(root)
+    configs = load_stage(root, "cache_teacher")
     teacher, cfg = configs["teacher"], configs["cache"]
     prompts = (root / paths.TRAIN_PROMPTS).read_text(encoding="utf-8").splitlines()
     pipe = load_pipeline(teacher, root)

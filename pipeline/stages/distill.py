@@ -31,7 +31,7 @@ from components.methods import get_method
 from components.teacher import UNetDenoiser, load_pipeline
 from components.training import train
 from pipeline import paths
-from pipeline.params import load_all
+from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, write_resolved
 
 
@@ -68,7 +68,7 @@ def _write_losses(path: Path, rows: list[dict]) -> None:
 
 
 def run(root: Path) -> None:
-    configs = load_all(root)
+    configs = load_stage(root, "distill")
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)

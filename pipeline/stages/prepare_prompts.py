@@ -9,12 +9,12 @@ from pathlib import Path
 from components.io import atomic_dir, write_json
 from components.prompts import prepare, read_source, select_eval
 from pipeline import paths
-from pipeline.params import load_section
+from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, write_resolved
 
 
 def run(root: Path) -> None:
-    cfg = load_section(root, "prompts")
+    cfg = load_stage(root, "prepare_prompts")["prompts"]
     train = [c.caption for src in cfg.train_sources for c in read_source(src, root)]
     evals = select_eval(read_source(cfg.eval_source, root), cfg)
     kept, evals, manifest = prepare(train, evals, cfg)

@@ -1,0 +1,44 @@
+"""Stage reference_stats: Inception statistics of the FID reference images, computed once.
+
+The statistics are cached under the image set's content hash (``.cache/refstats``), so the same
+reference images are never embedded twice; the stage output holds the statistics in use.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from components.evaluation.fid import reference_statistics
+from components.evaluation.inception import load_inception
+from components.io import atomic_dir, write_json
+from pipeline import paths
+from pipeline.params import load_stage
+from pipeline.stages.common import entry, log, write_resolved
+
+STATS_FILE = "stats.safetensors"
+META_FILE = "meta.json"
+
+
+def run(root: Path) -> None:
+    cfg = load_stage(root, "reference_stats")["reference"]
+    images = Path(cfg.images) if Path(cfg.images).is_absolute() else root / cfg.images
+    if not images.is_dir():
+        raise FileNotFoundError(f"reference image folder {images} not found; set "
+                                "`reference.images` to a folder of images (e.g. COCO val2014)")
+    net = load_inception(root / paths.TOOL_CACHE / "inception", cfg.feature_weights)
+    cache = root / paths.TOOL_CACHE / "refstats"
+    _, _, meta = reference_statistics(images, cache, net, cfg.batch_size, cfg.center_crop_size)
+    with atomic_dir(root / paths.REFSTATS) as out:
+        shutil.copyfile(cache / f"{meta['key']}.safetensors", out / STATS_FILE)
+        write_json(out / META_FILE, meta)
+        write_resolved(out / "resolved_config.json", reference=cfg)
+    log(f"reference_stats: {meta['n_images']} reference images, key {meta['key']}")
+
+
+def main() -> None:
+    entry(run, "reference_stats")
+
+
+if __name__ == "__main__":
+    main()
