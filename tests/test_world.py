@@ -1,0 +1,167 @@
+"""The miniature world: rendering, judging, caption split, COCO export, tokenizer, micro build."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from components.config import ConfigError
+from components.world import build_world, preset
+from components.world.config import DataConfig
+from components.world.dataset import caption_space_size, is_held_out, render_splits
+from components.world.export import read_split, write_split
+from components.world.render import (
+    COLOURS,
+    SceneSpace,
+    attribute_accuracy,
+    caption,
+    chance_levels,
+    parse_caption,
+    render,
+    sample_scene,
+)
+from components.world.tokenizer import build_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WIDE = SceneSpace(colours=tuple(COLOURS), max_objects=4)
+
+
+def _scenes(space: SceneSpace, n: int, seed: int):
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(space, rng) for _ in range(n)]
+    return scenes, np.stack([render(s, 32, rng) for s in scenes])
+
+
+def test_render_is_deterministic_in_the_seed():
+    a, b, c = _scenes(WIDE, 20, 1), _scenes(WIDE, 20, 1), _scenes(WIDE, 20, 2)
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[1], c[1])
+    assert a[1].dtype == np.uint8 and a[1].shape == (20, 32, 32, 3)
+
+
+def test_caption_parse_round_trip():
+    scenes, _ = _scenes(WIDE, 200, 3)
+    for scene in scenes:
+        assert parse_caption(caption(scene)) == scene
+    text = (
+        "a large red circle in the top left and a small blue square in the bottom right, "
+        "on a gray background"
+    )
+    assert caption(parse_caption(text)) == text
+    with pytest.raises(ValueError):
+        parse_caption("a photo of a cat")
+
+
+@pytest.mark.parametrize("max_objects", [1, 2, 4])
+def test_attribute_accuracy_is_one_on_ground_truth(max_objects):
+    scenes, images = _scenes(SceneSpace(colours=tuple(COLOURS), max_objects=max_objects), 300, 4)
+    acc = attribute_accuracy(images, [caption(s) for s in scenes])
+    assert acc == {k: 1.0 for k in ("all", "background", "colour", "position", "shape", "size")}
+
+
+def test_attribute_accuracy_sees_wrong_captions():
+    space = SceneSpace()
+    scenes, images = _scenes(space, 400, 5)
+    shuffled = [caption(s) for s in scenes[1:] + scenes[:1]]
+    acc = attribute_accuracy(images, shuffled)
+    chance = chance_levels(space)
+    for key in ("colour", "position", "background", "shape"):
+        assert abs(acc[key] - chance[key]) < 0.1, (key, acc[key], chance[key])
+    blank = np.full_like(images, 128)
+    assert attribute_accuracy(blank, [caption(s) for s in scenes])["colour"] == 0.0
+
+
+def test_caption_split_holds_out_eval_captions():
+    cfg = DataConfig(n_train=400, n_reference=20, n_eval=30, holdout=0.2)
+    splits = render_splits(cfg, seed=7)
+    train, evals = set(splits["train"][1]), set(splits["eval"][1])
+    assert evals and not evals & train and not set(splits["reference"][1]) & train
+    assert all(is_held_out(c, 0.2, 7) for c in evals)
+    assert caption_space_size(cfg.space) == 3 * 4 * 2 * 4 * 3
+
+
+def test_coco_export_round_trip(tmp_path):
+    scenes, images = _scenes(WIDE, 12, 6)
+    captions = [caption(s) for s in scenes]
+    write_split(tmp_path / "eval", images, captions)
+    back, back_captions = read_split(tmp_path / "eval")
+    assert np.array_equal(back, images) and back_captions == captions
+    data = __import__("json").loads((tmp_path / "eval" / "captions.json").read_text())
+    assert data["images"][0] == {"id": 0, "file_name": "000000.png", "width": 32, "height": 32}
+    assert data["annotations"][3] == {"id": 3, "image_id": 3, "caption": captions[3]}
+
+
+def test_tokenizer_ids_equal_open_clip():
+    import open_clip
+
+    tokenizer = build_tokenizer()
+    texts = [
+        "a large red circle in the top left, on a gray background",
+        "A photo of two cats on a sofa!",
+        "naïve café, 1234 emoji-free text",
+    ]
+    for text in texts:
+        ref = open_clip.tokenize([text])[0].tolist()
+        assert tokenizer(text).input_ids == ref[: ref.index(49407) + 1]
+    padded = tokenizer(texts[0], padding="max_length").input_ids
+    assert len(padded) == tokenizer.model_max_length == 77
+
+
+def test_presets_load_and_unknown_keys_fail():
+    for name in ("micro", "default", "gpu"):
+        assert preset(name).data.image_size >= 32
+    with pytest.raises(KeyError):
+        preset("huge")
+    from components.config import from_dict
+    from components.world.config import WorldConfig
+
+    with pytest.raises(ConfigError, match="valid keys"):
+        from_dict(WorldConfig, {"unet": {"chanels": [8]}}, "world")
+
+
+def test_micro_build_loads_in_diffusers_and_samples(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(2)
+    report = build_world(preset("micro"), tmp_path / "data", tmp_path / "teacher", log=lambda m: 0)
+    assert set(report["accuracy"]) == {"cfg", "one_step"}
+    assert report["splits"]["eval_captions_in_train"] == 0
+    for split in ("train", "reference", "eval"):
+        images, captions = read_split(tmp_path / "data" / split)
+        assert len(images) == len(captions) > 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "teacher")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        ["a small red square in the top right, on a black background"],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert out.shape == (1, 32, 32, 3) and np.isfinite(out).all()
+
+
+def test_teacher_training_is_deterministic():
+    from components.world.config import TextConfig, UNetConfig, VaeConfig
+    from components.world.models import build_text_encoder, build_unet, build_vae
+    from components.world.train import train_unet, train_vae
+
+    images = torch.from_numpy(_scenes(SceneSpace(), 8, 0)[1])
+    ids = torch.randint(0, 49408, (8, 77), generator=torch.Generator().manual_seed(0))
+
+    def once():
+        torch.manual_seed(0)
+        vae = build_vae(VaeConfig(channels=(8, 8), steps=2, batch=4), 32)
+        text = build_text_encoder(TextConfig(hidden=16, layers=1, heads=2), 49408)
+        unet = build_unet(UNetConfig(channels=(16, 16), steps=2, batch=4), 16, 4, 16)
+        cfg = UNetConfig(steps=2, batch=4, warmup=1)
+        a = train_vae(vae, images, VaeConfig(steps=2, batch=4), seed=1, log=lambda m, s: 0)
+        b = train_unet(unet, text, torch.randn(8, 4, 16, 16), ids, ids[0], cfg, 1, lambda m, s: 0)
+        return a["final_loss"], b["final_loss"], next(unet.parameters()).detach().clone()
+
+    first, second = once(), once()
+    assert first[:2] == second[:2] and torch.equal(first[2], second[2])
