@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,13 +31,21 @@ def _metric_logger(log: Callable[[str], None]) -> Callable[[dict, int], None]:
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     """Token ids (N, 77), padded exactly as StableDiffusionPipeline pads prompts."""
     return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
 
 
-def train_teacher(cfg: WorldConfig, train_images: np.ndarray, train_captions: list[str],
-                  reference_images: np.ndarray, log: Callable[[str], None]):
+def train_teacher(
+    cfg: WorldConfig,
+    train_images: np.ndarray,
+    train_captions: list[str],
+    reference_images: np.ndarray,
+    log: Callable[[str], None],
+):
     """Train VAE, then UNet + text encoder; returns (parts for the pipeline, report)."""
     emit = _metric_logger(log)
     images = torch.from_numpy(train_images)
@@ -59,20 +67,31 @@ def train_teacher(cfg: WorldConfig, train_images: np.ndarray, train_captions: li
     torch.manual_seed(cfg.seed + 1)
     text_encoder = build_text_encoder(cfg.text, len(tokenizer))
     unet = build_unet(cfg.unet, latents.shape[-1], cfg.vae.latent_channels, cfg.text.hidden)
-    report["unet"] = train_unet(unet, text_encoder, latents * scale, ids,
-                                tokenize(tokenizer, [""])[0], cfg.unet, cfg.seed, emit)
+    report["unet"] = train_unet(
+        unet,
+        text_encoder,
+        latents * scale,
+        ids,
+        tokenize(tokenizer, [""])[0],
+        cfg.unet,
+        cfg.seed,
+        emit,
+    )
     log(f"unet: {report['unet']}")
     return (vae, text_encoder, tokenizer, unet), report
 
 
-def build_world(cfg: WorldConfig, data_dir: str | Path, teacher_dir: str | Path,
-                log: Callable[[str], None] = print) -> dict:
+def build_world(
+    cfg: WorldConfig,
+    data_dir: str | Path,
+    teacher_dir: str | Path,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Render all splits to ``data_dir/<split>/``, train and save the teacher to ``teacher_dir``.
 
     Both folders are written atomically. Returns a report: timings, losses, VAE PSNR, caption
     split counts, and attribute accuracy of teacher samples on eval captions with chance levels.
     """
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.perf_counter()
     splits = render_splits(cfg.data, cfg.seed)
     report = {"splits": split_summary(splits, cfg.data)}

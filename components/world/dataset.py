@@ -48,8 +48,10 @@ def sample_split(
             if held_out is None or is_held_out(text, cfg.holdout, seed) == held_out:
                 break
         else:
-            raise ValueError(f"no {'held-out' if held_out else 'training'} captions; "
-                             f"change data.holdout ({cfg.holdout})")
+            raise ValueError(
+                f"no {'held-out' if held_out else 'training'} captions; "
+                f"change data.holdout ({cfg.holdout})"
+            )
         images.append(render(scene, cfg.image_size, rng))
         captions.append(text)
     return np.stack(images), captions

@@ -17,13 +17,13 @@ from components.world.config import TextConfig, UNetConfig, VaeConfig
 from components.world.tokenizer import MAX_LENGTH
 
 # Stable Diffusion's noise schedule: scaled_linear betas 0.00085 -> 0.012 over 1000 steps
-SD_SCHEDULE = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-)
+SD_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+}
 
 
 def build_vae(cfg: VaeConfig, image_size: int) -> AutoencoderKL:

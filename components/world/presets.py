@@ -11,15 +11,48 @@ from components.world.config import WorldConfig
 PRESETS: dict[str, dict] = {
     "micro": {
         "seed": 0,
-        "data": {"image_size": 32, "n_train": 256, "n_reference": 32, "n_eval": 16,
-                 "holdout": 0.1, "space": {"colours": ["red", "blue"], "max_objects": 1}},
+        "data": {
+            "image_size": 32,
+            "n_train": 256,
+            "n_reference": 32,
+            "n_eval": 16,
+            "holdout": 0.1,
+            "space": {"colours": ["red", "blue"], "max_objects": 1},
+        },
         "vae": {"channels": [16, 32, 32], "steps": 10, "batch": 16},
         "text": {"hidden": 32, "layers": 1, "heads": 2},
         "unet": {"channels": [32, 32], "attention": [False, True], "steps": 10, "batch": 16},
         "check": {"n_samples": 4, "steps": 2, "guidance_scale": 4.0},
     },
     "default": {},
-    "gpu": {},
+    "gpu": {
+        "seed": 0,
+        "data": {
+            "image_size": 64,
+            "n_train": 100000,
+            "n_reference": 5000,
+            "n_eval": 1000,
+            "holdout": 0.1,
+            "space": {
+                "colours": ["red", "green", "blue", "yellow", "purple", "orange"],
+                "max_objects": 2,
+            },
+        },
+        "vae": {"channels": [64, 128, 128], "steps": 5000, "batch": 128, "lr": 5e-4},
+        "text": {"hidden": 256, "layers": 4, "heads": 4},
+        "unet": {
+            "channels": [128, 256, 256],
+            "attention": [False, True, True],
+            "layers_per_block": 2,
+            "head_dim": 32,
+            "steps": 30000,
+            "batch": 256,
+            "lr": 3e-4,
+            "warmup": 500,
+            "ema": 0.999,
+        },
+        "check": {"n_samples": 1000, "steps": 25, "guidance_scale": 4.0},
+    },
 }
 
 

@@ -209,7 +209,9 @@ def judge_object(image: np.ndarray, position: str, mask: np.ndarray, background:
     height, width = alpha.max(1).sum(), alpha.max(0).sum()
     size = "large" if max(height, width) / h > _SIZE_SPLIT else "small"
     fill = alpha.sum() / max(height * width, 1e-6)
-    shape = "triangle" if fill < _FILL_SPLITS[0] else "circle" if fill < _FILL_SPLITS[1] else "square"
+    shape = (
+        "triangle" if fill < _FILL_SPLITS[0] else "circle" if fill < _FILL_SPLITS[1] else "square"
+    )
     return {"colour": colour, "size": size, "shape": shape}
 
 

@@ -47,7 +47,8 @@ def byte_symbols() -> list[str]:
 @lru_cache(maxsize=1)
 def read_merges() -> tuple[str, ...]:
     """The merge lines ("a b") used by CLIP, without the header line."""
-    lines = gzip.open(bpe_path()).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     return tuple(lines[1 : N_MERGES + 1])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ class Budget:
 
     def __init__(self, steps: int, max_seconds: float):
         self.steps, self.max_seconds = steps, max_seconds
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.step = 0
 
     @property
@@ -52,8 +52,14 @@ class Budget:
 
     def report(self, loss: float) -> dict:
         by = "steps" if self.step >= self.steps else "time"
-        return {"steps": self.step, "seconds": round(self.seconds, 1), "stopped_by": by,
-                "final_loss": loss}
+        cpu = time.process_time() - self.cpu_start
+        return {
+            "steps": self.step,
+            "seconds": round(self.seconds, 1),
+            "stopped_by": by,
+            "cpu_seconds": round(cpu, 1),
+            "final_loss": loss,
+        }
 
 
 def train_vae(
