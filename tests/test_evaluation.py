@@ -85,6 +85,19 @@ def fake_network() -> FeatureNetwork:
     return FeatureNetwork(FakeExtractor(), "fake", "fake.safetensors", "f" * 64, "fake")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for this module, restored afterwards.
+
+    Measured on the shared 2-core machine under load from other jobs: Inception 3.5-6 images/s
+    with 1 thread vs ~2 with 2; a scorer step 0.28 s vs 1.2-7 s (thread oversubscription).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory) -> FeatureNetwork:
     return load_inception(tmp_path_factory.mktemp("inception-cache"))

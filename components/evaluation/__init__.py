@@ -1,0 +1,1 @@
+"""Evaluation components: FID (torch-fidelity's Inception), CLIP score, image grids, eval cards."""

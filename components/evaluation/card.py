@@ -1,0 +1,75 @@
+"""The eval card: everything needed to judge whether two metric values are comparable.
+
+Every FID / CLIP number is written with its card (style rule 14; methods-reference §3.4 lists the
+settings that make published numbers differ: caption list, reference set, resize, FID
+implementation, N, guidance, seeds, precision).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+
+from components.config import from_dict, to_dict
+
+CARD_VERSION = 1
+VERSIONED_PACKAGES = ("torch", "diffusers", "torch-fidelity", "open-clip-torch", "numpy")
+
+
+@dataclass(frozen=True)
+class EvalCard:
+    """Fields of the eval card JSON."""
+
+    protocol: str  # e.g. "world-32px" or "coco2014-30k-gigagan"
+    caption_list_sha256: str  # caption_list_hash(captions)
+    n_images: int
+    reference_sha256: str  # content hash of the reference image set
+    reference_stats_key: str  # key of the cached reference statistics
+    resize: str  # how generated and reference images reach the feature network
+    feature_network: str
+    feature_weights_sha256: str
+    clip_model: str  # scorer spec, e.g. "ViT-g-14:laion2b_s12b_b42k" or a scorer folder
+    clip_weights: str  # pretrained tag or sha256 of the weights file
+    base_seed: int
+    precision: str  # sampling precision, e.g. "fp32" or "fp16"
+    guidance_scale: float | None  # s in diffusers' convention (s = 1 + w); null when unguided
+    steps: int  # sampler steps per image (1 for a one-step student)
+    device: str
+    seeds: str = "image i uses seed base_seed + i"
+    clip_prefix: str = ""
+    notes: str = ""
+    versions: dict = field(default_factory=dict)
+    card_version: int = CARD_VERSION
+
+    def validate(self) -> None:
+        if self.n_images < 1 or self.steps < 1:
+            raise ValueError("n_images and steps must be >= 1")
+
+
+def eval_card(**settings) -> dict:
+    """Build the card as a plain dict; unknown or missing settings are errors naming valid keys.
+
+    ``versions`` defaults to the installed versions of torch, diffusers, torch-fidelity, open_clip,
+    numpy and Python.
+    """
+    settings.setdefault("versions", library_versions())
+    return to_dict(from_dict(EvalCard, settings, "eval card"))
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries a metric value depends on."""
+    out = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def caption_list_hash(captions: Sequence[str]) -> str:
+    """sha256 of the captions in order, one per line (UTF-8, ``\\n``-joined, trailing newline)."""
+    return hashlib.sha256(("\n".join(captions) + "\n").encode("utf-8")).hexdigest()
