@@ -6,6 +6,7 @@ sets are small; everything else uses a fake feature network or tiny models.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -86,15 +87,23 @@ def fake_network() -> FeatureNetwork:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for this module, restored afterwards.
+def one_thread():
+    """One torch and one BLAS thread for this module, restored afterwards.
 
-    Measured on the shared 2-core machine under load from other jobs: Inception 3.5-6 images/s
-    with 1 thread vs ~2 with 2; a scorer step 0.28 s vs 1.2-7 s (thread oversubscription).
+    Measured on the shared 2-core machine under load from other jobs (1 vs 2 threads): Inception
+    3.5-6 vs ~2 images/s; a scorer step 0.28 vs 1.2-7 s; torch-fidelity's 2048x2048 ``eigvals``
+    8 vs 39 s. threadpoolctl (present through scikit-learn) limits numpy's BLAS when installed.
     """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # only a speed-up
+        blas = contextlib.nullcontext()
+    else:
+        blas = threadpool_limits(limits=1)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with blas:
+        yield
     torch.set_num_threads(before)
 
 
