@@ -41,7 +41,13 @@ from components.evaluation.inception import (
     load_inception,
     safetensors_as_torch_stream,
 )
-from components.evaluation.scorer import CONFIG_FILE, WEIGHTS_FILE, ScorerConfig, train_scorer
+from components.evaluation.scorer import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ScorerConfig,
+    normalize_images,
+    train_scorer,
+)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 40, 220),
            "yellow": (230, 220, 30)}
@@ -151,6 +157,17 @@ def test_missing_fid_helper_says_how_to_supply(monkeypatch, tmp_path):
         load_inception(tmp_path)
     with pytest.raises(ValueError, match="valid sources"):
         load_inception(tmp_path, source="pytorch-fid")
+
+
+def test_torch_fidelity_source_offline_error(monkeypatch, tmp_path):
+    import urllib.error
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(InceptionWeightsMissing, match="source='fid-helper'"):
+        load_inception(tmp_path, source="torch-fidelity")
 
 
 # --- FID / KID math and parity with torch-fidelity -----------------------------------------------
@@ -289,6 +306,9 @@ def test_clip_score_prefers_matching_captions(trained_scorer):
     sims = clip_similarities(images, captions, scorer, prefix="A photo depicts ")
     assert sims.shape == (32,)
     assert scorer.describe()["weights"] != ""
+    # The training fast path sees the same pixels as open_clip's preprocess at the model's size.
+    torch.testing.assert_close(scorer.preprocess(Image.fromarray(images[0])),
+                               normalize_images(images[:1])[0], atol=1e-5, rtol=0)
 
 
 def test_scorer_spec_errors(monkeypatch):

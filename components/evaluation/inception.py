@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -251,7 +250,3 @@ def _sha1_file(path: Path, chunk: int = 1 << 20) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def describe_json(net: FeatureNetwork) -> str:
-    """Stable JSON of ``net.describe()``, used in cache keys."""
-    return json.dumps(net.describe(), sort_keys=True)
