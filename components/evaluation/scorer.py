@@ -93,11 +93,12 @@ def train_scorer(images: np.ndarray, captions: Sequence[str], cfg: ScorerConfig,
     images = _check_images(images, cfg.image_size)
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    torch.manual_seed(cfg.seed)
     tokens = open_clip.tokenizer.SimpleTokenizer(context_length=cfg.context_length)(list(captions))
     pixels = normalize_images(images)
     train_idx, held_idx = split_indices(len(images), cfg.holdout_fraction, cfg.seed)
-    model = open_clip.CLIP(**cfg.model_cfg())
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model = open_clip.CLIP(**cfg.model_cfg())
     steps, seconds, loss = _fit(model, pixels[train_idx], tokens[train_idx], cfg, log)
     held_captions = [captions[i] for i in held_idx]
     top1, chance = retrieval_top1(model, pixels[held_idx], tokens[held_idx], held_captions)
