@@ -1,0 +1,94 @@
+"""Smoke test of the whole DAG on the micro preset, run for real by DVC in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd, check=True):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+           "MLFLOW_TRACKING_URI": ""}
+    env.pop("MLFLOW_TRACKING_URI")  # the project's own sqlite store
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([a-z_]+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A copy of the project's files (as git sees them) with the micro preset as params.yaml."""
+    dest = tmp_path_factory.mktemp("project")
+    files = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout
+    for rel in files.split():
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    shutil.copy(ROOT / "pipeline" / "presets" / "micro.yaml", dest / "params.yaml")
+    _run(["git", "init", "-q"], dest)
+    _run(["git", "add", "-A"], dest)
+    _run(["git", "commit", "-qm", "micro"], dest)
+    proc = _run([str(BIN / "dvc"), "repro"], dest)
+    assert _ran_stages(proc.stdout) == set(STAGES), proc.stdout
+    _run(["git", "add", "-A"], dest)
+    _run(["git", "commit", "-qm", "repro"], dest)
+    return dest
+
+
+def test_repro_builds_every_artifact_and_a_champion(repo):
+    card = json.loads((repo / "outputs/eval/eval_card.json").read_text())
+    assert set(card) == {"student", "teacher", "teacher_1step"}
+    assert card["student"]["card"]["steps"] == 1 and card["teacher"]["card"]["steps"] == 2
+    assert (repo / "outputs/eval/grid.png").stat().st_size > 0
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["student"]["fid"] > 0
+    reg = json.loads((repo / "outputs/register.json").read_text())
+    assert reg["version"] == "1" and reg["promoted"] and reg["champion"] == "1"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("distillery-world-student", "champion")
+    assert str(version.version) == "1"
+    shown = _run([str(BIN / "dvc"), "metrics", "show", "--json"], repo).stdout
+    assert "fid" in shown
+
+
+def test_second_repro_has_nothing_to_do(repo):
+    proc = _run([str(BIN / "dvc"), "repro"], repo)
+    assert _ran_stages(proc.stdout) == set(), proc.stdout
+    assert json.loads(_run([str(BIN / "dvc"), "status", "--json"], repo).stdout) == {}
+
+
+def test_distill_param_change_reruns_only_downstream_stages(repo):
+    proc = _run([str(BIN / "dvc"), "exp", "run", "-S", "distill.loop.steps=3", "-n", "steps3"],
+                repo)
+    assert _ran_stages(proc.stdout) == {"distill", "evaluate", "register"}, proc.stdout
+    shown = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], repo).stdout)
+    assert "steps3" in json.dumps(shown)
+
+
+def test_unknown_method_fails_with_the_valid_names(repo):
+    proc = _run([str(BIN / "dvc"), "exp", "run", "-S", "distill.method=nope"], repo, check=False)
+    assert proc.returncode != 0
+    assert "unknown method 'nope'; valid methods are: swiftbrush" in proc.stdout + proc.stderr
