@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from components.evaluation.card import caption_list_hash, eval_card
 from components.evaluation.clip_score import clip_score, load_scorer
-from components.evaluation.fid import feature_statistics, frechet_distance, inception_features
+from components.evaluation.fid import fid_against_statistics, inception_features
 from components.evaluation.grid import image_grid, save_png
 from components.evaluation.inception import load_inception
 from components.evaluation.latency import measure_latency
@@ -36,8 +36,8 @@ from pipeline.stages.reference_stats import META_FILE, STATS_FILE
 
 def _score(name, images, captions, ref, net, scorer, cfg, latency) -> dict:
     """FID, CLIP score (and attribute accuracy on the world) of one model's images."""
-    mu, sigma = feature_statistics(inception_features(images, net, cfg.batch_size))
-    row = {"fid": frechet_distance(mu, sigma, ref["mu"], ref["sigma"]),
+    features = inception_features(images, net, cfg.batch_size)
+    row = {"fid": fid_against_statistics(ref["mu"], ref["sigma"], features),
            "clip_score": clip_score(images, captions, scorer, cfg.clip_prefix, cfg.batch_size),
            "latency_s": latency["median_s"]}
     if cfg.protocol == "world":
