@@ -6,6 +6,9 @@ and failures go through Prefect's own engine, not a mock of it.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -161,3 +164,60 @@ def test_nightly_deployment(prefect_api, tmp_path):
 def test_flow_module_cli_rejects_unknown_stage():
     with pytest.raises(SystemExit):
         flows.main(["--stages", "nope"])
+
+
+# ---------------------------------------------------------------- the whole pipeline (micro)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args, cwd):
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **env},
+                          check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def micro_project(tmp_path_factory) -> Path:
+    """The project's files as git sees them, in a fresh git repo, with the micro preset."""
+    dest = tmp_path_factory.mktemp("flow-project")
+    for rel in _git("ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).split():
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    shutil.copy(ROOT / "pipeline" / "presets" / "micro.yaml", dest / "params.yaml")
+    _git("init", "-q", cwd=dest)
+    _git("add", "-A", cwd=dest)
+    _git("commit", "-qm", "micro", cwd=dest)
+    return dest
+
+
+@pytest.mark.slow
+def test_flow_with_dvc_leaves_dvc_lineage(prefect_api, monkeypatch, micro_project):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store
+    assert distillery(root=str(micro_project), use_dvc=True) == list(STAGES)
+    lock = (micro_project / "dvc.lock").read_text()
+    assert all(f"\n  {stage}:" in lock for stage in STAGES)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=micro_project,
+                            check=True, capture_output=True, text=True).stdout
+    assert json.loads(status) == {}  # exactly what `dvc repro` would have recorded
+    registered = json.loads((micro_project / "outputs/register.json").read_text())
+    assert registered["version"] == "1" and registered["promoted"]
+    for stage in STAGES:
+        [run] = task_runs(stage)[-1:]
+        assert run.state.is_completed()
+
+
+@pytest.mark.slow
+def test_flow_in_process_reruns_stages(prefect_api, monkeypatch, micro_project):
+    """The same stage functions, called in-process: evaluate again, then register version 2."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    if not (micro_project / "models/student").exists():
+        pytest.skip("needs the DVC flow test's outputs")
+    assert distillery(root=str(micro_project), stages=["register", "evaluate"]) == [
+        "evaluate", "register"]
+    registered = json.loads((micro_project / "outputs/register.json").read_text())
+    assert registered["version"] == "2"
+    # same student, same protocol, same FID: the gate keeps the champion (margin 0, not better)
+    assert not registered["promoted"] and registered["champion"] == "1", registered
