@@ -142,7 +142,7 @@ def load_all(root: str | Path) -> dict[str, Any]:
 def _register_late_sections() -> None:
     """Sections whose config classes live in heavier component packages."""
     from components.evaluation.scorer import ScorerConfig
-    from components.registry import RegisterConfig
+    from components.registry.gate import RegisterConfig
     from components.world.config import WorldConfig
 
     SECTIONS.update(world=WorldConfig, scorer=ScorerConfig, register=RegisterConfig)

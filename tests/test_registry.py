@@ -14,15 +14,12 @@ import pandas as pd
 import pytest
 
 from components.config import ConfigError, from_dict
-from components.registry import (
-    Decision,
-    Lineage,
-    RegisterConfig,
+from components.registry.gate import Decision, Lineage, RegisterConfig, should_promote
+from components.registry.store import (
     artifact_location,
     flatten,
     prompts_and_seeds,
     register_student,
-    should_promote,
     tracking_uri,
 )
 

@@ -7,7 +7,8 @@ import subprocess
 from pathlib import Path
 
 from components.io import read_json, sha256_file, write_json
-from components.registry import Lineage, artifact_location, register_student, tracking_uri
+from components.registry.gate import Lineage
+from components.registry.store import artifact_location, register_student, tracking_uri
 from pipeline import paths
 from pipeline.params import PARAMS_FILE, load_stage, read_params
 from pipeline.stages.common import entry, log

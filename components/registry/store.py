@@ -9,12 +9,10 @@ compares it with the version behind the ``champion`` alias and moves that alias 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,112 +25,20 @@ from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-PROTOCOL = "protocol"  # key of the eval protocol in the records ``should_promote`` compares
-TAG_PROTOCOL = "eval_protocol"
+from components.registry.gate import PROTOCOL, TAG_PROTOCOL, Lineage, RegisterConfig, should_promote
+
 MODEL_ARTIFACT = "student"
 # Runtime packages of the pyfunc model; pinned to the versions installed when it is logged.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "diffusers", "transformers", "safetensors", "numpy",
                       "pandas", "pillow")
 # The pyfunc model is logged as code (MLflow "models from code"), not as a pickle: this script is
 # the model's entry point and ``components/`` travels with it as code.
-MODEL_CODE = '''"""MLflow entry point of a Distillery student (written by components.registry)."""
+MODEL_CODE = '''"""MLflow entry point of a Distillery student (written by components.registry.store)."""
 import mlflow
-from components.registry import StudentModel
+from components.registry.store import StudentModel
 
 mlflow.models.set_model(StudentModel())
 '''
-
-
-@dataclass(frozen=True)
-class RegisterConfig:
-    """The ``register`` params section.
-
-    A candidate becomes champion when its FID is lower than the champion's by at least
-    ``fid_margin`` and its CLIP score is not lower by more than ``clip_tolerance``.
-    """
-
-    model_name: str
-    experiment: str
-    fid_margin: float
-    clip_tolerance: float
-    fid_metric: str = "fid"
-    clip_metric: str = "clip_score"
-    candidate_alias: str = "candidate"
-    champion_alias: str = "champion"
-
-    def validate(self) -> None:
-        if not self.model_name or not self.experiment:
-            raise ValueError("model_name and experiment must not be empty")
-        if not (self.fid_margin >= 0 and self.clip_tolerance >= 0):
-            raise ValueError("fid_margin and clip_tolerance must be >= 0 (and not NaN)")
-        if self.candidate_alias == self.champion_alias:
-            raise ValueError("candidate_alias and champion_alias must differ")
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Where a student came from; written as tags on the run and on the model version."""
-
-    git_commit: str
-    method: str
-    teacher: str
-    params_hash: str
-    eval_protocol: str
-
-    def tags(self) -> dict[str, str]:
-        tags = {k: str(v) for k, v in asdict(self).items()}
-        tags[TAG_PROTOCOL] = tags.pop("eval_protocol")
-        return tags
-
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-
-
-def should_promote(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None,
-                   rule: RegisterConfig) -> Decision:
-    """Decide whether ``candidate`` replaces ``champion``; both map metric names and ``protocol``.
-
-    Metrics are only comparable under the same eval protocol, so a protocol mismatch never
-    promotes. Equal FIDs do not promote (no improvement); a CLIP drop of exactly
-    ``clip_tolerance`` is allowed. A missing or non-finite metric on either side blocks promotion.
-    """
-    if champion is None:
-        return Decision(True, "no champion yet")
-    ours, theirs = candidate.get(PROTOCOL), champion.get(PROTOCOL)
-    if not ours or not theirs or ours != theirs:
-        return Decision(False, f"eval protocols differ (candidate {ours!r}, champion {theirs!r}); "
-                               "metrics are not comparable, re-evaluate the champion first")
-    values = {}
-    for side, record in (("candidate", candidate), ("champion", champion)):
-        for key in (rule.fid_metric, rule.clip_metric):
-            value = _finite(record.get(key))
-            if value is None:
-                return Decision(False, f"{side} has no finite {key!r} "
-                                       f"(got {record.get(key)!r}); cannot compare")
-            values[side, key] = value
-    fid_gain = values["champion", rule.fid_metric] - values["candidate", rule.fid_metric]
-    clip_drop = values["champion", rule.clip_metric] - values["candidate", rule.clip_metric]
-    summary = (f"{rule.fid_metric} {values['candidate', rule.fid_metric]:.4g} vs "
-               f"{values['champion', rule.fid_metric]:.4g}, {rule.clip_metric} "
-               f"{values['candidate', rule.clip_metric]:.4g} vs "
-               f"{values['champion', rule.clip_metric]:.4g}")
-    if not (fid_gain > 0 and fid_gain >= rule.fid_margin):
-        return Decision(False, f"{rule.fid_metric} not lower by at least {rule.fid_margin:g} "
-                               f"({summary})")
-    if clip_drop > rule.clip_tolerance:
-        return Decision(False, f"{rule.clip_metric} dropped by more than "
-                               f"{rule.clip_tolerance:g} ({summary})")
-    return Decision(True, f"better than the champion ({summary})")
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def tracking_uri(root: str | Path) -> str:
