@@ -74,11 +74,11 @@ def ddim_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, uncond: Any, ste
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Any, prompts: Sequence[str], device: str = "cpu") -> TextConditioning:
+def encode_prompts(pipe: Any, prompts: Sequence[str]) -> TextConditioning:
     """Text conditioning from the pipeline's own tokenizer and text encoder (SD1.x/2.x)."""
     tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
-    hidden = pipe.text_encoder(tokens.input_ids.to(device))[0]
+    hidden = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
     return TextConditioning(hidden.float())
 
 
@@ -111,7 +111,7 @@ def sample_teacher(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], step
     null = encode_prompts(pipe, [""])
     out = []
     for start, chunk in _batched(list(prompts), batch_size):
-        z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(pipe))
+        z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(pipe)).to(pipe.unet.device)
         cond = encode_prompts(pipe, chunk)
         latents = ddim_sample(denoiser, z, cond, null.expand(len(chunk)), steps, guidance_scale)
         out.append(decode_latents(pipe, latents))
@@ -135,6 +135,7 @@ class Student:
         out = []
         for start, chunk in _batched(list(prompts), batch_size):
             z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(self.pipe))
+            z = z.to(self.pipe.unet.device)
             cond = encode_prompts(self.pipe, chunk)
             out.append(decode_latents(self.pipe, one_step_x0(self.denoiser, z, cond, self.spec)))
         return np.concatenate(out)
@@ -151,8 +152,8 @@ def save_student(pipe: Any, spec: GeneratorSpec, folder: str | Path, extra: dict
                                                   sort_keys=True) + "\n")
 
 
-def load_student(folder: str | Path) -> Student:
-    """Load a student folder written by ``save_student`` (CPU, fp32)."""
+def load_student(folder: str | Path, device: str = "cpu") -> Student:
+    """Load a student folder written by ``save_student`` (fp32, on ``device``)."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
@@ -161,6 +162,6 @@ def load_student(folder: str | Path) -> Student:
         raise FileNotFoundError(f"{folder} is not a Distillery student (no {STUDENT_FILE}); "
                                 "produce one with the distill stage (`dvc repro distill`).")
     meta = json.loads(meta_path.read_text())
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Student(pipe, GeneratorSpec(**meta["generator"]))

@@ -71,11 +71,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def make_batch(cache: EmbeddingCache, latent_shape: tuple[int, ...], batch_size: int,
-               gen: torch.Generator) -> Batch:
-    """Random prompts from the cache and fresh generator noise, all drawn from ``gen``."""
+               gen: torch.Generator, device: str | torch.device = "cpu") -> Batch:
+    """Random prompts from the cache and fresh generator noise, all drawn from ``gen`` (CPU)."""
     idx = torch.randint(0, len(cache), (batch_size,), generator=gen)
     z = torch.randn((batch_size, *latent_shape), generator=gen)
-    return Batch(cache.conditioning(idx), cache.null(batch_size), z, gen)
+    return Batch(cache.conditioning(idx).to(device), cache.null(batch_size).to(device),
+                 z.to(device), gen)
 
 
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
@@ -119,14 +120,15 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
 
 def train(method: Method, cache: EmbeddingCache, latent_shape: tuple[int, ...], cfg: LoopConfig,
           ckpt_dir: Path, log: LogFn, on_sample: Callable[[torch.nn.Module, int], None],
-          progress: Callable[[int, int], None] | None = None) -> EMA:
+          progress: Callable[[int, int], None] | None = None,
+          device: str | torch.device = "cpu") -> EMA:
     """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA."""
     opts = {g.name: method.make_optimizer(g.name) for g in method.groups}
     ema = EMA(method.student(), cfg.ema_decay)
     start = load_checkpoint(ckpt_dir, method, opts, ema)
     for step in range(start, cfg.steps):
         gen = step_generator(cfg.seed, step)
-        batch = make_batch(cache, latent_shape, cfg.batch_size, gen)
+        batch = make_batch(cache, latent_shape, cfg.batch_size, gen, device)
         micro = split_batch(batch, cfg.grad_accum)
         scratch: list[dict] = [{} for _ in micro]
         metrics: dict = {}

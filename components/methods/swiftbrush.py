@@ -111,7 +111,8 @@ class SwiftBrush:
         scratch["x0_hat"] = x0_hat.detach()
         B, gen = x0_hat.shape[0], batch.generator
         t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (B,), generator=gen)
-        eps = torch.randn(x0_hat.shape, generator=gen)
+        eps = torch.randn(x0_hat.shape, generator=gen).to(x0_hat.device)
+        t = t.to(x0_hat.device)
         alpha_t, sigma_t = self.schedule.alpha_sigma(t, x0_hat)
         with torch.no_grad():
             x_t = alpha_t * x0_hat.detach() + sigma_t * eps
@@ -126,8 +127,8 @@ class SwiftBrush:
         """Per-sample ᾱ_t-weighted ε-MSE of the LoRA teacher on the student's samples (B,)."""
         x0_hat, gen = scratch["x0_hat"], batch.generator
         B = x0_hat.shape[0]
-        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=gen)
-        eps = torch.randn(x0_hat.shape, generator=gen)
+        t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=gen).to(x0_hat.device)
+        eps = torch.randn(x0_hat.shape, generator=gen).to(x0_hat.device)
         use_null = torch.rand((), generator=gen).item() < self.cfg.null_prompt_prob
         cond = batch.uncond if use_null else batch.cond
         alpha_t, sigma_t = self.schedule.alpha_sigma(t, x0_hat)

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import torch
-from components.evaluation.grid import image_grid, save_png
 from tqdm import tqdm
 
 from components.config import to_dict
 from components.diffusion import NoiseSchedule
 from components.embed_cache import EmbeddingCache
+from components.evaluation.grid import image_grid, save_png
 from components.generation import (
     decode_latents,
     latent_shape,
@@ -38,8 +38,8 @@ from pipeline.stages.common import entry, log, write_resolved
 def _sampler(pipe, cache: EmbeddingCache, spec, cfg, out: Path):
     """A callback writing a grid of the student's images at fixed prompts and seeds."""
     n = min(cfg.sample_prompts, len(cache))
-    cond = cache.conditioning(torch.arange(n))
-    z = seeded_noise([cfg.sample_seed + i for i in range(n)], latent_shape(pipe))
+    cond = cache.conditioning(torch.arange(n)).to(cfg.device)
+    z = seeded_noise([cfg.sample_seed + i for i in range(n)], latent_shape(pipe)).to(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
 
     def on_sample(student: torch.nn.Module, step: int) -> None:
@@ -74,7 +74,7 @@ def run(root: Path) -> None:
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(root / paths.PROMPTS_MANIFEST)["train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
-    pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None)
+    pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(cfg.device)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     _, build = get_method(cfg.method)
     resolved = {"teacher": to_dict(teacher_cfg), "distill": to_dict(cfg),
@@ -99,7 +99,7 @@ def run(root: Path) -> None:
             write_json(ckpt_dir / "losses.json", rows)
 
     ema = train(method, cache, latent_shape(pipe), cfg.loop, ckpt_dir, _loss_logger(rows),
-                _sampler(pipe, cache, method.spec, cfg, samples), progress)
+                _sampler(pipe, cache, method.spec, cfg, samples), progress, cfg.device)
     bar.close()
     wall = time.perf_counter() - start
     _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
@@ -108,7 +108,7 @@ def run(root: Path) -> None:
 def _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved) -> None:
     student = method.student()
     ema.copy_to(student)
-    full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student))
+    full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student).to("cpu"))
     with atomic_dir(root / paths.STUDENT) as out:
         save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
                                               "steps": cfg.loop.steps})

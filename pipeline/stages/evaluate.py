@@ -49,7 +49,7 @@ def _score(name, images, captions, ref, net, scorer, cfg, latency) -> dict:
 
 def _teacher_rows(root, teacher_cfg, cfg, captions, seeds, ref_meta, score) -> tuple[dict, dict]:
     """Rows (and grid images) of the teacher and the untrained student, cached by key."""
-    pipe = load_pipeline(teacher_cfg, root)
+    pipe = load_pipeline(teacher_cfg, root).to(cfg.device)
     src = Path(pipe.name_or_path)
     key_src = {"teacher": sha256_tree(src) if src.is_dir() else teacher_cfg.model,
                "captions": sha256_bytes("\n".join(captions).encode()), "seeds": seeds[0],
@@ -83,14 +83,16 @@ def run(root: Path) -> None:
     seeds = [cfg.seed + i for i in range(len(captions))]
     ref_meta = read_json(root / paths.REFSTATS / META_FILE)
     ref = load_file(str(root / paths.REFSTATS / STATS_FILE))
-    net = load_inception(root / paths.TOOL_CACHE / "inception", ref_meta["feature_network"]["source"])
-    scorer = load_scorer(str(root / cfg.scorer) if (root / cfg.scorer).exists() else cfg.scorer)
+    net = load_inception(root / paths.TOOL_CACHE / "inception",
+                         ref_meta["feature_network"]["source"], cfg.device)
+    scorer = load_scorer(str(root / cfg.scorer) if (root / cfg.scorer).exists() else cfg.scorer,
+                         cfg.device)
 
     def score(name, images, latency):
         return _score(name, images, captions, ref, net, scorer, cfg, latency)
 
     rows, grids = _teacher_rows(root, teacher_cfg, cfg, captions, seeds, ref_meta, score)
-    student = load_student(root / paths.STUDENT)
+    student = load_student(root / paths.STUDENT, cfg.device)
     images = student.generate(captions, seeds, cfg.batch_size)
     latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
                               cfg.latency_repeats)
