@@ -41,8 +41,8 @@ def test_from_dict_builds_nested_and_coerces():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"name": "x", "inner": {"rate": 1}, "colour": 1}, "unknown key(s) 'colour'; valid keys are: "
-     "extra, inner, name, sizes, tags"),
+    ({"name": "x", "inner": {"rate": 1}, "colour": 1},
+     "unknown key(s) 'colour'; valid keys are: extra, inner, name, sizes, tags"),
     ({"inner": {"rate": 1}}, "missing key 'name'"),
     ({"name": 3, "inner": {"rate": 1}}, "outer.name: expected a string, got 3"),
     ({"name": "x", "inner": {"rate": "fast"}}, "outer.inner.rate: expected a number"),

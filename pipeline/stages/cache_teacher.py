@@ -11,14 +11,15 @@ from components.generation import encode_prompts
 from components.teacher import load_pipeline
 from pipeline import paths
 from pipeline.params import load_stage
-from pipeline.stages.common import entry, log, write_resolved
+from pipeline.stages.common import entry, log, require, write_resolved
 
 
 def run(root: Path) -> None:
     configs = load_stage(root, "cache_teacher")
     teacher, cfg = configs["teacher"], configs["cache"]
-    prompts = (root / paths.TRAIN_PROMPTS).read_text(encoding="utf-8").splitlines()
     pipe = load_pipeline(teacher, root)
+    prompts = require(root / paths.TRAIN_PROMPTS, "prepare_prompts").read_text(
+        encoding="utf-8").splitlines()
     torch.set_grad_enabled(False)
     index = write_cache(root / paths.CACHE, prompts,
                         lambda batch: encode_prompts(pipe, batch).text, cfg, teacher.model,

@@ -16,6 +16,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def require(path: Path, producer: str) -> Path:
+    """``path`` if it exists, else a clear error naming the stage that produces it."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; it is produced by the {producer} stage: "
+                                f"run `dvc repro {producer}` first")
+    return path
+
+
 def write_resolved(path: Path, **configs) -> None:
     """The resolved configs of a stage, written next to its outputs."""
     write_json(path, {name: to_dict(cfg) for name, cfg in configs.items()})

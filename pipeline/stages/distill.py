@@ -32,7 +32,7 @@ from components.teacher import UNetDenoiser, load_pipeline
 from components.training import train
 from pipeline import paths
 from pipeline.params import load_stage
-from pipeline.stages.common import entry, log, write_resolved
+from pipeline.stages.common import entry, log, require, write_resolved
 
 
 def _sampler(pipe, cache: EmbeddingCache, spec, cfg, out: Path):
@@ -72,7 +72,8 @@ def run(root: Path) -> None:
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
-    prompts_sha = read_json(root / paths.PROMPTS_MANIFEST)["train_sha256"]
+    prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
+        "train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
     pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(cfg.device)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)

@@ -30,7 +30,7 @@ from components.teacher import load_pipeline
 from components.world.render import attribute_accuracy
 from pipeline import paths
 from pipeline.params import load_stage
-from pipeline.stages.common import entry, log, write_resolved
+from pipeline.stages.common import entry, log, require, write_resolved
 from pipeline.stages.reference_stats import META_FILE, STATS_FILE
 
 
@@ -78,10 +78,10 @@ def _teacher_rows(root, teacher_cfg, cfg, captions, seeds, ref_meta, score) -> t
 def run(root: Path) -> None:
     configs = load_stage(root, "evaluate")
     teacher_cfg, cfg = configs["teacher"], configs["evaluate"]
-    rows_in = read_json(root / paths.EVAL_CAPTIONS)[: cfg.num_images]
+    rows_in = read_json(require(root / paths.EVAL_CAPTIONS, "prepare_prompts"))[: cfg.num_images]
     captions = [r["caption"] for r in rows_in]
     seeds = [cfg.seed + i for i in range(len(captions))]
-    ref_meta = read_json(root / paths.REFSTATS / META_FILE)
+    ref_meta = read_json(require(root / paths.REFSTATS / META_FILE, "reference_stats"))
     ref = load_file(str(root / paths.REFSTATS / STATS_FILE))
     net = load_inception(root / paths.TOOL_CACHE / "inception",
                          ref_meta["feature_network"]["source"], cfg.device)
@@ -92,7 +92,7 @@ def run(root: Path) -> None:
         return _score(name, images, captions, ref, net, scorer, cfg, latency)
 
     rows, grids = _teacher_rows(root, teacher_cfg, cfg, captions, seeds, ref_meta, score)
-    student = load_student(root / paths.STUDENT, cfg.device)
+    student = load_student(require(root / paths.STUDENT, "distill"), cfg.device)
     images = student.generate(captions, seeds, cfg.batch_size)
     latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
                               cfg.latency_repeats)

@@ -11,7 +11,7 @@ from components.registry.gate import Lineage
 from components.registry.store import artifact_location, register_student, tracking_uri
 from pipeline import paths
 from pipeline.params import PARAMS_FILE, load_stage, read_params
-from pipeline.stages.common import entry, log
+from pipeline.stages.common import entry, log, require
 
 
 def git_commit(root: Path) -> str:
@@ -29,8 +29,8 @@ def git_commit(root: Path) -> str:
 
 def run(root: Path) -> None:
     cfg = load_stage(root, "register")["register"]
-    evaluation = read_json(root / paths.EVAL_METRICS)
-    student_meta = read_json(root / paths.STUDENT / "student.json")
+    evaluation = read_json(require(root / paths.EVAL_METRICS, "evaluate"))
+    student_meta = read_json(require(root / paths.STUDENT / "student.json", "distill"))
     lineage = Lineage(git_commit=git_commit(root), method=student_meta["method"],
                       teacher=student_meta["teacher"],
                       params_hash=sha256_file(root / PARAMS_FILE)[:16],

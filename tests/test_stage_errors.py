@@ -1,0 +1,93 @@
+"""Bad input to a stage: one clear line naming the problem and the fix, exit code 2, and no
+half-written output left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.io import atomic_dir
+from tests.tiny import build_tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stage(name: str, root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"pipeline.stages.{name}", "--root", str(root)],
+                          check=False, capture_output=True, text=True, cwd=ROOT)
+
+
+def _params(root: Path, edit=None) -> Path:
+    data = yaml.safe_load((ROOT / "pipeline/presets/micro.yaml").read_text())
+    if edit:
+        edit(data)
+    (root / "params.yaml").write_text(yaml.safe_dump(data))
+    return root
+
+
+def _last_line(proc) -> str:
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_missing_teacher_folder(tmp_path):
+    root = _params(tmp_path, lambda d: d["teacher"].update(model="models/nope"))
+    proc = _stage("cache_teacher", root)
+    assert proc.returncode == 2
+    line = _last_line(proc)
+    assert "teacher folder 'models/nope' does not exist" in line
+    assert "dvc repro bootstrap" in line and "hub id" in line
+    assert not (tmp_path / "data").exists()
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "models/teacher").mkdir(parents=True)
+    proc = _stage("cache_teacher", _params(tmp_path))
+    assert proc.returncode == 2
+    assert "not a diffusers pipeline folder (no model_index.json)" in _last_line(proc)
+
+
+def test_missing_upstream_output_names_the_stage(tmp_path):
+    build_tiny_teacher(tmp_path / "models/teacher")
+    proc = _stage("cache_teacher", _params(tmp_path))
+    assert proc.returncode == 2
+    assert "data/prompts/train.txt does not exist" in _last_line(proc)
+    assert "run `dvc repro prepare_prompts` first" in _last_line(proc)
+    assert not (tmp_path / "data/cache").exists()
+
+
+def test_unknown_params_key_and_wrong_type(tmp_path):
+    proc = _stage("prepare_prompts", _params(tmp_path, lambda d: d["prompts"].update(maxeval=3)))
+    assert proc.returncode == 2
+    assert "prompts: unknown key(s) 'maxeval'; valid keys are:" in _last_line(proc)
+    proc = _stage("distill", _params(tmp_path, lambda d: d["distill"]["loop"].update(steps="x")))
+    assert proc.returncode == 2
+    assert "distill.loop.steps: expected an integer, got 'x'" in _last_line(proc)
+
+
+def test_empty_prompts_file_leaves_previous_output_untouched(tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n\n")
+    (tmp_path / "data/prompts").mkdir(parents=True)
+    (tmp_path / "data/prompts/train.txt").write_text("kept\n")
+    root = _params(tmp_path, lambda d: d["prompts"].update(
+        train_sources=[{"kind": "text", "path": "prompts.txt"}]))
+    proc = _stage("prepare_prompts", root)
+    assert proc.returncode == 2
+    assert "prompts.txt' is empty" in _last_line(proc)
+    assert (tmp_path / "data/prompts/train.txt").read_text() == "kept\n"
+
+
+def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/a").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("new")
+        raise RuntimeError("killed")
+    assert (tmp_path / "out/a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "b").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]
