@@ -7,10 +7,18 @@ import math
 import torch
 from diffusers import DDPMScheduler
 
-from components.diffusion import (NoiseSchedule, apply_guidance_scale, apply_guidance_weight,
-                                  eps_from_v, guidance_scale_to_weight,
-                                  guidance_weight_to_scale, guided_eps, to_eps, to_x0,
-                                  v_from_eps_x0)
+from components.diffusion import (
+    NoiseSchedule,
+    apply_guidance_scale,
+    apply_guidance_weight,
+    eps_from_v,
+    guidance_scale_to_weight,
+    guidance_weight_to_scale,
+    guided_eps,
+    to_eps,
+    to_x0,
+    v_from_eps_x0,
+)
 from components.generation import GeneratorSpec, ddim_sample, one_step_x0, seeded_noise
 
 

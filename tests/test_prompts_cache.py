@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from components.embed_cache import CacheConfig, CacheError, EmbeddingCache, write_cache
-from components.prompts import (EvalCaption, PromptsConfig, PromptSource, PromptSourceError,
-                                dedupe, normalize, prepare, read_source, select_eval)
+from components.prompts import (
+    EvalCaption,
+    PromptsConfig,
+    PromptSource,
+    PromptSourceError,
+    dedupe,
+    normalize,
+    prepare,
+    read_source,
+    select_eval,
+)
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco"
 
