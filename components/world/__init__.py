@@ -1,6 +1,7 @@
 """The miniature world: procedural captioned images and a small SD-format teacher trained on them.
 
-Every pipeline stage can run on it offline: ``build_world(preset("default"), data_dir, teacher_dir)``.
+Every pipeline stage can run on it offline:
+``build_world(preset("default"), data_dir, teacher_dir)``.
 """
 
 from components.world.build import build_world

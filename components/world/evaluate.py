@@ -40,7 +40,10 @@ def teacher_accuracy(
     settings: dict[str, tuple[int, float]],
     seed: int,
 ) -> dict[str, dict[str, float]]:
-    """Attribute accuracy per named sampler setting, e.g. {"cfg25": (25, 4.0), "step1": (1, 1.0)}."""
+    """Attribute accuracy per named sampler setting, e.g. {"cfg": (25, 4.0), "one_step": (1, 1.0)}.
+
+    Each setting is (DDIM steps, guidance_scale).
+    """
     pipe.set_progress_bar_config(disable=True)
     return {
         name: attribute_accuracy(sample_pipeline(pipe, captions, steps, scale, seed), captions)

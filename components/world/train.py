@@ -167,7 +167,10 @@ def train_unet(
     seed: int,
     log: Log,
 ) -> dict:
-    """Train UNet and text encoder jointly; latents (N, C, h, w) scaled, ids (N, 77), empty (77,)."""
+    """Train UNet and text encoder jointly; returns a report.
+
+    latents: scaled (N, C, h, w); ids: (N, 77) token ids; empty_ids: (77,) ids of the empty prompt.
+    """
     gen = torch.Generator().manual_seed(seed)
     abar = train_scheduler().alphas_cumprod
     params = [p for m in (unet, text_encoder) for p in m.parameters()]
