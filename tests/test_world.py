@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from components.config import ConfigError
-from components.world import build_world, preset
-from components.world.config import DataConfig
+from components.config import ConfigError, from_dict
+from components.world import build_world
+from components.world.config import DataConfig, WorldConfig
 from components.world.dataset import caption_space_size, is_held_out, render_splits
 from components.world.export import read_split, write_split
 from components.world.render import (
@@ -24,6 +26,8 @@ from components.world.render import (
     sample_scene,
 )
 from components.world.tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -111,14 +115,15 @@ def test_tokenizer_ids_equal_open_clip():
     assert len(padded) == tokenizer.model_max_length == 77
 
 
+def preset(name: str) -> WorldConfig:
+    """The ``world`` section of a shipped params file (``default`` is ``params.yaml``)."""
+    path = ROOT / "params.yaml" if name == "default" else ROOT / f"pipeline/presets/{name}.yaml"
+    return from_dict(WorldConfig, yaml.safe_load(path.read_text())["world"], f"world[{name}]")
+
+
 def test_presets_load_and_unknown_keys_fail():
     for name in ("micro", "default", "gpu"):
         assert preset(name).data.image_size >= 32
-    with pytest.raises(KeyError):
-        preset("huge")
-    from components.config import from_dict
-    from components.world.config import WorldConfig
-
     with pytest.raises(ConfigError, match="valid keys"):
         from_dict(WorldConfig, {"unet": {"chanels": [8]}}, "world")
 
