@@ -30,8 +30,7 @@ env.configure(os.environ.get("DISTILLERY_ROOT", "."))
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-STAGES = ("bootstrap", "prepare_prompts", "cache_teacher", "reference_stats", "distill",
-          "evaluate", "register")
+from pipeline.stages import STAGES
 
 
 @dataclass(frozen=True)
