@@ -1,0 +1,77 @@
+"""Render the metrics of the last run as a markdown table (for the README or a review).
+
+    uv run python -m pipeline.report --root . [--out reports/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+from components.io import atomic_write_text, read_json
+from pipeline import paths
+from pipeline.stages.bootstrap import BOOTSTRAP_METRICS
+
+ROWS = (("teacher", "teacher, DDIM with CFG"), ("student", "distilled student"),
+        ("teacher_1step", "untrained student (teacher at 1 step)"))
+ATTRIBUTES = ("colour", "shape", "size", "position", "background")
+
+
+def results_table(root: Path) -> str:
+    """Markdown: FID, CLIP score, attribute accuracy and latency per model, then run facts."""
+    ev = read_json(root / paths.EVAL_METRICS)
+    lines = [("| model | steps | FID ↓ | CLIP score ↑ | attribute accuracy "
+             f"({' / '.join(ATTRIBUTES)}) | latency, batch 1 |"),
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, label in ROWS:
+        row = ev[key]
+        acc = row.get("attribute_accuracy", {})
+        accs = " / ".join(f"{acc[a]:.2f}" for a in ATTRIBUTES) if acc else "n/a"
+        guide = f", s = {row['guidance_scale']:g}" if row.get("guidance_scale", 1.0) != 1.0 else ""
+        lines.append(f"| {label} | {row['steps']}{guide} | {row['fid']:.1f} | "
+                     f"{row['clip_score']:.3f} | {accs} | {row['latency_s'] * 1000:.1f} ms |")
+    lines.append("")
+    lines += _facts(root, ev)
+    return "\n".join(lines) + "\n"
+
+
+def _facts(root: Path, ev: dict) -> list[str]:
+    facts = [(f"- protocol `{ev['protocol']}`; machine: {platform.machine()}, "
+             f"{_cpu_count()} CPU threads visible")]
+    boot = root / BOOTSTRAP_METRICS
+    if boot.exists():
+        b = read_json(boot)
+        chance = b.get("chance", {})
+        facts.append("- attribute chance levels: " + ", ".join(
+            f"{a} {chance[a]:.2f}" for a in ATTRIBUTES if a in chance))
+        facts.append(f"- bootstrap (render + VAE + UNet + check): {b['total_seconds']:.0f} s; "
+                     f"VAE PSNR {b['vae']['psnr']:.1f} dB; scorer retrieval top-1 "
+                     f"{b['scorer']['retrieval_top1']:.2f}")
+    dist = root / paths.DISTILL_METRICS
+    if dist.exists():
+        d = read_json(dist)
+        facts.append(f"- distillation: {d['steps']} steps, {d['images_seen']} images seen, "
+                     f"{d['wall_seconds']:.0f} s")
+    return facts
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report")
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--out", type=Path, help="also write the table to this file")
+    args = parser.parse_args()
+    table = results_table(args.root)
+    print(table)
+    if args.out:
+        atomic_write_text(args.out, table)
+
+
+if __name__ == "__main__":
+    main()
