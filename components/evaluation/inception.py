@@ -226,7 +226,25 @@ def load_inception(cache_dir: str | Path, source: Source = "fid-helper",
         EXTRACTOR_NAME, [FEATURE_LAYER], feature_extractor_weights_path=weights
     )
     extractor = extractor.to(device).eval().requires_grad_(False)
-    return FeatureNetwork(extractor, source, str(path), sha256_file(path))
+    return FeatureNetwork(extractor, source, str(path), weights_digest(path))
+
+
+def weights_digest(path: str | Path) -> str:
+    """sha256 of a weights file's tensors (names and bytes, sorted by name).
+
+    For safetensors files the digest ignores the header's metadata, whose key order varies
+    between processes, so the same weights always give the same digest (and cache keys).
+    """
+    if not str(path).endswith(".safetensors"):
+        return sha256_file(path)
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def safetensors_as_torch_stream(path: str | Path) -> io.BytesIO:

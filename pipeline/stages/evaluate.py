@@ -109,7 +109,7 @@ def _cards(cfg, rows, captions, ref_meta, net, scorer) -> dict:
         n_images=len(captions), reference_sha256=ref_meta["images_sha256"],
         reference_stats_key=ref_meta["key"], resize=ref_meta["resize"],
         feature_network=net.name, feature_weights_sha256=net.weights_sha256,
-        clip_model=scorer.spec, clip_weights=scorer.weights, clip_prefix=cfg.clip_prefix,
+        clip_model=cfg.scorer, clip_weights=scorer.weights, clip_prefix=cfg.clip_prefix,
         base_seed=cfg.seed, precision="fp32", guidance_scale=guidance[name],
         steps=rows[name]["steps"], device=cfg.device) for name in rows}
 

@@ -29,6 +29,7 @@ def run(root: Path) -> None:
     net = load_inception(root / paths.TOOL_CACHE / "inception", cfg.feature_weights)
     cache = root / paths.TOOL_CACHE / "refstats"
     _, _, meta = reference_statistics(images, cache, net, cfg.batch_size, cfg.center_crop_size)
+    meta = {**meta, "source": f"folder {cfg.images}"}  # as configured, not this machine's path
     with atomic_dir(root / paths.REFSTATS) as out:
         shutil.copyfile(cache / f"{meta['key']}.safetensors", out / STATS_FILE)
         write_json(out / META_FILE, meta)
