@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from components.training import EMA
 from components.world.config import UNetConfig, VaeConfig
 from components.world.models import train_scheduler
 
@@ -117,24 +118,6 @@ def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / snr
 
 
-class Ema:
-    """Exponential moving average of a list of parameters."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params, self.decay = params, decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to_params(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            p.copy_(s)
-
-
 def diffusion_loss(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -175,7 +158,8 @@ def train_unet(
     abar = train_scheduler().alphas_cumprod
     params = [p for m in (unet, text_encoder) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    ema = Ema(params, cfg.ema) if cfg.ema > 0 else None
+    both = torch.nn.ModuleList([unet, text_encoder])
+    ema = EMA(both, cfg.ema) if cfg.ema > 0 else None
     budget, ema_loss = Budget(cfg.steps, cfg.max_seconds), None
     unet.train(), text_encoder.train()
     while not budget.done():
@@ -190,12 +174,12 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema is not None:
-            ema.update()
+            ema.update(both)
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         budget.step += 1
         if budget.step % 50 == 0:
             log({"unet/loss": ema_loss}, budget.step)
     if ema is not None:
-        ema.copy_to_params()
+        ema.copy_to(both)
     unet.eval(), text_encoder.eval()
     return budget.report(ema_loss)
