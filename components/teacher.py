@@ -52,6 +52,11 @@ class TextConditioning:
         grow = lambda a: None if a is None else a.expand(batch, *a.shape[1:])
         return TextConditioning(grow(self.text), grow(self.pooled), grow(self.time_ids))
 
+    def rows(self, index: slice | torch.Tensor) -> TextConditioning:
+        """The rows ``index`` of every field (a micro-batch, or a selection)."""
+        pick = lambda a: None if a is None else a[index]
+        return TextConditioning(self.text[index], pick(self.pooled), pick(self.time_ids))
+
     def where(self, mask: torch.Tensor, other: TextConditioning) -> TextConditioning:
         """Rows of ``other`` where ``mask`` (B,) is true, else rows of ``self``."""
         def pick(a, b):

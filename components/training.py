@@ -86,9 +86,8 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
     out = []
     for k in range(parts):
         sl = slice(k * n, (k + 1) * n)
-        cond = type(batch.cond)(batch.cond.text[sl])
-        uncond = type(batch.uncond)(batch.uncond.text[sl])
-        out.append(Batch(cond, uncond, batch.z[sl], batch.generator))
+        out.append(Batch(batch.cond.rows(sl), batch.uncond.rows(sl), batch.z[sl],
+                         batch.generator))
     return out
 
 

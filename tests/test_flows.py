@@ -7,8 +7,6 @@ and failures go through Prefect's own engine, not a mock of it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import pytest
 from components.config import ConfigError
 from pipeline import flows
 from pipeline.flows import STAGES, StageFailed, StagePolicy, distillery, select_stages
+from tests.projects import copy_project
 
 FAST = StagePolicy(retries=1, retry_delay_s=0, timeout_s=60)
 
@@ -168,29 +167,11 @@ def test_flow_module_cli_rejects_unknown_stage():
 
 # ---------------------------------------------------------------- the whole pipeline (micro)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _git(*args, cwd):
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
-    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **env},
-                          check=True, capture_output=True, text=True).stdout
-
 
 @pytest.fixture(scope="module")
 def micro_project(tmp_path_factory) -> Path:
     """The project's files as git sees them, in a fresh git repo, with the micro preset."""
-    dest = tmp_path_factory.mktemp("flow-project")
-    for rel in _git("ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).split():
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    shutil.copy(ROOT / "pipeline" / "presets" / "micro.yaml", dest / "params.yaml")
-    _git("init", "-q", cwd=dest)
-    _git("add", "-A", cwd=dest)
-    _git("commit", "-qm", "micro", cwd=dest)
-    return dest
+    return copy_project(tmp_path_factory.mktemp("flow-project"))
 
 
 @pytest.mark.slow

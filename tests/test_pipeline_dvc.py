@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,14 @@ from pathlib import Path
 import pytest
 
 from pipeline.stages import STAGES
+from tests.projects import GIT_IDENTITY, copy_project
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
 def _run(args, cwd, check=True):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY,
            "MLFLOW_TRACKING_URI": ""}
     env.pop("MLFLOW_TRACKING_URI")  # the project's own sqlite store
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
@@ -39,16 +36,7 @@ def _ran_stages(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A copy of the project's files (as git sees them) with the micro preset as params.yaml."""
-    dest = tmp_path_factory.mktemp("project")
-    files = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], ROOT).stdout
-    for rel in files.split():
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    shutil.copy(ROOT / "pipeline" / "presets" / "micro.yaml", dest / "params.yaml")
-    _run(["git", "init", "-q"], dest)
-    _run(["git", "add", "-A"], dest)
-    _run(["git", "commit", "-qm", "micro"], dest)
+    dest = copy_project(tmp_path_factory.mktemp("project"))
     proc = _run([str(BIN / "dvc"), "repro"], dest)
     assert _ran_stages(proc.stdout) == set(STAGES), proc.stdout
     _run(["git", "add", "-A"], dest)
