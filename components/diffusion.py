@@ -9,6 +9,7 @@ Notation (VP / DDPM, as in SD's scheduler): ``x_t = α_t x_0 + σ_t ε`` with ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -135,21 +136,57 @@ def apply_guidance_weight(uncond: torch.Tensor, cond: torch.Tensor, weight: floa
     return (1.0 + weight) * cond - weight * uncond
 
 
-def predict_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features (B, dim) of one scalar per row (B,): [cos | sin] over geometric
+    frequencies from 1 to 1/max_period."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs.to(x.device)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Embedding (B, dim) of a guidance weight w (B,) for a w-conditioned network, fed as
+    ``timestep_cond`` (diffusers' ``time_cond_proj_dim`` path): features of 1000 w, the scaling
+    LCM uses so that w ∈ [0, 15] spans the frequencies as timesteps do."""
+    return sinusoidal_embedding(1000.0 * w, dim)
+
+
+def predict_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
     """ε prediction of any denoiser, whatever its native prediction type."""
     alpha, sigma = denoiser.schedule.alpha_sigma(t, x_t)
-    return to_eps(denoiser(x_t, t, cond), denoiser.prediction_type, x_t, alpha, sigma)
+    out = (denoiser(x_t, t, cond) if timestep_cond is None
+           else denoiser(x_t, t, cond, timestep_cond=timestep_cond))
+    return to_eps(out, denoiser.prediction_type, x_t, alpha, sigma)
+
+
+def predict_x0(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+               timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """x0 prediction of any denoiser, whatever its native prediction type."""
+    alpha, sigma = denoiser.schedule.alpha_sigma(t, x_t)
+    out = (denoiser(x_t, t, cond) if timestep_cond is None
+           else denoiser(x_t, t, cond, timestep_cond=timestep_cond))
+    return to_x0(out, denoiser.prediction_type, x_t, alpha, sigma)
+
+
+def guided(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
+           guidance_scale: float, kind: str = "eps") -> torch.Tensor:
+    """CFG prediction (``kind`` "eps" or "x0") with scale s, cond and uncond batched in one call
+    as [uncond; cond]. CFG is linear, so guiding x0 equals converting the guided ε."""
+    predict = predict_eps if kind == "eps" else predict_x0
+    if guidance_scale == 1.0:
+        return predict(denoiser, x_t, t, cond)
+    both = predict(denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                   concat_conditioning(uncond, cond))
+    u, c = both.chunk(2)
+    return apply_guidance_scale(u, c, guidance_scale)
 
 
 def guided_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
                guidance_scale: float) -> torch.Tensor:
     """CFG ε with scale s; cond and uncond are batched into one call ([uncond; cond])."""
-    if guidance_scale == 1.0:
-        return predict_eps(denoiser, x_t, t, cond)
-    both = predict_eps(denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                       concat_conditioning(uncond, cond))
-    eps_u, eps_c = both.chunk(2)
-    return apply_guidance_scale(eps_u, eps_c, guidance_scale)
+    return guided(denoiser, x_t, t, cond, uncond, guidance_scale, "eps")
 
 
 def concat_conditioning(a: Any, b: Any) -> Any:

@@ -18,20 +18,18 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.io import read_json, sha256_bytes, sha256_file, write_json
+from components.io import CacheError, read_json, sha256_bytes, sha256_file, write_json
+from components.pair_cache import PairsConfig
 from components.teacher import TextConditioning
 
 INDEX = "index.json"
-
-
-class CacheError(RuntimeError):
-    """A cache folder is missing, stale or corrupt; the message says how to rebuild it."""
+__all__ = ["CacheConfig", "CacheError", "EmbeddingCache", "write_cache"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,7 @@ class CacheConfig:
     shard_size: int = 4096
     batch_size: int = 64
     dtype: str = "float32"
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # teacher ODE pairs (reflow)
 
     def validate(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1:

@@ -16,22 +16,35 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from components.diffusion import Denoiser, guided_eps, predict_eps, x0_from_eps
-from components.teacher import TextConditioning, UNetDenoiser, teacher_denoiser
+from components.diffusion import (
+    Denoiser,
+    guidance_embedding,
+    guided_eps,
+    predict_eps,
+    x0_from_eps,
+)
+from components.teacher import TextConditioning, teacher_denoiser
 
 
 @dataclass(frozen=True)
 class GeneratorSpec:
-    """How a one-step generator maps noise z to x0 through an ε-network at a fixed timestep.
+    """How a student maps noise z to a clean latent; stored in ``student.json``.
 
-    ``x0_from_eps``: ``x_in = input_scale * z``, ``x̂0 = (x_in − σ_t ε(x_in, t)) / α_t``.
-    ``input_scale`` is ``"unit"`` (SwiftBrush/DMD2: pure noise at t = 999) or ``"sigma"`` (SiD:
-    ``x_in = σ_t z`` at t = 625).
+    ``x0_from_eps`` (SwiftBrush, DMD2, SiD): one step, ``x_in = input_scale * z`` and
+    ``x̂0 = (x_in − σ_t ε(x_in, t)) / α_t`` at fixed ``t``; ``input_scale`` is ``"unit"`` (pure
+    noise at t = 999) or ``"sigma"`` (SiD: ``x_in = σ_t z`` at t = 625).
+    ``rectified_flow`` (InstaFlow): ``steps`` Euler steps of the velocity network from noise
+    (τ = 0) to image (τ = 1), the network called at ``t_unet = 1000 (1 − τ)``.
+    ``ddim`` (Meng et al.): ``steps`` deterministic DDIM steps on the trailing grid, the network
+    conditioned on the guidance weight ``guidance_weight`` through a ``w_dim``-sized embedding.
     """
 
-    kind: Literal["x0_from_eps"] = "x0_from_eps"
+    kind: Literal["x0_from_eps", "rectified_flow", "ddim"] = "x0_from_eps"
     t: int = 999
     input_scale: Literal["unit", "sigma"] = "unit"
+    steps: int = 1
+    guidance_weight: float = 0.0
+    w_dim: int = 0
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -47,6 +60,64 @@ def one_step_x0(denoiser: Denoiser, z: torch.Tensor, cond: Any, spec: GeneratorS
     alpha, sigma = denoiser.schedule.alpha_sigma(t, z)
     x_in = z if spec.input_scale == "unit" else sigma * z
     return x0_from_eps(x_in, predict_eps(denoiser, x_in, t, cond), alpha, sigma)
+
+
+def rectified_flow_sample(velocity: Denoiser, z: torch.Tensor, cond: Any,
+                          steps: int) -> torch.Tensor:
+    """Euler steps ``x ← x + v(x, 1000 (1 − τ)) / N`` from τ = 0 (noise) to τ = 1 (differentiable)."""
+    x = z
+    for i in range(steps):
+        t = torch.full((z.shape[0],), 1000.0 * (1.0 - i / steps), device=z.device)
+        x = x + velocity(x, t, cond) / steps
+    return x
+
+
+def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The N-step grid ``round(T (N − i) / N) − 1``: [999], [999, 499], [999, 749, 499, 249].
+    The 2N-step grid contains the N-step one, as progressive distillation needs."""
+    return [round(num_timesteps * (steps - i) / steps) - 1 for i in range(steps)]
+
+
+def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t_next: int,
+              schedule: Any) -> torch.Tensor:
+    """Deterministic DDIM step to ``t_next`` (−1 means the clean end point: returns x0)."""
+    if t_next < 0:
+        return x0
+    t = torch.full((x_t.shape[0],), t_next, dtype=torch.long, device=x_t.device)
+    alpha, sigma = schedule.alpha_sigma(t, x_t)
+    return alpha * x0 + sigma * eps
+
+
+def ddim_student_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, steps: int,
+                        timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """A (w-conditioned) student's own N-step DDIM from pure noise, no CFG (differentiable)."""
+    schedule = denoiser.schedule
+    grid = trailing_timesteps(schedule.num_timesteps, steps)
+    x = z
+    for i, t_now in enumerate(grid):
+        t = torch.full((z.shape[0],), t_now, dtype=torch.long, device=z.device)
+        alpha, sigma = schedule.alpha_sigma(t, x)
+        eps = predict_eps(denoiser, x, t, cond, timestep_cond)
+        x0 = x0_from_eps(x, eps, alpha, sigma)
+        x = ddim_step(x, x0, eps, grid[i + 1] if i + 1 < len(grid) else -1, schedule)
+    return x
+
+
+def generate_latents(denoiser: Denoiser, z: torch.Tensor, cond: Any,
+                     spec: GeneratorSpec) -> torch.Tensor:
+    """The student's sample for noise z (B, C, h, w) under ``spec`` (differentiable)."""
+    if spec.kind == "x0_from_eps":
+        return one_step_x0(denoiser, z, cond, spec)
+    if spec.kind == "rectified_flow":
+        return rectified_flow_sample(denoiser, z, cond, spec.steps)
+    if spec.kind == "ddim":
+        w_emb = None
+        if spec.w_dim:
+            w = torch.full((z.shape[0],), spec.guidance_weight, device=z.device)
+            w_emb = guidance_embedding(w, spec.w_dim)
+        return ddim_student_sample(denoiser, z, cond, spec.steps, w_emb)
+    raise ValueError(f"unknown generator kind {spec.kind!r}; expected x0_from_eps, "
+                     "rectified_flow or ddim")
 
 
 @torch.no_grad()
@@ -124,12 +195,13 @@ class Student:
     def __init__(self, pipe: Any, spec: GeneratorSpec):
         self.pipe = pipe
         self.spec = spec
-        self.denoiser = UNetDenoiser(pipe.unet, teacher_denoiser(pipe).schedule, "epsilon")
+        self.denoiser = teacher_denoiser(pipe)  # the student UNet, read like the teacher's
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int],
                  batch_size: int = 16) -> np.ndarray:
-        """Images (N, H, W, 3) uint8, one network evaluation each; image i from ``seeds[i]``."""
+        """Images (N, H, W, 3) uint8 (``spec.steps`` network evaluations each); image i from
+        ``seeds[i]``."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         out = []
@@ -137,7 +209,8 @@ class Student:
             z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(self.pipe))
             z = z.to(self.pipe.unet.device)
             cond = encode_prompts(self.pipe, chunk)
-            out.append(decode_latents(self.pipe, one_step_x0(self.denoiser, z, cond, self.spec)))
+            out.append(decode_latents(self.pipe, generate_latents(self.denoiser, z, cond,
+                                                                  self.spec)))
         return np.concatenate(out)
 
 

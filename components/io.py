@@ -86,3 +86,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+class CacheError(RuntimeError):
+    """A cache folder is missing, stale or corrupt; the message says how to rebuild it."""

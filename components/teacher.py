@@ -6,6 +6,7 @@ folder loaded with ``from_pretrained``.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -92,6 +93,34 @@ class UNetDenoiser(torch.nn.Module):
                         added_cond_kwargs=added, timestep_cond=timestep_cond,
                         return_dict=False)[0]
         return out.float()
+
+    def with_w_embedding(self, w_dim: int) -> UNetDenoiser:
+        """A copy whose UNet also takes a guidance-weight embedding (B, w_dim) as
+        ``timestep_cond`` (diffusers' ``time_cond_proj_dim``); the new projection starts at zero,
+        so the copy computes exactly what this network does, whatever w."""
+        from diffusers import UNet2DConditionModel
+
+        if self.unet.config.get("time_cond_proj_dim") == w_dim:
+            unet = copy.deepcopy(self.unet)
+        else:
+            # diffusers drops keys listed in "_use_default_values": give it a clean config
+            config = {k: v for k, v in self.unet.config.items() if not k.startswith("_")}
+            unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": w_dim})
+            missing, unexpected = unet.load_state_dict(self.unet.state_dict(), strict=False)
+            if unexpected or any("cond_proj" not in k for k in missing):
+                raise ValueError(f"cannot add a w embedding to this UNet: missing {missing}, "
+                                 f"unexpected {unexpected}")
+            torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
+            unet.to(next(self.unet.parameters()).dtype)
+        return UNetDenoiser(unet, self.schedule, self.prediction_type, self.compute_dtype)
+
+
+def enable_gradient_checkpointing(network: torch.nn.Module) -> None:
+    """Turn on activation checkpointing in every diffusers model inside ``network`` (no-op for
+    networks without it, e.g. the analytic ones)."""
+    for module in network.modules():
+        if hasattr(module, "enable_gradient_checkpointing") and hasattr(module, "config"):
+            module.enable_gradient_checkpointing()
 
 
 def is_local_reference(model: str) -> bool:

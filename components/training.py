@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from components.embed_cache import EmbeddingCache
 from components.methods import Batch, Method
 
 LogFn = Callable[[dict, int], None]
+BatchSource = Callable[[int, torch.Generator, int], Batch]
 
 
 @dataclass(frozen=True)
@@ -70,25 +70,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def make_batch(cache: EmbeddingCache, latent_shape: tuple[int, ...], batch_size: int,
-               gen: torch.Generator, device: str | torch.device = "cpu") -> Batch:
-    """Random prompts from the cache and fresh generator noise, all drawn from ``gen`` (CPU)."""
-    idx = torch.randint(0, len(cache), (batch_size,), generator=gen)
-    z = torch.randn((batch_size, *latent_shape), generator=gen)
-    return Batch(cache.conditioning(idx).to(device), cache.null(batch_size).to(device),
-                 z.to(device), gen)
-
-
 def split_batch(batch: Batch, parts: int) -> list[Batch]:
     if parts == 1:
         return [batch]
     n = batch.z.shape[0] // parts
-    out = []
-    for k in range(parts):
-        sl = slice(k * n, (k + 1) * n)
-        out.append(Batch(batch.cond.rows(sl), batch.uncond.rows(sl), batch.z[sl],
-                         batch.generator))
-    return out
+    return [batch.rows(slice(k * n, (k + 1) * n)) for k in range(parts)]
 
 
 def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[Batch],
@@ -112,27 +98,32 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
     if group.max_grad_norm:
         norm = torch.nn.utils.clip_grad_norm_(params, group.max_grad_norm)
         metrics[f"grad_norm_{group.name}"] = float(norm)
+    for pg in opt.param_groups:
+        pg["lr"] = pg.setdefault("initial_lr", pg["lr"]) * group.lr_factor(micro[0].step)
     opt.step()
     metrics[f"dropped_{group.name}"] = dropped
     return metrics
 
 
-def train(method: Method, cache: EmbeddingCache, latent_shape: tuple[int, ...], cfg: LoopConfig,
-          ckpt_dir: Path, log: LogFn, on_sample: Callable[[torch.nn.Module, int], None],
-          progress: Callable[[int, int], None] | None = None,
-          device: str | torch.device = "cpu") -> EMA:
-    """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA."""
+def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path, log: LogFn,
+          on_sample: Callable[[torch.nn.Module, int], None],
+          progress: Callable[[int, int], None] | None = None) -> EMA:
+    """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA.
+
+    ``batches(batch_size, generator, step)`` draws iteration ``step``'s batch (prompts, or teacher
+    pairs) from that iteration's generator (``components.batches``).
+    """
     opts = {g.name: method.make_optimizer(g.name) for g in method.groups}
     ema = EMA(method.student(), cfg.ema_decay)
     start = load_checkpoint(ckpt_dir, method, opts, ema)
     for step in range(start, cfg.steps):
         gen = step_generator(cfg.seed, step)
-        batch = make_batch(cache, latent_shape, cfg.batch_size, gen, device)
+        batch = batches(cfg.batch_size, gen, step)
         micro = split_batch(batch, cfg.grad_accum)
         scratch: list[dict] = [{} for _ in micro]
         metrics: dict = {}
         for group in method.groups:
-            if step % group.every == 0:
+            if group.active(step):
                 metrics.update(update_group(method, group, opts[group.name], micro, scratch,
                                             cfg.batch_size))
         ema.update(method.student())

@@ -20,15 +20,14 @@ in the code). One student update, then one LoRA update, per iteration (1 : 1).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
-from components.diffusion import NoiseSchedule, apply_guidance_scale, concat_conditioning
+from components.adapters import add_lora, set_adapters
+from components.diffusion import guided_eps, predict_eps
 from components.generation import GeneratorSpec, one_step_x0
-from components.methods import Batch, GroupSpec, register
-from components.teacher import UNetDenoiser
+from components.methods import Batch, GroupSpec, Teacher, register
 
 
 @dataclass(frozen=True)
@@ -60,27 +59,23 @@ class SwiftBrushConfig:
 class SwiftBrush:
     """VSD with a LoRA fake teacher; see the module docstring for the losses."""
 
-    def __init__(self, cfg: SwiftBrushConfig, teacher_unet: torch.nn.Module,
-                 schedule: NoiseSchedule):
-        from peft import LoraConfig
+    needs_pairs = False
 
+    def __init__(self, cfg: SwiftBrushConfig, teacher: Teacher):
         self.cfg = cfg
-        self.schedule = schedule
+        self.schedule = teacher.schedule
         self.spec = GeneratorSpec(t=cfg.generator_t, input_scale="unit")
         self.groups = (GroupSpec("student", max_grad_norm=cfg.max_grad_norm),
                        GroupSpec("lora", max_grad_norm=cfg.max_grad_norm))
-        student = copy.deepcopy(teacher_unet).train().requires_grad_(True)
-        self.f_theta = UNetDenoiser(student, schedule, "epsilon")
-        teacher_unet.requires_grad_(False)
-        teacher_unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                            target_modules=list(cfg.lora_targets)))
-        self.shared = teacher_unet  # ε_φ with adapters disabled, ε_ψ with them enabled
-        self.eps_shared = UNetDenoiser(teacher_unet, schedule, "epsilon")
+        self.f_theta = teacher.trainable_copy()
+        # ε_φ with adapters disabled, ε_ψ with them enabled: one network, as in the paper's code
+        self.shared = teacher.network
+        self.lora_params = add_lora(self.shared, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         if group == "student":
-            return list(self.f_theta.unet.parameters())
-        return [p for p in self.shared.parameters() if p.requires_grad]
+            return list(self.f_theta.parameters())
+        return self.lora_params
 
     def make_optimizer(self, group: str) -> torch.optim.Optimizer:
         lr = self.cfg.student_lr if group == "student" else self.cfg.lora_lr
@@ -88,10 +83,11 @@ class SwiftBrush:
                                 eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
 
     def student(self) -> torch.nn.Module:
-        return self.f_theta.unet
+        return self.f_theta
 
     def state_modules(self) -> dict[str, torch.nn.Module]:
-        return {"student": self.f_theta.unet, "lora": self.shared}
+        set_adapters(self.shared, True)  # LoRA weights are the trainable ones when saved
+        return {"student": self.f_theta, "lora": self.shared}
 
     def loss(self, group: str, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         if group == "student":
@@ -99,11 +95,8 @@ class SwiftBrush:
         return self.fake_teacher_loss(batch, scratch)
 
     def _guided(self, x_t, t, batch: Batch, adapters: bool) -> torch.Tensor:
-        (self.shared.enable_adapters if adapters else self.shared.disable_adapters)()
-        both = self.eps_shared(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                               concat_conditioning(batch.uncond, batch.cond))
-        eps_u, eps_c = both.chunk(2)
-        return apply_guidance_scale(eps_u, eps_c, self.cfg.guidance_scale)
+        set_adapters(self.shared, adapters)
+        return guided_eps(self.shared, x_t, t, batch.cond, batch.uncond, self.cfg.guidance_scale)
 
     def generator_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         """Per-sample VSD surrogate (B,); its gradient w.r.t. x̂_0 is σ_t²(ε̂_φ − ε̂_ψ)."""
@@ -133,13 +126,12 @@ class SwiftBrush:
         cond = batch.uncond if use_null else batch.cond
         alpha_t, sigma_t = self.schedule.alpha_sigma(t, x0_hat)
         x_t = alpha_t * x0_hat + sigma_t * eps
-        self.shared.enable_adapters()
-        eps_psi = self.eps_shared(x_t, t, cond)
+        set_adapters(self.shared, True)
+        eps_psi = predict_eps(self.shared, x_t, t, cond)
         per_sample = ((alpha_t * (eps_psi - eps)) ** 2).flatten(1).mean(1)
         return per_sample, {"loss_lora": per_sample.mean().item()}
 
 
 @register("swiftbrush", SwiftBrushConfig)
-def build(cfg: SwiftBrushConfig, teacher_unet: torch.nn.Module,
-          schedule: NoiseSchedule) -> SwiftBrush:
-    return SwiftBrush(cfg, teacher_unet, schedule)
+def build(cfg: SwiftBrushConfig, teacher: Teacher, steps: int) -> SwiftBrush:
+    return SwiftBrush(cfg, teacher)

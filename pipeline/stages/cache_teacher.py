@@ -1,4 +1,6 @@
-"""Stage cache_teacher: the teacher's text embeddings of every prompt and of the empty prompt."""
+"""Stage cache_teacher: the teacher's text embeddings of every prompt and of the empty prompt,
+and, when ``cache.pairs.count`` > 0, teacher ODE pairs (noise seed, guided DDIM sample) for
+reflow-type methods (InstaFlow, data-free Meng et al.)."""
 
 from __future__ import annotations
 
@@ -6,12 +8,24 @@ from pathlib import Path
 
 import torch
 
-from components.embed_cache import write_cache
-from components.generation import encode_prompts
-from components.teacher import load_pipeline
+from components.embed_cache import EmbeddingCache, write_cache
+from components.generation import ddim_sample, encode_prompts, latent_shape
+from components.pair_cache import write_pairs
+from components.teacher import load_pipeline, teacher_denoiser
 from pipeline import paths
 from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, require, write_resolved
+
+
+def _pair_sampler(pipe, cache: EmbeddingCache, steps: int, guidance_scale: float):
+    denoiser = teacher_denoiser(pipe)
+    device = pipe.unet.device
+
+    def sample(prompt_ids: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        cond = cache.conditioning(prompt_ids).to(device)
+        return ddim_sample(denoiser, z.to(device), cond, cache.null(len(prompt_ids)).to(device),
+                           steps, guidance_scale)
+    return sample
 
 
 def run(root: Path) -> None:
@@ -27,6 +41,13 @@ def run(root: Path) -> None:
     write_resolved(root / paths.CACHE / "resolved_config.json", teacher=teacher, cache=cfg)
     log(f"cache_teacher: {index['count']} prompts in {len(index['shards'])} shard(s), "
         f"embedding shape {index['shape']}")
+    cache = EmbeddingCache(root / paths.CACHE)
+    pairs = cfg.pairs
+    sampler = _pair_sampler(pipe, cache, pairs.steps, pairs.guidance_scale)
+    meta = {"prompts_sha256": index["prompts_sha256"], "teacher": teacher.model}
+    write_pairs(root / paths.PAIRS, sampler, len(cache), latent_shape(pipe), pairs, meta, log=log)
+    log(f"cache_teacher: {pairs.count} teacher pairs ({pairs.steps} DDIM steps, CFG "
+        f"{pairs.guidance_scale})")
 
 
 def main() -> None:

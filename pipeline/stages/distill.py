@@ -15,20 +15,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from components.batches import PairBatches, PromptBatches
 from components.config import to_dict
-from components.diffusion import NoiseSchedule
-from components.embed_cache import EmbeddingCache
+from components.embed_cache import CacheError, EmbeddingCache
 from components.evaluation.grid import image_grid, save_png
 from components.generation import (
     decode_latents,
+    generate_latents,
     latent_shape,
-    one_step_x0,
     save_student,
     seeded_noise,
 )
-from components.io import atomic_dir, read_json, sha256_bytes, write_json
-from components.methods import get_method
-from components.teacher import UNetDenoiser, load_pipeline
+from components.io import atomic_dir, read_json, sha256_bytes, sha256_file, write_json
+from components.methods import Teacher, get_method
+from components.pair_cache import PairCache
+from components.teacher import TextConditioning, load_pipeline, teacher_denoiser
 from components.training import train
 from pipeline import paths
 from pipeline.params import load_stage
@@ -45,11 +46,31 @@ def _sampler(pipe, cache: EmbeddingCache, spec, cfg, out: Path):
     def on_sample(student: torch.nn.Module, step: int) -> None:
         student.eval()
         with torch.no_grad():
-            den = UNetDenoiser(student, NoiseSchedule.from_scheduler(pipe.scheduler), "epsilon")
-            images = decode_latents(pipe, one_step_x0(den, z, cond, spec))
+            images = decode_latents(pipe, generate_latents(student, z, cond, spec))
         student.train()
         save_png(image_grid(images, cols=min(n, 8), upscale=4), out / f"step-{step:07d}.png")
     return on_sample
+
+
+def _decoder(pipe):
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        vae = pipe.vae
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor,
+                          return_dict=False)[0].float()
+    return decode
+
+
+def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: str):
+    """Prompt batches, or teacher-pair batches for methods that train on the teacher's ODE."""
+    if not method.needs_pairs:
+        return PromptBatches.from_cache(cache, latent_shape(pipe), cfg.device)
+    pairs = PairCache(root / paths.PAIRS, expected_prompts_sha256=prompts_sha)
+    if len(pairs) == 0:
+        raise CacheError(f"method {cfg.method!r} trains on teacher ODE pairs but the pair cache "
+                         "is empty: set `cache.pairs.count` > 0 in params.yaml and run "
+                         "`dvc repro cache_teacher`")
+    return PairBatches(TextConditioning(cache.text), cache.null(1), pairs, latent_shape(pipe),
+                       cfg.device)
 
 
 def _loss_logger(rows: list[dict]):
@@ -76,16 +97,18 @@ def run(root: Path) -> None:
         "train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
     pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(cfg.device)
-    schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     _, build = get_method(cfg.method)
+    method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
+    batches = _batches(root, cache, pipe, method, cfg, prompts_sha)
     resolved = {"teacher": to_dict(teacher_cfg), "distill": to_dict(cfg),
                 "method_config": to_dict(method_cfg), "cache": cache.index["prompts_sha256"]}
+    if method.needs_pairs:
+        resolved["pairs"] = sha256_file(root / paths.PAIRS / "index.json")
     run_hash = sha256_bytes(json.dumps(resolved, sort_keys=True).encode())[:16]
     ckpt_dir = root / paths.CHECKPOINTS / run_hash
     for other in (root / paths.CHECKPOINTS).glob("*"):
         if other.name != run_hash:
             shutil.rmtree(other, ignore_errors=True)
-    method = build(method_cfg, pipe.unet, schedule)
     rows: list[dict] = []
     if (ckpt_dir / "losses.json").exists():
         rows = read_json(ckpt_dir / "losses.json")
@@ -99,8 +122,8 @@ def run(root: Path) -> None:
         if done % cfg.loop.checkpoint_every == 0:
             write_json(ckpt_dir / "losses.json", rows)
 
-    ema = train(method, cache, latent_shape(pipe), cfg.loop, ckpt_dir, _loss_logger(rows),
-                _sampler(pipe, cache, method.spec, cfg, samples), progress, cfg.device)
+    ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(rows),
+                _sampler(pipe, cache, method.spec, cfg, samples), progress)
     bar.close()
     wall = time.perf_counter() - start
     _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
@@ -109,12 +132,12 @@ def run(root: Path) -> None:
 def _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved) -> None:
     student = method.student()
     ema.copy_to(student)
-    full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student).to("cpu"))
+    full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
     with atomic_dir(root / paths.STUDENT) as out:
         save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
                                               "steps": cfg.loop.steps})
     write_resolved(root / paths.DISTILL_OUT / "resolved_config.json", **{
-        k: v for k, v in resolved.items() if k != "cache"})
+        k: v for k, v in resolved.items() if k not in ("cache", "pairs")})
     _write_losses(root / paths.LOSS_PLOT, rows)
     last = rows[-1] if rows else {}
     images_seen = cfg.loop.steps * cfg.loop.batch_size

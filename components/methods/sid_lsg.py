@@ -1,0 +1,164 @@
+"""SiD-LSG: score identity distillation with long and short classifier-free guidance.
+
+Zhou, Wang, Zheng, Huang, "Guided Score identity Distillation for Data-Free One-Step
+Text-to-Image Generation", ICLR 2025, arXiv:2406.01561 (v3). Defaults follow the authors'
+``run_sid.sh`` for SD1.5: κ = 1.5 everywhere, α = 1, Adam with β1 = 0, lr 1e-6 for both networks,
+no warm-up, global batch 512, fp32.
+
+Networks: the generator G_θ and the fake score f_ψ are full copies of the teacher f_φ.
+Generator (one step at t_init = 625, input scaled by σ):
+    G_θ(z, y) = (σ_init z − σ_init ε_θ(σ_init z, t_init, y)) / α_init
+
+The four guidance scales of the paper map to config keys by where they act:
+    κ1 = ``fake_train_guidance``: CFG on f_ψ inside its own training loss,
+    κ2 = κ3 = ``fake_eval_guidance``: CFG on f_ψ when evaluated in the generator loss,
+    κ4 = ``real_eval_guidance``: CFG on the teacher f_φ in the generator loss.
+CFG is ``u + κ (c − u)``; with κ1 ≠ 1 or κ2 ≠ 1 each sample's prompt is replaced by the empty
+prompt with probability 0.1 during fake-score training, so f_ψ's unconditional branch learns the
+generator's marginal.
+
+Fake-score loss (Eq. 8; first in each iteration), t ~ U{20, …, 979}, x_g = sg[G_θ(z)]:
+    L_ψ = ‖CFG(ε_ψ(x_t, t, ·), κ1) − ε‖²      (summed over dimensions)
+Generator loss (Eq. 9 with α; second), fresh z, ε and t ~ U{20, …, 979}:
+    y_fake = x0 of CFG(f_ψ(x_t), κ2),  y_real = x0 of CFG(f_φ(x_t), κ4),  ω = 1 / mean|x_g − y_real|
+    L_θ = ω (y_real − y_fake)ᵀ [(y_real − x_g) − α (y_real − y_fake)]
+No stop-gradient: L_θ back-propagates through f_φ and f_ψ (their weights frozen in this step)
+into x_g and θ. That is where SiD's memory goes; ``gradient_checkpointing`` recomputes those two
+passes in the backward instead of storing them, and ``frozen_autocast`` runs them in bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from components.diffusion import guided
+from components.generation import GeneratorSpec, one_step_x0
+from components.methods import Batch, GroupSpec, Teacher, register
+from components.teacher import enable_gradient_checkpointing
+
+
+@dataclass(frozen=True)
+class SiDLSGConfig:
+    """Published SD1.5 defaults (``run_sid.sh``, ``sid_train.py``)."""
+
+    generator_lr: float = 1e-6
+    fake_lr: float = 1e-6
+    fake_train_guidance: float = 1.5  # κ1
+    fake_eval_guidance: float = 1.5  # κ2 = κ3
+    real_eval_guidance: float = 1.5  # κ4
+    alpha: float = 1.0
+    null_prompt_prob: float = 0.1  # per sample, only when κ1 or κ2 differs from 1
+    t_init: int = 625
+    t_min: int = 20
+    t_max: int = 979
+    adam_betas: tuple[float, ...] = (0.0, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = None  # the fp32 recipe does not clip
+    gradient_checkpointing: bool = False
+    frozen_autocast: str = "none"  # "bf16": the teacher and fake passes under bf16 autocast
+
+    def validate(self) -> None:
+        if not 0 <= self.t_min < self.t_max <= 999 or not 0 < self.t_init <= 999:
+            raise ValueError("need 0 <= t_min < t_max <= 999 and 0 < t_init <= 999")
+        if self.frozen_autocast not in ("none", "bf16"):
+            raise ValueError(f"frozen_autocast {self.frozen_autocast!r} is not 'none' or 'bf16'")
+        if len(self.adam_betas) != 2:
+            raise ValueError("adam_betas must have two values")
+
+
+class SiDLSG:
+    """Score identity distillation with LSG; see the module docstring for the losses."""
+
+    needs_pairs = False
+
+    def __init__(self, cfg: SiDLSGConfig, teacher: Teacher):
+        self.cfg = cfg
+        self.schedule = teacher.schedule
+        self.spec = GeneratorSpec(t=cfg.t_init, input_scale="sigma")
+        clip = cfg.max_grad_norm
+        self.groups = (GroupSpec("fake", max_grad_norm=clip),
+                       GroupSpec("generator", max_grad_norm=clip))
+        self.G_theta = teacher.trainable_copy()
+        self.f_psi = teacher.trainable_copy()
+        self.f_phi = teacher.network.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            for net in (self.G_theta, self.f_psi):
+                enable_gradient_checkpointing(net)
+
+    def parameters(self, group: str) -> list[torch.nn.Parameter]:
+        return list((self.G_theta if group == "generator" else self.f_psi).parameters())
+
+    def make_optimizer(self, group: str) -> torch.optim.Optimizer:
+        lr = self.cfg.generator_lr if group == "generator" else self.cfg.fake_lr
+        return torch.optim.Adam(self.parameters(group), lr=lr, betas=tuple(self.cfg.adam_betas),
+                                eps=self.cfg.adam_eps)
+
+    def student(self) -> torch.nn.Module:
+        return self.G_theta
+
+    def state_modules(self) -> dict[str, torch.nn.Module]:
+        return {"generator": self.G_theta, "fake": self.f_psi}
+
+    def loss(self, group: str, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
+        if group == "fake":
+            return self.fake_score_loss(batch)
+        return self.generator_loss(batch)
+
+    def _draw_t_eps(self, x: torch.Tensor, gen: torch.Generator):
+        t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (x.shape[0],), generator=gen)
+        eps = torch.randn(x.shape, generator=gen).to(x.device)
+        return t.to(x.device), eps
+
+    def fake_score_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Eq. 8: the κ1-guided fake ε regressed on the noise, per sample (B,)."""
+        cfg, gen = self.cfg, batch.generator
+        with torch.no_grad():
+            x_g = one_step_x0(self.G_theta, batch.z, batch.cond, self.spec)
+        t, eps = self._draw_t_eps(x_g, gen)
+        cond = batch.cond
+        if cfg.fake_train_guidance != 1.0 or cfg.fake_eval_guidance != 1.0:
+            drop = torch.rand(x_g.shape[0], generator=gen) < cfg.null_prompt_prob
+            cond = cond.where(drop.to(x_g.device), batch.uncond)
+        x_t = self.schedule.add_noise(x_g, eps, t)
+        self.f_psi.requires_grad_(True)
+        eps_psi = guided(self.f_psi, x_t, t, cond, batch.uncond, cfg.fake_train_guidance)
+        per_sample = ((eps_psi - eps) ** 2).flatten(1).sum(1)
+        return per_sample, {"loss_fake": per_sample.mean().item()}
+
+    def _frozen_x0(self, net, x_t, t, batch: Batch, scale: float) -> torch.Tensor:
+        """x0 of a CFG-guided frozen network, differentiable w.r.t. ``x_t``."""
+        autocast = (torch.autocast(x_t.device.type, dtype=torch.bfloat16)
+                    if self.cfg.frozen_autocast == "bf16" else contextlib.nullcontext())
+
+        def run(x):
+            with autocast:
+                return guided(net, x, t, batch.cond, batch.uncond, scale, "x0").float()
+        if self.cfg.gradient_checkpointing:
+            return checkpoint(run, x_t, use_reentrant=False)
+        return run(x_t)
+
+    def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Eq. 9: the score-identity loss, per sample (B,), with gradients through f_φ, f_ψ."""
+        cfg, gen = self.cfg, batch.generator
+        z = torch.randn(batch.z.shape, generator=gen).to(batch.z.device)  # fresh noise
+        x_g = one_step_x0(self.G_theta, z, batch.cond, self.spec)
+        t, eps = self._draw_t_eps(x_g, gen)
+        x_t = self.schedule.add_noise(x_g, eps, t)
+        self.f_psi.requires_grad_(False)  # frozen in this step; gradients flow through it
+        y_fake = self._frozen_x0(self.f_psi, x_t, t, batch, cfg.fake_eval_guidance)
+        y_real = self._frozen_x0(self.f_phi, x_t, t, batch, cfg.real_eval_guidance)
+        with torch.no_grad():
+            omega = 1.0 / (x_g - y_real).abs().flatten(1).mean(1).clamp_min(1e-5)
+        diff = y_real - y_fake
+        inner = (diff * ((y_real - x_g) - cfg.alpha * diff)).flatten(1).sum(1)
+        per_sample = omega * inner
+        return per_sample, {"loss_sid": per_sample.mean().item()}
+
+
+@register("sid_lsg", SiDLSGConfig)
+def build(cfg: SiDLSGConfig, teacher: Teacher, steps: int) -> SiDLSG:
+    return SiDLSG(cfg, teacher)

@@ -1,0 +1,145 @@
+"""The teacher pair cache: (prompt, noise seed, teacher ODE sample) triples for reflow-type methods.
+
+InstaFlow's reflow and the data-free variant of Meng et al. need samples of the teacher's
+probability-flow ODE: for noise ``x0 = seeded_noise(seed)`` the teacher's guided DDIM solution
+``x1`` (a latent). Only the seed is stored; the noise is regenerated exactly from it.
+
+Layout::
+
+    index.json              {"prompts_sha256", "teacher", "steps", "guidance_scale", "count",
+                             "latent_shape", "dtype", "shards": [{"file", "start", "count",
+                             "sha256"}]}
+    pairs-00000.safetensors {"prompt": (n,) int64, "seed": (n,) int64, "x1": (n, C, h, w)}
+
+Shards are written into ``<dir>.partial`` and survive a killed run (the re-run resumes after the
+last complete shard); the finished folder replaces ``<dir>`` by rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from components.generation import seeded_noise
+from components.io import CacheError, read_json, sha256_file, write_json
+
+INDEX = "index.json"
+Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (prompt ids, z) -> x1
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """``params.yaml: cache.pairs``: how many teacher pairs, and how they are sampled."""
+
+    count: int = 0  # 0: no pairs (methods that need them stop with a clear error)
+    steps: int = 25  # teacher DDIM steps
+    guidance_scale: float = 5.0  # InstaFlow's SD1.5 setting
+    seed: int = 0  # pair i uses noise seed ``seed + i``; prompts drawn with this seed
+    batch_size: int = 64
+    shard_size: int = 4096
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.count < 0 or self.steps < 1 or self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("pairs: count >= 0, steps, batch_size, shard_size >= 1")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"pairs.dtype {self.dtype!r} is not float32, float16 or bfloat16")
+
+
+def pair_prompts(cfg: PairsConfig, num_prompts: int) -> torch.Tensor:
+    """Prompt index of each pair (count,): a seeded uniform draw over the training prompts."""
+    return torch.randint(0, num_prompts, (cfg.count,),
+                         generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
+                latent_shape: tuple[int, ...], cfg: PairsConfig, meta: dict,
+                log: Callable[[str], None] = print) -> dict:
+    """Sample ``cfg.count`` pairs shard by shard (resuming complete shards); return the index."""
+    out_dir = Path(out_dir)
+    work = out_dir.with_name(out_dir.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    key = {**meta, "count": cfg.count, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+           "seed": cfg.seed, "dtype": cfg.dtype, "latent_shape": list(latent_shape)}
+    progress_path = work / "progress.json"
+    progress = read_json(progress_path) if progress_path.exists() else {}
+    if progress.get("key") != key:
+        progress = {"key": key, "shards": []}
+    done = {s["file"]: s for s in progress["shards"]
+            if (work / s["file"]).exists() and sha256_file(work / s["file"]) == s["sha256"]}
+    prompts = pair_prompts(cfg, num_prompts)
+    shards = []
+    for k, start in enumerate(range(0, cfg.count, cfg.shard_size)):
+        name = f"pairs-{k:05d}.safetensors"
+        stop = min(start + cfg.shard_size, cfg.count)
+        if name not in done:
+            tensors = _sample_shard(sample, prompts, start, stop, latent_shape, cfg)
+            tmp = work / (name + ".tmp")
+            save_file(tensors, str(tmp))
+            os.replace(tmp, work / name)
+            done[name] = {"file": name, "start": start, "count": stop - start,
+                          "sha256": sha256_file(work / name)}
+            progress["shards"] = list(done.values())
+            write_json(progress_path, progress)
+            log(f"cache_teacher: pairs shard {k} ({stop}/{cfg.count})")
+        shards.append(done[name])
+    index = {**key, "shards": shards}
+    progress_path.unlink()
+    write_json(work / INDEX, index)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+    return index
+
+
+def _sample_shard(sample: Sampler, prompts: torch.Tensor, start: int, stop: int,
+                  latent_shape: tuple[int, ...], cfg: PairsConfig) -> dict[str, torch.Tensor]:
+    ids = torch.arange(start, stop)
+    x1 = []
+    for lo in range(start, stop, cfg.batch_size):
+        hi = min(lo + cfg.batch_size, stop)
+        z = seeded_noise([cfg.seed + i for i in range(lo, hi)], latent_shape)
+        x1.append(sample(prompts[lo:hi], z).to("cpu", getattr(torch, cfg.dtype)))
+    return {"prompt": prompts[start:stop].clone(), "seed": (cfg.seed + ids).long(),
+            "x1": torch.cat(x1).contiguous()}
+
+
+class PairCache:
+    """Read access to a pair cache; every shard's hash is checked when it is opened."""
+
+    def __init__(self, folder: str | Path, expected_prompts_sha256: str | None = None):
+        self.folder = Path(folder)
+        if not (self.folder / INDEX).exists():
+            raise CacheError(
+                f"no teacher pair cache at {self.folder}: this method trains on teacher ODE "
+                "pairs. Set `cache.pairs.count` > 0 in params.yaml and run "
+                "`dvc repro cache_teacher`.")
+        self.index = read_json(self.folder / INDEX)
+        if expected_prompts_sha256 and self.index.get("prompts_sha256") != expected_prompts_sha256:
+            raise CacheError(f"pair cache {self.folder} was built for other prompts; re-run "
+                             "`dvc repro cache_teacher`")
+        parts = [self._load(s) for s in self.index["shards"]]
+        self.prompt = torch.cat([p["prompt"] for p in parts])
+        self.seed = torch.cat([p["seed"] for p in parts])
+        self.x1 = torch.cat([p["x1"] for p in parts]).float()
+
+    def _load(self, entry: dict) -> dict[str, torch.Tensor]:
+        path = self.folder / entry["file"]
+        if not path.exists() or sha256_file(path) != entry["sha256"]:
+            raise CacheError(f"pair shard {path} is missing or corrupt (sha256 mismatch); "
+                             "rebuild it with `dvc repro cache_teacher --force` "
+                             "(or restore it with `dvc checkout`)")
+        return load_file(str(path))
+
+    def __len__(self) -> int:
+        return int(self.prompt.shape[0])
+
+    def noise(self, indices: torch.Tensor) -> torch.Tensor:
+        """The exact noise x0 of pairs ``indices`` (B, C, h, w), regenerated from the seeds."""
+        return seeded_noise(self.seed[indices].tolist(), tuple(self.index["latent_shape"]))
