@@ -32,6 +32,7 @@ class DistillConfig:
     device: str = "cpu"
     sample_prompts: int = 8
     sample_seed: int = 0
+    proxy_fid_images: int = 0  # >0: FID of this many student images at every sample step
 
     def validate(self) -> None:
         valid = method_names()

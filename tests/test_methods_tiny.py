@@ -82,7 +82,7 @@ def test_every_method_is_tested_here():
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_method_trains_and_its_student_generates(name, tmp_path):
-    pipe, cache, method, _, logs = _run(name, tmp_path, 4, tmp_path / "ck")
+    _, cache, method, _, logs = _run(name, tmp_path, 4, tmp_path / "ck")
     assert [s for s, _ in logs] == [1, 2, 3, 4]
     losses = [v for _, m in logs for k, v in m.items() if k.startswith("loss")]
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)

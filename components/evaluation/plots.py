@@ -26,3 +26,25 @@ def fid_bars(values: dict[str, float], path: str | Path, title: str = "FID (lowe
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def metric_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | Path,
+                  ylabel: str, title: str) -> None:
+    """One line per name, ``curves[name] = (steps, values)``, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    for name, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -38,6 +38,10 @@ class InstaFlowConfig:
 
     lr: float = 1e-6
     reflow_fraction: float = 0.7
+    # Prompts dropped to the empty prompt during reflow, so the 2-RF has the unconditional
+    # branch its phase-2 CFG needs (the paper guides the 2-RF with 1.5 but does not state the
+    # rate; 0.1 is SD's caption dropout)
+    null_prompt_prob: float = 0.1
     distill_ode_steps: int = 25
     distill_guidance: float = 1.5
     lpips_fraction: float = 0.45
@@ -122,9 +126,11 @@ class InstaFlow:
         """Eq. 6 per sample (B,): velocity regression on the straight line X0 → X1."""
         X0, X1 = batch.z, batch.x1
         tau = torch.rand(X0.shape[0], generator=batch.generator).to(X0.device)
+        drop = torch.rand(X0.shape[0], generator=batch.generator) < self.cfg.null_prompt_prob
+        cond = batch.cond.where(drop.to(X0.device), batch.uncond)
         tau_ = tau.view(-1, *[1] * (X0.ndim - 1))
         X_tau = tau_ * X1 + (1.0 - tau_) * X0
-        v = self.v(X_tau, 1000.0 * (1.0 - tau), batch.cond)
+        v = self.v(X_tau, 1000.0 * (1.0 - tau), cond)
         per_sample = (((X1 - X0) - v) ** 2).flatten(1).mean(1)
         return per_sample, {"loss_reflow": per_sample.mean().item()}
 

@@ -12,13 +12,17 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file
 from tqdm import tqdm
 
 from components.batches import PairBatches, PromptBatches
 from components.config import to_dict
 from components.embed_cache import CacheError, EmbeddingCache
+from components.evaluation.fid import fid_against_statistics, inception_features
 from components.evaluation.grid import image_grid, save_png
+from components.evaluation.inception import load_inception
 from components.generation import (
     decode_latents,
     generate_latents,
@@ -36,19 +40,48 @@ from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, require, write_resolved
 
 
-def _sampler(pipe, cache: EmbeddingCache, spec, cfg, out: Path):
-    """A callback writing a grid of the student's images at fixed prompts and seeds."""
-    n = min(cfg.sample_prompts, len(cache))
-    cond = cache.conditioning(torch.arange(n)).to(cfg.device)
-    z = seeded_noise([cfg.sample_seed + i for i in range(n)], latent_shape(pipe)).to(cfg.device)
+def _images(pipe, student, cache: EmbeddingCache, spec, n: int, seed: int, device: str):
+    """Student images of the first n cached prompts (cycled), image i seeded with seed + i."""
+    cond = cache.conditioning(torch.arange(n) % len(cache)).to(device)
+    z = seeded_noise([seed + i for i in range(n)], latent_shape(pipe)).to(device)
+    out = []
+    with torch.no_grad():
+        for k in range(0, n, 64):
+            latents = generate_latents(student, z[k:k + 64], cond.rows(slice(k, k + 64)), spec)
+            out.append(decode_latents(pipe, latents))
+    return np.concatenate(out)
+
+
+def _proxy_fid(root: Path, cfg):
+    """FID of ``cfg.proxy_fid_images`` student images on training prompts against the cached
+    reference statistics: a cheap in-training signal (not the evaluate stage's protocol)."""
+    if cfg.proxy_fid_images <= 0:
+        return None
+    meta = read_json(require(root / paths.REFSTATS / "meta.json", "reference_stats"))
+    ref = load_file(str(root / paths.REFSTATS / "stats.safetensors"))
+    net = load_inception(root / paths.TOOL_CACHE / "inception",
+                         meta["feature_network"]["source"], cfg.device)
+    return lambda images: fid_against_statistics(ref["mu"], ref["sigma"],
+                                                 inception_features(images, net, 64))
+
+
+def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, rows: list[dict]):
+    """A callback writing a grid of the student's images at fixed prompts and seeds, and the
+    proxy FID when enabled."""
+    out = root / paths.DISTILL_OUT / "samples"
     out.mkdir(parents=True, exist_ok=True)
+    fid = _proxy_fid(root, cfg)
 
     def on_sample(student: torch.nn.Module, step: int) -> None:
         student.eval()
-        with torch.no_grad():
-            images = decode_latents(pipe, generate_latents(student, z, cond, spec))
-        student.train()
+        n = min(cfg.sample_prompts, len(cache))
+        images = _images(pipe, student, cache, spec, n, cfg.sample_seed, cfg.device)
         save_png(image_grid(images, cols=min(n, 8), upscale=4), out / f"step-{step:07d}.png")
+        if fid is not None:
+            images = _images(pipe, student, cache, spec, cfg.proxy_fid_images, cfg.sample_seed,
+                             cfg.device)
+            rows.append({"step": step, "proxy_fid": round(fid(images), 4)})
+        student.train()
     return on_sample
 
 
@@ -113,7 +146,6 @@ def run(root: Path) -> None:
     if (ckpt_dir / "losses.json").exists():
         rows = read_json(ckpt_dir / "losses.json")
     bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step")
-    samples = root / paths.DISTILL_OUT / "samples"
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -123,7 +155,7 @@ def run(root: Path) -> None:
             write_json(ckpt_dir / "losses.json", rows)
 
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(rows),
-                _sampler(pipe, cache, method.spec, cfg, samples), progress)
+                _sampler(root, pipe, cache, method.spec, cfg, rows), progress)
     bar.close()
     wall = time.perf_counter() - start
     _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
@@ -138,8 +170,11 @@ def _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved) -> None:
                                               "steps": cfg.loop.steps})
     write_resolved(root / paths.DISTILL_OUT / "resolved_config.json", **{
         k: v for k, v in resolved.items() if k not in ("cache", "pairs")})
-    _write_losses(root / paths.LOSS_PLOT, rows)
-    last = rows[-1] if rows else {}
+    losses = [r for r in rows if "proxy_fid" not in r]
+    fids = [r for r in rows if "proxy_fid" in r]
+    _write_losses(root / paths.LOSS_PLOT, losses)
+    _write_losses(root / paths.PROXY_FID_PLOT, fids)
+    last = {**(losses[-1] if losses else {}), **(fids[-1] if fids else {})}
     images_seen = cfg.loop.steps * cfg.loop.batch_size
     write_json(root / paths.DISTILL_METRICS, {"steps": cfg.loop.steps, "images_seen": images_seen,
                                               "wall_seconds": round(wall, 1),

@@ -1,0 +1,104 @@
+"""Distil every method at equal compute and write ``reports/methods.md``.
+
+    uv run python -m pipeline.methods_report [--methods swiftbrush,dmd2] [--out reports]
+
+Each method runs as a DVC experiment of the current params (``dvc exp run -S
+distill.method=<m> -n methods-<m>``): the upstream stages come from the DVC cache, so only
+distill, evaluate and register run, with the same loop (iterations, batch) for every method.
+Afterwards ``dvc exp show`` lists the experiments side by side, and the report holds a table
+(FID, CLIP score, wall time, images seen) and a plot of the in-training proxy FID per method.
+``params.yaml`` is restored at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from components.evaluation.plots import metric_curves
+from components.io import atomic_write_text, read_json, write_json
+from components.methods import method_names
+from pipeline import paths
+from pipeline.params import PARAMS_FILE
+
+
+def run_experiment(root: Path, method: str) -> dict:
+    """One DVC experiment for ``method``; return its metrics and proxy-FID curve."""
+    cmd = ["dvc", "exp", "run", "-S", f"distill.method={method}", "-n", f"methods-{method}"]
+    print("+", " ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=root, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"methods_report: the experiment for {method!r} failed (exit "
+                         f"{done.returncode}); its log is above")
+    ev, dist = read_json(root / paths.EVAL_METRICS), read_json(root / paths.DISTILL_METRICS)
+    curve: tuple[list[float], list[float]] = ([], [])
+    fid_csv = root / paths.PROXY_FID_PLOT
+    if fid_csv.exists():
+        for row in csv.DictReader(fid_csv.open()):
+            if row.get("proxy_fid"):
+                curve[0].append(float(row["step"]))
+                curve[1].append(float(row["proxy_fid"]))
+    return {"method": method, "eval": ev, "distill": dist, "proxy_fid": curve}
+
+
+def report(results: list[dict], out: Path) -> str:
+    """The markdown report (and its plot) from the experiments' results."""
+    first = results[0]["eval"]
+    d0 = results[0]["distill"]
+    intro = (f"Machine: {platform.machine()} CPU ({platform.processor() or 'unknown'}), "
+             f"Python {platform.python_version()}. Every method ran {d0['steps']} iterations "
+             f"of batch {d0['images_seen'] // d0['steps']}; evaluation protocol "
+             f"`{first['protocol']}` (FID against the held-out reference renders, CLIP score "
+             "with the world's scorer).")
+    lines = ["# Methods on the miniature world, at equal compute", "", intro, "",
+             "| model | steps | FID ↓ | CLIP score ↑ | distill wall time | images seen |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, label in (("teacher", "teacher (DDIM, CFG)"),
+                       ("teacher_1step", "untrained student (teacher, 1 step)")):
+        row = first[key]
+        lines.append(f"| {label} | {row['steps']} | {row['fid']:.1f} | {row['clip_score']:.3f} "
+                     "| – | – |")
+    for r in results:
+        st, d = r["eval"]["student"], r["distill"]
+        lines.append(f"| {r['method']} | {st['steps']} | {st['fid']:.1f} | "
+                     f"{st['clip_score']:.3f} | {d['wall_seconds']:.0f} s | {d['images_seen']} |")
+    curves = {r["method"]: r["proxy_fid"] for r in results if r["proxy_fid"][0]}
+    if curves:
+        metric_curves(curves, out / "methods_fid.png", "proxy FID",
+                      "in-training proxy FID (training prompts)")
+        note = ("The curve is the distill stage's proxy FID (student images of training "
+                "prompts against the same reference statistics), not the evaluation protocol.")
+        lines += ["", "![proxy FID over iterations](methods_fid.png)", "", note]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(method_names()),
+                        help="comma-separated methods (default: all)")
+    parser.add_argument("--root", default=".", type=Path)
+    parser.add_argument("--out", default="reports", type=Path)
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(method_names()))
+    if unknown:
+        sys.exit(f"unknown method(s) {unknown}; valid methods are: {', '.join(method_names())}")
+    params = (root / PARAMS_FILE).read_text()
+    try:
+        results = [run_experiment(root, m) for m in methods]
+    finally:
+        (root / PARAMS_FILE).write_text(params)
+    out = root / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "methods.md", report(results, out))
+    write_json(out / "methods.json", results)
+    print(f"wrote {out / 'methods.md'}; compare with `dvc exp show`")
+
+
+if __name__ == "__main__":
+    main()
