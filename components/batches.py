@@ -33,7 +33,7 @@ class PromptBatches:
     @classmethod
     def from_cache(cls, cache, latent_shape: tuple[int, ...], device: str | torch.device = "cpu"):
         """From an ``EmbeddingCache`` (every prompt embedding, and the empty prompt)."""
-        return cls(TextConditioning(cache.text), cache.null(1), latent_shape, device)
+        return cls(cache.table(), cache.null(1), latent_shape, device)
 
     def __len__(self) -> int:
         return int(self.table.text.shape[0])

@@ -5,8 +5,11 @@ Layout of a cache folder::
     index.json              {"prompts_sha256", "count", "shape", "dtype", "teacher",
                              "shards": [{"file", "start", "count", "sha256"}],
                              "null": {"file", "sha256"}}
-    null.safetensors        {"text": (1, L, D)}           the empty prompt
+    null.safetensors        {"text": (1, L, D)}           the unconditional embedding
     shard-00000.safetensors {"text": (n, L, D)}           prompts start .. start + n
+
+SDXL teachers add ``"pooled"`` (n, D_pooled) and ``"time_ids"`` (n, 6) to every file, and their
+unconditional embedding is zeros when the pipeline says so (``force_zeros_for_empty_prompt``).
 
 Shards are written one at a time into ``<dir>.partial`` and kept there if the run is killed, so a
 re-run resumes after the last complete shard; the finished folder replaces ``<dir>`` by rename.
@@ -48,28 +51,47 @@ class CacheConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of float32, float16, bfloat16")
 
 
-Encoder = Callable[[Sequence[str]], torch.Tensor]  # prompts -> (B, L, D)
+Encoder = Callable[[Sequence[str]], TextConditioning | torch.Tensor]  # prompts -> (B, L, D)
 
 
 def prompts_hash(prompts: Sequence[str]) -> str:
     return sha256_bytes("\n".join(prompts).encode())
 
 
-def _save(path: Path, tensor: torch.Tensor) -> str:
+FIELDS = ("text", "pooled", "time_ids")
+
+
+def _as_conditioning(x: TextConditioning | torch.Tensor) -> TextConditioning:
+    return x if isinstance(x, TextConditioning) else TextConditioning(x)
+
+
+def _save(path: Path, cond: TextConditioning) -> str:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"text": tensor.contiguous()}, str(tmp))
+    save_file({k: getattr(cond, k).contiguous() for k in FIELDS if getattr(cond, k) is not None},
+              str(tmp))
     os.replace(tmp, path)
     return sha256_file(path)
 
 
-def _encode(encode: Encoder, prompts: Sequence[str], batch: int, dtype: torch.dtype) -> torch.Tensor:
-    parts = [encode(prompts[i:i + batch]).to(dtype) for i in range(0, len(prompts), batch)]
-    return torch.cat(parts)
+def _encode(encode: Encoder, prompts: Sequence[str], batch: int,
+            dtype: torch.dtype) -> TextConditioning:
+    parts = [_as_conditioning(encode(prompts[i:i + batch])) for i in range(0, len(prompts), batch)]
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.concat(part)
+    return _cast(out, dtype)
+
+
+def _cast(cond: TextConditioning, dtype: torch.dtype) -> TextConditioning:
+    cast = lambda a: None if a is None else a.to(dtype)
+    return TextConditioning(cond.text.to(dtype), cast(cond.pooled), cast(cond.time_ids))
 
 
 def write_cache(out_dir: str | Path, prompts: Sequence[str], encode: Encoder, cfg: CacheConfig,
-                teacher: str, log: Callable[[str], None] = print) -> dict:
-    """Encode every prompt (and the empty prompt) into shards; resume a killed run's shards."""
+                teacher: str, log: Callable[[str], None] = print,
+                null: TextConditioning | None = None) -> dict:
+    """Encode every prompt into shards (resuming a killed run's shards), and the unconditional
+    embedding: ``null`` if given (SDXL's zeros), else the encoded empty prompt."""
     out_dir = Path(out_dir)
     work = out_dir.with_name(out_dir.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
@@ -93,8 +115,8 @@ def write_cache(out_dir: str | Path, prompts: Sequence[str], encode: Encoder, cf
             write_json(progress_path, progress)
             log(f"cache_teacher: shard {k} ({start + len(chunk)}/{len(prompts)} prompts)")
         shards.append(done[name])
-    null = encode([""]).to(dtype)
-    index = {"prompts_sha256": digest, "count": len(prompts), "shape": list(null.shape[1:]),
+    null = _cast(_as_conditioning(encode([""]) if null is None else null), dtype)
+    index = {"prompts_sha256": digest, "count": len(prompts), "shape": list(null.text.shape[1:]),
              "dtype": cfg.dtype, "teacher": teacher, "shards": shards,
              "null": {"file": "null.safetensors", "sha256": _save(work / "null.safetensors", null)}}
     progress_path.unlink()
@@ -117,9 +139,13 @@ class EmbeddingCache:
         if expected_prompts_sha256 and self.index["prompts_sha256"] != expected_prompts_sha256:
             raise CacheError(f"embedding cache {self.folder} was built for other prompts; "
                              "re-run `dvc repro cache_teacher`")
-        self._tensors = [self._load(s) for s in self.index["shards"]]
-        self.text = torch.cat(self._tensors).float() if self._tensors else None
-        self._null = self._load(self.index["null"]).float()
+        shards = [self._load(s) for s in self.index["shards"]]
+        cat = lambda k: torch.cat([s[k] for s in shards]).float() if k in shards[0] else None
+        self.text = cat("text") if shards else None
+        self.pooled = cat("pooled") if shards else None
+        self.time_ids = cat("time_ids") if shards else None
+        null = self._load(self.index["null"])
+        self._null = TextConditioning(*(null[k].float() if k in null else None for k in FIELDS))
 
     def _load(self, entry: dict) -> torch.Tensor:
         path = self.folder / entry["file"]
@@ -127,15 +153,19 @@ class EmbeddingCache:
             raise CacheError(f"cache shard {path} is missing or corrupt (sha256 mismatch); "
                              "rebuild it with `dvc repro cache_teacher --force` "
                              "(or restore it with `dvc checkout`)")
-        return load_file(str(path))["text"]
+        return load_file(str(path))
 
     def __len__(self) -> int:
         return int(self.index["count"])
 
+    def table(self) -> TextConditioning:
+        """Every prompt's conditioning (N, L, D) (plus SDXL's pooled embeddings and time ids)."""
+        return TextConditioning(self.text, self.pooled, self.time_ids)
+
     def conditioning(self, indices: torch.Tensor) -> TextConditioning:
         """Embeddings of prompts ``indices`` (B,) as conditioning (B, L, D)."""
-        return TextConditioning(self.text[indices])
+        return self.table().rows(indices)
 
     def null(self, batch: int = 1) -> TextConditioning:
-        """The empty prompt's embedding, repeated ``batch`` times."""
-        return TextConditioning(self._null).expand(batch)
+        """The unconditional embedding, repeated ``batch`` times."""
+        return self._null.expand(batch)

@@ -146,11 +146,34 @@ def ddim_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, uncond: Any, ste
 
 @torch.no_grad()
 def encode_prompts(pipe: Any, prompts: Sequence[str]) -> TextConditioning:
-    """Text conditioning from the pipeline's own tokenizer and text encoder (SD1.x/2.x)."""
+    """Text conditioning from the pipeline's own tokenizer(s) and text encoder(s).
+
+    SD1.x/2.x: the last hidden states (B, 77, D). SDXL (two encoders): the pipeline's own
+    ``encode_prompt`` (B, 77, 2048), the pooled embedding (B, 1280) and the size/crop time ids
+    (B, 6) of its default resolution.
+    """
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        text, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts),
+                                                device=pipe.text_encoder_2.device,
+                                                do_classifier_free_guidance=False)
+        size = pipe.default_sample_size * pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        return TextConditioning(text.float(), pooled.float(), time_ids.expand(len(prompts), 6))
     tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
     hidden = pipe.text_encoder(tokens.input_ids.to(pipe.text_encoder.device))[0]
     return TextConditioning(hidden.float())
+
+
+@torch.no_grad()
+def unconditional(pipe: Any) -> TextConditioning:
+    """The unconditional embedding (1 row): the encoded empty prompt, or zeros where the
+    pipeline says so (SDXL's ``force_zeros_for_empty_prompt``, as DMD2 uses)."""
+    null = encode_prompts(pipe, [""])
+    if pipe.config.get("force_zeros_for_empty_prompt", False):
+        zero = lambda a: None if a is None else torch.zeros_like(a)
+        return TextConditioning(zero(null.text), zero(null.pooled), null.time_ids)
+    return null
 
 
 @torch.no_grad()
@@ -179,7 +202,7 @@ def sample_teacher(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], step
                    guidance_scale: float, batch_size: int = 16) -> np.ndarray:
     """Teacher images (N, H, W, 3) uint8 by DDIM with CFG; image i seeded with ``seeds[i]``."""
     denoiser = teacher_denoiser(pipe)
-    null = encode_prompts(pipe, [""])
+    null = unconditional(pipe)
     out = []
     for start, chunk in _batched(list(prompts), batch_size):
         z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(pipe)).to(pipe.unet.device)

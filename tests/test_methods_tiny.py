@@ -10,7 +10,7 @@ from components.config import from_dict
 from components.embed_cache import CacheConfig, EmbeddingCache, write_cache
 from components.generation import ddim_sample, generate_latents, seeded_noise
 from components.methods import Batch, Teacher, get_method, method_names
-from components.teacher import TextConditioning, teacher_denoiser
+from components.teacher import teacher_denoiser
 from components.training import LoopConfig, train
 from tests.tiny import tiny_pipeline
 
@@ -64,7 +64,7 @@ def _run(name, tmp_path, steps, ckpt, total=None):
     method = build(from_dict(cfg_cls, SETTINGS[name], name),
                    Teacher(teacher_denoiser(pipe)), total or steps)
     if method.needs_pairs:
-        batches = PairBatches(TextConditioning(cache.text), cache.null(1), _Pairs(pipe, cache),
+        batches = PairBatches(cache.table(), cache.null(1), _Pairs(pipe, cache),
                               LATENT)
     else:
         batches = PromptBatches.from_cache(cache, LATENT)
@@ -166,3 +166,29 @@ def test_vsd_gradient_equals_sigma2_weighted_score_difference(tmp_path):
     # agreement to 1e-3 relative / 1e-6 absolute is what float32 allows, far below any real error.
     for a, e in zip(got, (p.grad for p in student.parameters())):
         torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-6)
+
+
+def test_sdxl_conditioning_through_cache_and_method(tmp_path):
+    """SDXL: pooled embeddings and time ids go through the cache, the empty prompt is zeros,
+    and a method trains on them (the adapter passes SDXL's added conditioning)."""
+    from components.generation import encode_prompts, unconditional
+    from tests.tiny import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    write_cache(tmp_path / "cache", PROMPTS, lambda b: encode_prompts(pipe, b),
+                CacheConfig(shard_size=3), "tiny-sdxl", log=lambda _: None,
+                null=unconditional(pipe))
+    cache = EmbeddingCache(tmp_path / "cache")
+    table = cache.table()
+    assert table.text.shape == (4, 77, 64) and table.pooled.shape == (4, 32)
+    assert table.time_ids[0].tolist() == [16, 16, 0, 0, 16, 16]  # 8 latents × VAE factor 2
+    assert cache.null(1).text.abs().sum() == 0 and cache.null(1).pooled.abs().sum() == 0
+    cfg_cls, build = get_method("dmd2")
+    method = build(from_dict(cfg_cls, SETTINGS["dmd2"], "dmd2"),
+                   Teacher(teacher_denoiser(pipe)), 2)
+    logs = []
+    train(method, PromptBatches.from_cache(cache, LATENT),
+          LoopConfig(steps=2, batch_size=4, grad_accum=2, log_every=1, sample_every=100,
+                     checkpoint_every=100), tmp_path / "ck", lambda m, s: logs.append(m),
+          lambda module, s: None)
+    assert "loss_dm" in logs[0] and torch.isfinite(torch.tensor(logs[0]["loss_dm"]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from components.embed_cache import EmbeddingCache, write_cache
-from components.generation import ddim_sample, encode_prompts, latent_shape
+from components.generation import ddim_sample, encode_prompts, latent_shape, unconditional
 from components.pair_cache import write_pairs
 from components.teacher import load_pipeline, teacher_denoiser
 from pipeline import paths
@@ -36,8 +36,8 @@ def run(root: Path) -> None:
         encoding="utf-8").splitlines()
     torch.set_grad_enabled(False)
     index = write_cache(root / paths.CACHE, prompts,
-                        lambda batch: encode_prompts(pipe, batch).text, cfg, teacher.model,
-                        log=log)
+                        lambda batch: encode_prompts(pipe, batch), cfg, teacher.model, log=log,
+                        null=unconditional(pipe))
     write_resolved(root / paths.CACHE / "resolved_config.json", teacher=teacher, cache=cfg)
     log(f"cache_teacher: {index['count']} prompts in {len(index['shards'])} shard(s), "
         f"embedding shape {index['shape']}")

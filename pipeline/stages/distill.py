@@ -33,7 +33,7 @@ from components.generation import (
 from components.io import atomic_dir, read_json, sha256_bytes, sha256_file, write_json
 from components.methods import Teacher, get_method
 from components.pair_cache import PairCache
-from components.teacher import TextConditioning, load_pipeline, teacher_denoiser
+from components.teacher import load_pipeline, teacher_denoiser
 from components.training import train
 from pipeline import paths
 from pipeline.params import load_stage
@@ -102,7 +102,7 @@ def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: 
         raise CacheError(f"method {cfg.method!r} trains on teacher ODE pairs but the pair cache "
                          "is empty: set `cache.pairs.count` > 0 in params.yaml and run "
                          "`dvc repro cache_teacher`")
-    return PairBatches(TextConditioning(cache.text), cache.null(1), pairs, latent_shape(pipe),
+    return PairBatches(cache.table(), cache.null(1), pairs, latent_shape(pipe),
                        cfg.device)
 
 
