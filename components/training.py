@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from components import distributed
 from components.embed_cache import EmbeddingCache
 from components.methods import Batch, Method
 
@@ -79,15 +80,21 @@ def make_batch(cache: EmbeddingCache, latent_shape: tuple[int, ...], batch_size:
                  z.to(device), gen)
 
 
-def split_batch(batch: Batch, parts: int) -> list[Batch]:
-    if parts == 1:
+def split_batch(batch: Batch, parts: int,
+                ctx: distributed.Context = distributed.SINGLE) -> list[Batch]:
+    """This process's ``parts`` micro-batches of the global ``batch``, each with its own generator
+    (see ``components.distributed``); a single micro-batch keeps the step's generator."""
+    if parts * ctx.world_size == 1:
         return [batch]
-    n = batch.z.shape[0] // parts
+    rows = distributed.local_rows(batch.z.shape[0], ctx)
+    n, rest = divmod(rows.stop - rows.start, parts)
+    if rest:
+        raise ValueError(f"the per-process batch {rows.stop - rows.start} is not divisible by "
+                         f"grad_accum {parts}")
     out = []
-    for k in range(parts):
-        sl = slice(k * n, (k + 1) * n)
-        out.append(Batch(batch.cond.rows(sl), batch.uncond.rows(sl), batch.z[sl],
-                         batch.generator))
+    for k, gen in enumerate(distributed.micro_generators(batch.generator, parts, ctx)):
+        sl = slice(rows.start + k * n, rows.start + (k + 1) * n)
+        out.append(Batch(batch.cond.rows(sl), batch.uncond.rows(sl), batch.z[sl], gen))
     return out
 
 
@@ -106,6 +113,9 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v / len(micro)
     params = method.parameters(group.name)
+    distributed.all_reduce_gradients(params)  # sum over processes: the global batch's gradient
+    metrics[f"dropped_{group.name}"] = dropped
+    metrics = distributed.reduce_metrics(metrics, summed=[f"dropped_{group.name}"])
     for p in params:
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
@@ -113,7 +123,6 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
         norm = torch.nn.utils.clip_grad_norm_(params, group.max_grad_norm)
         metrics[f"grad_norm_{group.name}"] = float(norm)
     opt.step()
-    metrics[f"dropped_{group.name}"] = dropped
     return metrics
 
 
@@ -122,13 +131,15 @@ def train(method: Method, cache: EmbeddingCache, latent_shape: tuple[int, ...], 
           progress: Callable[[int, int], None] | None = None,
           device: str | torch.device = "cpu") -> EMA:
     """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA."""
+    ctx = distributed.context()
+    distributed.broadcast_modules(method.state_modules().values())
     opts = {g.name: method.make_optimizer(g.name) for g in method.groups}
     ema = EMA(method.student(), cfg.ema_decay)
     start = load_checkpoint(ckpt_dir, method, opts, ema)
     for step in range(start, cfg.steps):
         gen = step_generator(cfg.seed, step)
         batch = make_batch(cache, latent_shape, cfg.batch_size, gen, device)
-        micro = split_batch(batch, cfg.grad_accum)
+        micro = split_batch(batch, cfg.grad_accum, ctx)
         scratch: list[dict] = [{} for _ in micro]
         metrics: dict = {}
         for group in method.groups:
@@ -137,6 +148,8 @@ def train(method: Method, cache: EmbeddingCache, latent_shape: tuple[int, ...], 
                                             cfg.batch_size))
         ema.update(method.student())
         done = step + 1
+        if not ctx.is_main:  # rank 0 logs, samples and checkpoints for the job
+            continue
         if done % cfg.log_every == 0 or done == cfg.steps:
             log(metrics, done)
         if done % cfg.sample_every == 0 or done == cfg.steps:

@@ -10,11 +10,13 @@ import csv
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from components import distributed
 from components.config import to_dict
 from components.diffusion import NoiseSchedule
 from components.embed_cache import EmbeddingCache
@@ -70,12 +72,15 @@ def _write_losses(path: Path, rows: list[dict]) -> None:
 def run(root: Path) -> None:
     configs = load_stage(root, "distill")
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
+    # under torchrun / accelerate launch: join the job; "cuda" becomes this process's GPU
+    local = replace(cfg, device=distributed.init_from_env(cfg.device))
+    is_main = distributed.context().is_main
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
         "train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
-    pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(cfg.device)
+    pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     _, build = get_method(cfg.method)
     resolved = {"teacher": to_dict(teacher_cfg), "distill": to_dict(cfg),
@@ -89,7 +94,8 @@ def run(root: Path) -> None:
     rows: list[dict] = []
     if (ckpt_dir / "losses.json").exists():
         rows = read_json(ckpt_dir / "losses.json")
-    bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step")
+    bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step",
+               disable=not is_main)
     samples = root / paths.DISTILL_OUT / "samples"
     start = time.perf_counter()
 
@@ -100,10 +106,12 @@ def run(root: Path) -> None:
             write_json(ckpt_dir / "losses.json", rows)
 
     ema = train(method, cache, latent_shape(pipe), cfg.loop, ckpt_dir, _loss_logger(rows),
-                _sampler(pipe, cache, method.spec, cfg, samples), progress, cfg.device)
+                _sampler(pipe, cache, method.spec, local, samples), progress, local.device)
     bar.close()
     wall = time.perf_counter() - start
-    _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
+    if is_main:
+        _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
+    distributed.finish()
 
 
 def _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved) -> None:
