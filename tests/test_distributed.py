@@ -4,10 +4,11 @@ Two CPU processes talk over gloo, launched by torchrun, as on a multi-GPU node w
 
 Tolerance: every micro-batch (rows, noise, timesteps) is the same whichever process runs it, so
 the only difference is where the micro-batch gradients are summed: by autograd's accumulation in
-one process, or by the all-reduce over two. A sum of two float32 terms is exact whatever the order
-(a + b == b + a), so with single-threaded kernels the results agree bit for bit (measured: maximum
-difference 0.0 in every gradient and weight on a 2-core x86_64 CPU); the assertion allows 1e-6 relative (a few float32 ulps times the number of summands), the error a
-different summation order over more processes or a non-deterministic kernel could introduce.
+one process, or by the all-reduce over two. Float addition of two terms is commutative (the
+rounded a + b equals the rounded b + a), so with single-threaded kernels the results agree bit
+for bit (measured: maximum difference 0.0 in every gradient and weight on a 2-core x86_64 CPU).
+The assertion allows 1e-6 relative, a few float32 ulps (2^-24 ~ 6e-8 each) per summand: the error
+a different summation order over more processes, or a non-deterministic GPU kernel, could add.
 """
 
 from __future__ import annotations
