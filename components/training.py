@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from components import distributed
 from components.methods import Batch, Method
 
 LogFn = Callable[[dict, int], None]
@@ -70,11 +71,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def split_batch(batch: Batch, parts: int) -> list[Batch]:
-    if parts == 1:
+def split_batch(batch: Batch, parts: int,
+                ctx: distributed.Context = distributed.SINGLE) -> list[Batch]:
+    """This process's ``parts`` micro-batches of the global ``batch``, each with its own generator
+    (see ``components.distributed``); a single micro-batch keeps the step's generator."""
+    if parts * ctx.world_size == 1:
         return [batch]
-    n = batch.z.shape[0] // parts
-    return [batch.rows(slice(k * n, (k + 1) * n)) for k in range(parts)]
+    rows = distributed.local_rows(batch.z.shape[0], ctx)
+    n, rest = divmod(rows.stop - rows.start, parts)
+    if rest:
+        raise ValueError(f"the per-process batch {rows.stop - rows.start} is not divisible by "
+                         f"grad_accum {parts}")
+    out = []
+    for k, gen in enumerate(distributed.micro_generators(batch.generator, parts, ctx)):
+        mb = batch.rows(slice(rows.start + k * n, rows.start + (k + 1) * n))
+        mb.generator = gen
+        out.append(mb)
+    return out
 
 
 def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[Batch],
@@ -92,6 +105,9 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v / len(micro)
     params = method.parameters(group.name)
+    distributed.all_reduce_gradients(params)  # sum over processes: the global batch's gradient
+    metrics[f"dropped_{group.name}"] = dropped
+    metrics = distributed.reduce_metrics(metrics, summed=[f"dropped_{group.name}"])
     for p in params:
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
@@ -101,7 +117,6 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
     for pg in opt.param_groups:
         pg["lr"] = pg.setdefault("initial_lr", pg["lr"]) * group.lr_factor(micro[0].step)
     opt.step()
-    metrics[f"dropped_{group.name}"] = dropped
     return metrics
 
 
@@ -111,15 +126,18 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
     """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA.
 
     ``batches(batch_size, generator, step)`` draws iteration ``step``'s batch (prompts, or teacher
-    pairs) from that iteration's generator (``components.batches``).
+    pairs) from that iteration's generator (``components.batches``). Under torchrun/accelerate
+    the batch is global and each process takes its rows (``components.distributed``).
     """
+    ctx = distributed.context()
+    distributed.broadcast_modules(method.state_modules().values())
     opts = {g.name: method.make_optimizer(g.name) for g in method.groups}
     ema = EMA(method.student(), cfg.ema_decay)
     start = load_checkpoint(ckpt_dir, method, opts, ema)
     for step in range(start, cfg.steps):
         gen = step_generator(cfg.seed, step)
         batch = batches(cfg.batch_size, gen, step)
-        micro = split_batch(batch, cfg.grad_accum)
+        micro = split_batch(batch, cfg.grad_accum, ctx)
         scratch: list[dict] = [{} for _ in micro]
         metrics: dict = {}
         for group in method.groups:
@@ -128,6 +146,8 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
                                             cfg.batch_size))
         ema.update(method.student())
         done = step + 1
+        if not ctx.is_main:  # rank 0 logs, samples and checkpoints for the job
+            continue
         if done % cfg.log_every == 0 or done == cfg.steps:
             log(metrics, done)
         if done % cfg.sample_every == 0 or done == cfg.steps:

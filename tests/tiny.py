@@ -63,9 +63,9 @@ def tiny_sdxl_pipeline(seed: int = 0, latent_size: int = 8):
                         down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2,
                         sample_size=latent_size * 2)
-    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
-                  eos_token_id=49407, pad_token_id=49407)
+    config = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+              "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
     text = CLIPTextModel(CLIPTextConfig(**config))
     text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, projection_dim=32))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

@@ -134,7 +134,7 @@ class MengGuidedDistillation:
         return per_sample.mean(1), {"loss_guidance": per_sample.mean().item()}
 
     def round_of(self, step: int) -> int:
-        return min((step - self.stage1_end) // self.round_len, self.rounds - 1)
+        return max(0, min((step - self.stage1_end) // self.round_len, self.rounds - 1))
 
     @torch.no_grad()
     def _start_round(self, step: int) -> int:

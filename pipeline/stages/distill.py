@@ -10,6 +10,7 @@ import csv
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from safetensors.numpy import load_file
 from tqdm import tqdm
 
+from components import distributed
 from components.batches import PairBatches, PromptBatches
 from components.config import to_dict
 from components.embed_cache import CacheError, EmbeddingCache
@@ -124,15 +126,18 @@ def _write_losses(path: Path, rows: list[dict]) -> None:
 def run(root: Path) -> None:
     configs = load_stage(root, "distill")
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
+    # under torchrun / accelerate launch: join the job; "cuda" becomes this process's GPU
+    local = replace(cfg, device=distributed.init_from_env(cfg.device))
+    is_main = distributed.context().is_main
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
         "train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
-    pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(cfg.device)
+    pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
     _, build = get_method(cfg.method)
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
-    batches = _batches(root, cache, pipe, method, cfg, prompts_sha)
+    batches = _batches(root, cache, pipe, method, local, prompts_sha)
     resolved = {"teacher": to_dict(teacher_cfg), "distill": to_dict(cfg),
                 "method_config": to_dict(method_cfg), "cache": cache.index["prompts_sha256"]}
     if method.needs_pairs:
@@ -145,7 +150,8 @@ def run(root: Path) -> None:
     rows: list[dict] = []
     if (ckpt_dir / "losses.json").exists():
         rows = read_json(ckpt_dir / "losses.json")
-    bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step")
+    bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step",
+               disable=not is_main)
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -155,10 +161,12 @@ def run(root: Path) -> None:
             write_json(ckpt_dir / "losses.json", rows)
 
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(rows),
-                _sampler(root, pipe, cache, method.spec, cfg, rows), progress)
+                _sampler(root, pipe, cache, method.spec, local, rows), progress)
     bar.close()
     wall = time.perf_counter() - start
-    _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
+    if is_main:
+        _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
+    distributed.finish()
 
 
 def _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved) -> None:
