@@ -28,13 +28,13 @@ def _pair_sampler(pipe, cache: EmbeddingCache, steps: int, guidance_scale: float
     return sample
 
 
+@torch.no_grad()  # local to this stage: stages may share a process (the Prefect flow)
 def run(root: Path) -> None:
     configs = load_stage(root, "cache_teacher")
     teacher, cfg = configs["teacher"], configs["cache"]
     pipe = load_pipeline(teacher, root)
     prompts = require(root / paths.TRAIN_PROMPTS, "prepare_prompts").read_text(
         encoding="utf-8").splitlines()
-    torch.set_grad_enabled(False)
     index = write_cache(root / paths.CACHE, prompts,
                         lambda batch: encode_prompts(pipe, batch), cfg, teacher.model, log=log,
                         null=unconditional(pipe))

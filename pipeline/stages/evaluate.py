@@ -96,7 +96,7 @@ def run(root: Path) -> None:
     images = student.generate(captions, seeds, cfg.batch_size)
     latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
                               cfg.latency_repeats)
-    rows = {"student": {**score("student", images, latency), "steps": 1}, **rows}
+    rows = {"student": {**score("student", images, latency), "steps": student.spec.steps}, **rows}
     grids["student"] = images[: cfg.grid_images]
     _write(root, cfg, teacher_cfg, rows, grids, captions, ref_meta, net, scorer)
 
