@@ -192,3 +192,33 @@ def test_sdxl_conditioning_through_cache_and_method(tmp_path):
                      checkpoint_every=100), tmp_path / "ck", lambda m, s: logs.append(m),
           lambda module, s: None)
     assert "loss_dm" in logs[0] and torch.isfinite(torch.tensor(logs[0]["loss_dm"]))
+
+
+def test_instaflow_lpips_without_backbone_weights_stops_and_names_them(tmp_path, monkeypatch):
+    """Offline, LPIPS's ImageNet backbone cannot be fetched: the run stops before training and
+    says which file to supply (or how to run without LPIPS), never a silent substitute."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached weights here
+    cfg_cls, build = get_method("instaflow")
+    pipe = tiny_pipeline()
+    with pytest.raises(RuntimeError, match=r"alexnet.*hub/checkpoints.*lpips_fraction: 0"):
+        build(cfg_cls(lpips_fraction=0.5), Teacher(teacher_denoiser(pipe), lambda x: x), 10)
+
+
+@pytest.mark.parametrize("name", ["dmd2", "sid_lsg"])
+def test_v_prediction_teacher(name, tmp_path):
+    """A v-prediction teacher (SD2.1-768 style) is read through the same conversions."""
+    pipe = tiny_pipeline()
+    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config,
+                                                          prediction_type="v_prediction")
+    cache = _cache(tmp_path, pipe)
+    teacher = teacher_denoiser(pipe)
+    assert teacher.prediction_type == "v_prediction"
+    cfg_cls, build = get_method(name)
+    method = build(from_dict(cfg_cls, SETTINGS[name], name), Teacher(teacher), 2)
+    logs = []
+    train(method, PromptBatches.from_cache(cache, LATENT),
+          LoopConfig(steps=2, batch_size=2, log_every=1, sample_every=100,
+                     checkpoint_every=100), tmp_path / "ck", lambda m, s: logs.append(m),
+          lambda module, s: None)
+    assert all(torch.isfinite(torch.tensor(v)) for m in logs for k, v in m.items()
+               if k.startswith("loss"))
