@@ -79,4 +79,20 @@ def test_distill_param_change_reruns_only_downstream_stages(repo):
 def test_unknown_method_fails_with_the_valid_names(repo):
     proc = _run([str(BIN / "dvc"), "exp", "run", "-S", "distill.method=nope"], repo, check=False)
     assert proc.returncode != 0
-    assert "unknown method 'nope'; valid methods are: swiftbrush" in proc.stdout + proc.stderr
+    assert ("unknown method 'nope'; valid methods are: dmd2, instaflow, meng, sid_lsg, swiftbrush"
+            in proc.stdout + proc.stderr)
+
+
+@pytest.mark.parametrize("method", ["sid_lsg", "instaflow"])
+def test_every_method_is_one_experiment_away(repo, method):
+    """`dvc exp run -S distill.method=<m>` re-runs only the downstream stages, for a score method
+    and a pair method alike, and `dvc exp show` lists the experiments side by side."""
+    proc = _run([str(BIN / "dvc"), "exp", "run", "-S", f"distill.method={method}", "-n",
+                 f"m-{method}"], repo)
+    assert _ran_stages(proc.stdout) == {"distill", "evaluate", "register"}, proc.stdout
+    student = json.loads((repo / "models/student/student.json").read_text())
+    assert student["method"] == method
+    assert json.loads((repo / "metrics/eval.json").read_text())["student"]["fid"] > 0
+    shown = json.dumps(json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"],
+                                       repo).stdout))
+    assert f"m-{method}" in shown
