@@ -16,6 +16,13 @@ Fake-teacher loss (paper Eq. 7, ᾱ_t-weighted ε-MSE as in the code):
     L_ψ = ‖α_t (ε_ψ(x_t, t, y) − ε)‖²,  x_t from sg[x̂_0],  t ~ U{0, …, 999}
 with the whole batch switched to the empty prompt with probability 0.1 (batch-level dropout, as
 in the code). One student update, then one LoRA update, per iteration (1 : 1).
+
+Checked line by line against the authors' ``train_swiftbrush.py``: teacher and LoRA teacher are
+one network; x̂_0 at t = 999 from the scheduler's ᾱ table (the code hard-codes 0.0047 = ᾱ_999);
+t ~ U{20, …, 980} for VSD and U{0, …, 999} for the LoRA loss; the same CFG on both; nan_to_num
+on g; grad-norm clip 1.0 on each network; separate Adam optimizers, constant lr, no warm-up.
+The loop-level settings of the release (16 per device, EMA 0.9999, 3 epochs over the prompts)
+are ``distill.loop`` keys, not method keys.
 """
 
 from __future__ import annotations
