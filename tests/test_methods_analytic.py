@@ -10,12 +10,14 @@ coordinate is at most sqrt(0.3 / 4000) ≈ 0.009 and of a covariance entry at mo
 0.3 · sqrt(2 / 4000) ≈ 0.007. Short stochastic training leaves an optimisation residual of a
 few hundredths. We accept a mean error of 0.15 and a covariance error of 0.08 (max entry): a
 tenth of the class separation (|μ_c − μ̄| = 1.5 scaled by s) and a quarter of Σ's largest entry,
-yet far below where the untrained student sits (checked in each test: its samples have a
-variance of about 0.0005 and, at s = 2, means off by 1.5).
-Score-distillation methods (SwiftBrush, DMD2, SiD-LSG) are compared with the exact target; pair
-methods (InstaFlow, Meng et al.) distil the teacher's *sampler* and are compared with the
-moments of the teacher's 50-step DDIM samples they were trained on (which differ from the exact
-target by the DDIM start at pure noise), and with the exact target at twice the tolerance.
+yet far below where the untrained student sits (checked in each test: more than three
+tolerances away in mean or covariance; one-step ε students start with variances near 0.001,
+InstaFlow's start near 4, and at s = 2 the means are off by 1.5).
+Score-distillation methods (SwiftBrush, DMD2, SiD-LSG) and Meng et al. (guidance distillation
+of the teacher's score, then its own 64-step sampler halved to one step) are compared with the
+exact target. InstaFlow distils the teacher's *sampler* and is compared with the moments of the
+teacher's 50-step DDIM samples it was trained on (which differ from the exact target by the DDIM
+start at pure noise), and with the exact target at twice the tolerance.
 """
 
 from __future__ import annotations
@@ -112,10 +114,15 @@ def distil(name: str, tmp_path: Path):
     return s, method, pairs, untrained
 
 
-def assert_close_moments(x, mean, cov, mean_tol, cov_tol, what):
+def moment_errors(x, mean, cov) -> tuple[float, float]:
     m, C = moments(x)
-    assert (m - mean).abs().max() < mean_tol, f"{what}: mean {m} vs {mean}"
-    assert (C - cov).abs().max() < cov_tol, f"{what}: covariance {C} vs {cov}"
+    return float((m - mean).abs().max()), float((C - cov).abs().max())
+
+
+def assert_close_moments(x, mean, cov, mean_tol, cov_tol, what):
+    mean_err, cov_err = moment_errors(x, mean, cov)
+    assert mean_err < mean_tol, f"{what}: mean {moments(x)[0]} vs {mean}"
+    assert cov_err < cov_tol, f"{what}: covariance {moments(x)[1]} vs {cov}"
 
 
 def test_every_method_has_an_analytic_case():
@@ -141,14 +148,16 @@ def test_guided_target_is_exact():
 def test_student_matches_the_guided_target(name, tmp_path):
     s, method, pairs, untrained = distil(name, tmp_path)
     T = teacher()
-    tol = 2 if pairs is not None else 1
+    sampler_reference = name == "instaflow"
+    tol = 2 if sampler_reference else 1
     for c in range(K):
         target_mean = T.guided_mean(c, s)
         # the untrained student is far from the target, so passing below means learning
-        assert moments(untrained[c])[1].abs().max() < 0.01
+        mean_err, cov_err = moment_errors(untrained[c], target_mean, COV)
+        assert mean_err > 3 * MEAN_TOL or cov_err > 3 * COV_TOL, (name, mean_err, cov_err)
         x = student_samples(method.student(), method.spec, c)
         assert_close_moments(x, target_mean, COV, tol * MEAN_TOL, tol * COV_TOL,
                              f"{name} class {c} vs exact target")
-        if pairs is not None:
+        if sampler_reference:
             pm, pC = moments(pairs.x1[pairs.prompt == c])
             assert_close_moments(x, pm, pC, MEAN_TOL, COV_TOL, f"{name} class {c} vs pairs")
