@@ -34,7 +34,6 @@ from components.evaluation.fid import (
     reference_statistics,
 )
 from components.evaluation.grid import image_grid, save_png
-from components.evaluation.resize import Preprocess, center_crop_resize
 from components.evaluation.inception import (
     FeatureNetwork,
     InceptionWeightsMissing,
@@ -42,6 +41,7 @@ from components.evaluation.inception import (
     load_inception,
     safetensors_as_torch_stream,
 )
+from components.evaluation.resize import Preprocess, center_crop_resize
 from components.evaluation.scorer import (
     CONFIG_FILE,
     WEIGHTS_FILE,

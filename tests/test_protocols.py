@@ -410,3 +410,22 @@ def test_evaluate_stage_runs_the_coco2017_protocol(tmp_path):
     (root / "data" / "prompts" / "train.txt").write_text("a photo of thing number 2\n")
     with pytest.raises(ValueError, match="also training prompts"):
         evaluate.run(root)
+
+
+def test_coco_protocols_default_to_vit_g_14_and_say_how_to_supply_it(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    from components.config import ConfigError, from_dict
+    from components.evaluation.clip_score import ScorerWeightsMissing, load_scorer
+    from pipeline.params import EvaluateConfig
+
+    cfg = from_dict(EvaluateConfig, {"protocol": "coco2014_30k", "scorer": None}, "evaluate")
+    assert cfg.scorer_spec() == "ViT-g-14:laion2b_s12b_b42k"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
+    with pytest.raises(ScorerWeightsMissing, match="open_clip_pytorch_model.bin"):
+        load_scorer(cfg.scorer_spec())
+    with pytest.raises(ConfigError, match="no published CLIP model"):
+        from_dict(EvaluateConfig, {"protocol": "world", "scorer": None}, "evaluate")
+    with pytest.raises(ConfigError, match="valid protocols are"):
+        from_dict(EvaluateConfig, {"protocol": "coco30k"}, "evaluate")
