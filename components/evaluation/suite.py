@@ -8,13 +8,13 @@ features FID uses; they need the reference features, which the statistics file k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from components.evaluation.clip_score import Scorer, clip_score
+from components.evaluation.clip_score import Scorer, clip_similarities
 from components.evaluation.fid import feature_subset, fid_against_statistics, inception_features
 from components.evaluation.inception import FeatureNetwork
 from components.evaluation.protocols import Protocol
@@ -61,12 +61,22 @@ class Evaluator:
 
     def score(self, images: np.ndarray, captions: Sequence[str]) -> dict:
         """Metrics of uint8 images ``(N, H, W, 3)`` generated for ``captions`` (in order)."""
-        cropped = self.protocol.preprocess.crop(images)  # CLIP also sees the cropped images
+        return self.score_stream([(images, captions)])
+
+    def score_stream(self, chunks: Iterable[tuple[np.ndarray, Sequence[str]]]) -> dict:
+        """Metrics of images that arrive in chunks ``(images (n, H, W, 3), captions (n,))``; only
+        their features and CLIP similarities are kept (30K images at 512 px would be 24 GB)."""
+        features, sims = [], []
         resize_only = Preprocess(None, self.protocol.preprocess.to_299)
-        features = inception_features(cropped, self.network, self.batch_size, resize_only)
+        for images, captions in chunks:
+            cropped = self.protocol.preprocess.crop(images)  # CLIP also sees the cropped images
+            features.append(inception_features(cropped, self.network, self.batch_size,
+                                               resize_only))
+            sims.append(clip_similarities(cropped, captions, self.scorer,
+                                          self.protocol.clip_prefix, self.batch_size))
+        features = np.concatenate(features)
         row = {"fid": fid_against_statistics(self.reference.mu, self.reference.sigma, features),
-               "clip_score": clip_score(cropped, captions, self.scorer,
-                                        self.protocol.clip_prefix, self.batch_size)}
+               "clip_score": float(np.concatenate(sims).mean())}
         if self.kid or self.precision_recall:
             row.update(self.feature_metrics(features))
         return row

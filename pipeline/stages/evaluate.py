@@ -36,6 +36,7 @@ from pipeline.stages.common import entry, log, require, write_resolved
 from pipeline.stages.reference_stats import META_FILE, STATS_FILE
 
 ORDER = ("student", "teacher", "teacher_1step")
+CHUNK = 1024  # images generated and scored at a time
 
 
 def _in_root(root: Path, path: str) -> Path:
@@ -60,6 +61,16 @@ def _reference(root: Path) -> Reference:
     return Reference(stats["mu"], stats["sigma"], stats.get("features"), meta)
 
 
+def _chunks(generate, captions, seeds, kept, keep):
+    """(images, captions) chunks of ``CHUNK`` images; the first ``keep`` images (all: None) are
+    also appended to ``kept``."""
+    for start in range(0, len(captions), CHUNK):
+        images = generate(captions[start:start + CHUNK], seeds[start:start + CHUNK])
+        room = len(images) if keep is None else max(0, keep - sum(len(k) for k in kept))
+        kept.append(images[:room])
+        yield images, captions[start:start + CHUNK]
+
+
 def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> dict:
     """Results (row, grid images, latency) of the teacher at each (steps, guidance) it runs."""
     runs = {"teacher": (cfg.teacher_steps, cfg.teacher_guidance_scale), "teacher_1step": (1, 1.0)}
@@ -72,14 +83,15 @@ def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> d
         hit = cache.get(key)
         if hit is None:
             pipe = pipe or load_pipeline(teacher_cfg, root).to(cfg.device)
-            images = sample_teacher(pipe, captions, seeds, steps, scale, cfg.batch_size)
-            result = {"row": {**score(name, images), "steps": steps, "guidance_scale": scale}}
+            row, images = score(name, lambda c, s, p=pipe, k=steps, g=scale: sample_teacher(
+                p, c, s, k, g, cfg.batch_size))
+            result = {"row": {**row, "steps": steps, "guidance_scale": scale}}
             if timed:
                 result["latency"] = measure_latency(
                     lambda: sample_teacher(pipe, captions[:1], seeds[:1], steps, scale, 1),  # noqa: B023
                     cfg.latency_repeats, cfg.latency_warmup, device_sync(cfg.device))
                 result["row"]["latency_s"] = result["latency"]["median_s"]
-            hit = (result, images[: cfg.grid_images])
+            hit = (result, images)
             cache.put(key, *hit)
         else:
             log(f"evaluate: {name} from cache")
@@ -103,12 +115,16 @@ def run(root: Path) -> None:
     evaluator = Evaluator(protocol, ref, net, scorer, cfg.batch_size, cfg.kid,
                           cfg.precision_recall, cfg.seed)
 
-    def score(name, images):
-        row = evaluator.score(images, captions)
-        if protocol.name == "world":
+    def score(name, generate):
+        """Generate every image in chunks and score them; return the row and the grid images."""
+        world, kept = protocol.name == "world", []
+        keep = None if world else cfg.grid_images  # the world's 32-px images are all kept
+        row = evaluator.score_stream(_chunks(generate, captions, seeds, kept, keep))
+        images = np.concatenate(kept)
+        if world:
             row["attribute_accuracy"] = attribute_accuracy(images, list(captions))
         log(f"evaluate: {name}: FID {row['fid']:.2f}, CLIP {row['clip_score']:.4f}")
-        return row
+        return row, images[: cfg.grid_images]
 
     pipe_src = Path(resolve_model(teacher_cfg.model, root))
     settings = {"teacher": sha256_tree(pipe_src) if pipe_src.is_dir() else teacher_cfg.model,
@@ -118,11 +134,11 @@ def run(root: Path) -> None:
                 "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device}
     results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
     student = load_student(require(root / paths.STUDENT, "distill"), cfg.device)
-    images = student.generate(captions, seeds, cfg.batch_size)
+    row, grid = score("student", lambda c, s: student.generate(c, s, cfg.batch_size))
     latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
                               cfg.latency_repeats, cfg.latency_warmup, device_sync(cfg.device))
-    row = {**score("student", images), "latency_s": latency["median_s"], "steps": 1}
-    results["student"] = ({"row": row, "latency": latency}, images[: cfg.grid_images])
+    row = {**row, "latency_s": latency["median_s"], "steps": 1}
+    results["student"] = ({"row": row, "latency": latency}, grid)
     _write(root, cfg, teacher_cfg, results, _cards(cfg, protocol, results, captions, ref, net,
                                                    scorer))
 
