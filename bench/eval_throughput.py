@@ -8,7 +8,8 @@ machine, library versions and settings. Rows:
 
 - generation: the teacher at ``--teacher-steps`` with CFG and a one-step student (the teacher's
   UNet at t = 999: the cost of a one-step student), per image, batched. ``--teacher`` is a
-  diffusers folder (default: the miniature world's ``models/teacher``) or ``sd15-random``: the
+  diffusers folder (default: the miniature world's ``models/teacher``), ``world-random`` (the
+  world teacher's architecture from ``params.yaml``, random weights) or ``sd15-random``: the
   Stable Diffusion 1.5 architecture with random weights built in code (same compute as the real
   model, nothing downloaded).
 - Inception: pool3 features under the world protocol (32 px, torch-fidelity resize) and the COCO
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -86,12 +88,42 @@ def sd15_random(device: str, dtype: torch.dtype):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=build_tokenizer(),
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    return pipe.to(device, dtype)
+    return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+
+
+def world_random(device: str):
+    """The miniature world's teacher architecture from ``params.yaml`` with random weights."""
+    import tempfile
+
+    from diffusers import DiffusionPipeline
+
+    from components.world.models import (
+        build_text_encoder,
+        build_unet,
+        build_vae,
+        save_pipeline,
+    )
+    from components.world.tokenizer import build_tokenizer
+    from pipeline.params import load_all
+
+    world = load_all(ROOT)["world"]
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    latent = world.data.image_size // 2 ** (len(world.vae.channels) - 1)
+    with tempfile.TemporaryDirectory() as folder:
+        save_pipeline(folder, build_vae(world.vae, world.data.image_size),
+                      build_text_encoder(world.text, len(tokenizer)), tokenizer,
+                      build_unet(world.unet, latent, world.vae.latent_channels, world.text.hidden))
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
 
 
 def load_teacher(spec: str, device: str):
     if spec == "sd15-random":
         return sd15_random(device, torch.float32)
+    if spec == "world-random":
+        return world_random(device)
     from components.teacher import TeacherConfig, load_pipeline
 
     return load_pipeline(TeacherConfig(spec), ROOT).to(device)
@@ -182,7 +214,7 @@ def main() -> None:
     parser.add_argument("--n-clip", type=int, default=4, help="images for the CLIP row")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--teacher", default="models/teacher",
-                        help="a diffusers folder, or sd15-random")
+                        help="a diffusers folder, world-random or sd15-random")
     parser.add_argument("--teacher-steps", type=int, default=25)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--clip", default="ViT-g-14",
@@ -204,7 +236,9 @@ def main() -> None:
     print(table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"machine": machine(args.device), "settings": vars(args) | {"out": str(args.out)},
+        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        doc = {"machine": machine(args.device), "load_average_1_5_15_min_at_end": load,
+               "settings": vars(args) | {"out": str(args.out)},
                "versions": library_versions(), "rows": rows}
         args.out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
