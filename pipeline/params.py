@@ -14,6 +14,7 @@ import yaml
 
 from components.config import ConfigError, from_dict
 from components.embed_cache import CacheConfig
+from components.evaluation.protocols import get_protocol
 from components.methods import get_method, method_names
 from components.prompts import PromptsConfig
 from components.teacher import TeacherConfig
@@ -56,40 +57,72 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """``params.yaml: reference``: the FID reference image set and the feature network."""
+    """``params.yaml: reference``: the FID reference image set, its protocol's preprocessing and
+    the feature network. ``keep_features``: how many reference features (a seeded subset) the
+    stage output keeps for KID and precision/recall (0: none)."""
 
     images: str = "data/world/reference/images"
+    protocol: str = "world"
     feature_weights: str = "fid-helper"
     batch_size: int = 64
-    center_crop_size: int | None = None
+    keep_features: int = 10000
 
     def validate(self) -> None:
         if self.feature_weights not in ("fid-helper", "torch-fidelity"):
             raise ValueError(f"feature_weights {self.feature_weights!r} is not one of "
                              "'fid-helper' (offline file), 'torch-fidelity' (its own download)")
+        get_protocol(self.protocol)
+        if self.keep_features < 0:
+            raise ValueError("keep_features must be >= 0")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """``params.yaml: evaluate``: the evaluation protocol, for the student and the teacher."""
+    """``params.yaml: evaluate``: the evaluation protocol, for the student and the teacher.
+
+    ``captions``: the protocol's caption file (the world: ``prepare_prompts``' eval.json; COCO:
+    the GigaGAN caption list or ``captions_val2017.json``). ``num_images``: null for the whole
+    protocol; fewer makes a proxy that the eval card marks incomplete. ``scorer``: null for the
+    protocol's CLIP model, else a local open_clip folder or ``"<model>:<tag or checkpoint>"``.
+    ``curve_guidance_scales``: the teacher's FID-CLIP curve (empty: no curve).
+    """
 
     protocol: str = "world"
-    num_images: int = 500
+    captions: str = "data/prompts/eval.json"
+    num_images: int | None = None
     seed: int = 0
     teacher_steps: int = 25
     teacher_guidance_scale: float = 3.0
-    scorer: str = "models/scorer"
-    clip_prefix: str = ""
+    curve_guidance_scales: tuple[float, ...] = ()
+    scorer: str | None = "models/scorer"
     batch_size: int = 32
     grid_images: int = 16
     latency_repeats: int = 5
+    latency_warmup: int = 2
+    kid: bool = True
+    precision_recall: bool = True
     device: str = "cpu"
 
     def validate(self) -> None:
-        if self.num_images < 2:
+        protocol = get_protocol(self.protocol)
+        if self.num_images is not None and self.num_images < 2:
             raise ValueError("num_images must be at least 2 (FID needs a covariance)")
+        if protocol.size and self.num_images and self.num_images > protocol.size:
+            raise ValueError(f"num_images {self.num_images} exceeds protocol {self.protocol}'s "
+                             f"{protocol.size} images")
         if self.teacher_steps < 1:
             raise ValueError("teacher_steps must be at least 1")
+        if any(s < 0 for s in self.curve_guidance_scales):
+            raise ValueError("curve_guidance_scales must be >= 0 (diffusers' s; 1 = no guidance)")
+        if self.scorer is None and protocol.clip_model is None:
+            raise ValueError(f"protocol {self.protocol!r} has no published CLIP model; set "
+                             "`evaluate.scorer` (the world's: models/scorer)")
+        if self.latency_repeats < 1 or self.latency_warmup < 0:
+            raise ValueError("latency_repeats must be >= 1 and latency_warmup >= 0")
+
+    def scorer_spec(self) -> str:
+        """The CLIP scorer to load: the configured one, else the protocol's published model."""
+        return self.scorer or get_protocol(self.protocol).clip_model
 
 
 # Section name -> config class. Stages that own further sections add them in ``SECTIONS``.

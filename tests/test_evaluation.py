@@ -24,13 +24,13 @@ from components.evaluation.clip_score import (
     load_scorer,
 )
 from components.evaluation.fid import (
-    center_crop_resize,
     feature_statistics,
     fid_against_statistics,
     fid_from_features,
     frechet_distance,
     inception_features,
     kid_from_features,
+    load_statistics,
     reference_statistics,
 )
 from components.evaluation.grid import image_grid, save_png
@@ -41,6 +41,7 @@ from components.evaluation.inception import (
     load_inception,
     safetensors_as_torch_stream,
 )
+from components.evaluation.resize import Preprocess, center_crop_resize
 from components.evaluation.scorer import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -235,6 +236,8 @@ def test_reference_statistics_cached_by_content(tmp_path):
     mu, sigma, meta = reference_statistics(images, tmp_path, net, batch_size=4)
     assert net.extractor.calls == 3
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
+    stored = load_statistics(next(tmp_path.glob("*.safetensors")))
+    assert stored["features"].shape == (10, 48) and stored["features"].dtype == np.float32
     mu2, sigma2, meta2 = reference_statistics(images.copy(), tmp_path, net)
     assert net.extractor.calls == 3  # served from the cache
     np.testing.assert_array_equal(mu, mu2)
@@ -264,10 +267,11 @@ def test_mixed_sizes_need_center_crop(tmp_path):
     folder.mkdir()
     Image.new("RGB", (40, 30), (255, 0, 0)).save(folder / "a.png")
     Image.new("RGB", (30, 50), (0, 0, 255)).save(folder / "b.png")
-    with pytest.raises(ValueError, match="center_crop_size"):
+    with pytest.raises(ValueError, match="use a protocol that crops"):
         reference_statistics(folder, tmp_path / "c", fake_network())
-    _, _, meta = reference_statistics(folder, tmp_path / "c", fake_network(), center_crop_size=16)
-    assert meta["center_crop_size"] == 16
+    _, _, meta = reference_statistics(folder, tmp_path / "c", fake_network(),
+                                      preprocess=Preprocess(16, "tf-bilinear"))
+    assert meta["preprocess"] == {"crop_size": 16, "to_299": "tf-bilinear"}
     cropped = center_crop_resize(Image.new("RGB", (40, 30)), 16)
     assert cropped.size == (16, 16)
 

@@ -1,8 +1,10 @@
 """Fréchet Inception Distance (Heusel et al. 2017, arXiv 1706.08500v6, eq. 6) and cached statistics.
 
-Features come from torch-fidelity's Inception extractor (``components.evaluation.inception``), fed
-uint8 images; the resize to 299 is torch-fidelity's own TF1-compatible bilinear one, so numbers
-here match ``torch_fidelity.calculate_metrics(fid=True)`` on the same images.
+Features come from torch-fidelity's Inception extractor (``components.evaluation.inception``).
+How images reach it is the protocol's ``Preprocess`` (``components.evaluation.resize``): for the
+miniature world, uint8 images through torch-fidelity's own TF1-compatible bilinear resize (numbers
+match ``torch_fidelity.calculate_metrics(fid=True)`` on the same images); for the COCO protocols,
+centre crop + LANCZOS 256 and clean-fid's ``clean`` resize to 299.
 """
 
 from __future__ import annotations
@@ -16,18 +18,31 @@ import numpy as np
 import torch
 from PIL import Image
 
-from components.evaluation.inception import FeatureNetwork
+from components.evaluation.inception import FeatureNetwork, pool3_of_resized
+from components.evaluation.resize import (
+    Preprocess,
+    center_crop_resize,
+    check_images,
+    clean_resize_batch,
+    parallel_map,
+)
 from components.io import atomic_write_bytes, read_json, sha256_file, write_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-RESIZE = "torch-fidelity interpolate_bilinear_2d_like_tensorflow1x to 299x299"
-STATS_FORMAT = 1
+STATS_FORMAT = 2
+WORLD_PREPROCESS = Preprocess()
 
 
 def inception_features(images: np.ndarray, extractor: FeatureNetwork | torch.nn.Module,
-                       batch_size: int = 32) -> np.ndarray:
-    """Pool3 features of uint8 images ``(N, H, W, 3)`` -> float64 ``(N, 2048)``."""
-    return _features_of_batches(_array_batches(images, batch_size), extractor)
+                       batch_size: int = 32,
+                       preprocess: Preprocess = WORLD_PREPROCESS) -> np.ndarray:
+    """Pool3 features of uint8 images ``(N, H, W, 3)`` -> float64 ``(N, 2048)``.
+
+    ``preprocess`` crops (if the protocol says so) and brings the images to 299x299; PIL work
+    runs on a thread pool (PIL releases the GIL while resizing).
+    """
+    batches = (preprocess.crop(b) for b in _array_batches(images, batch_size))
+    return _features_of_batches(batches, extractor, preprocess)
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,35 +124,52 @@ def kid_from_features(features_a: np.ndarray, features_b: np.ndarray, subsets: i
 
 def reference_statistics(images_or_folder: np.ndarray | str | Path, cache_dir: str | Path,
                          extractor: FeatureNetwork, batch_size: int = 32,
-                         center_crop_size: int | None = None
+                         preprocess: Preprocess = WORLD_PREPROCESS
                          ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Inception mean/covariance of a reference image set, cached under its content hash.
 
     ``images_or_folder``: uint8 ``(N, H, W, 3)`` or a folder of PNG/JPEG files (read in sorted
-    order, RGB). ``center_crop_size``: crop each image to its short side and LANCZOS-resize it to
-    this size first (the GigaGAN/clean-fid COCO protocol uses 256); needed when sizes differ.
-    The cache key covers the images, the feature network's weights and the preprocessing; the
-    files are ``<key>.safetensors`` (mu, sigma float64) and ``<key>.json`` (meta), both atomic.
+    order, RGB). ``preprocess``: the protocol's crop and resize (a crop is needed when sizes
+    differ). The cache key covers the images, the feature network's weights and the
+    preprocessing; the files are ``<key>.safetensors`` (mu, sigma float64; every image's
+    features float32, for KID and precision/recall) and ``<key>.json`` (meta), both atomic.
     """
-    from safetensors.numpy import load_file, save
+    from safetensors.numpy import save
 
     images_hash, n_images = _content_hash(images_or_folder)
-    protocol = {"resize": RESIZE, "center_crop_size": center_crop_size, "format": STATS_FORMAT}
+    protocol = {"preprocess": {"crop_size": preprocess.crop_size, "to_299": preprocess.to_299},
+                "resize": preprocess.describe(), "format": STATS_FORMAT}
     key_source = {"images_sha256": images_hash, "network": extractor.weights_sha256, **protocol}
     key = hashlib.sha256(json.dumps(key_source, sort_keys=True).encode()).hexdigest()[:20]
     cache_dir = Path(cache_dir)
     stats_path, meta_path = cache_dir / f"{key}.safetensors", cache_dir / f"{key}.json"
     if stats_path.is_file() and meta_path.is_file():
-        stats = load_file(str(stats_path))
+        stats = load_statistics(stats_path)
         return stats["mu"], stats["sigma"], read_json(meta_path)
     features = _features_of_batches(
-        _image_batches(images_or_folder, batch_size, center_crop_size), extractor)
+        _image_batches(images_or_folder, batch_size, preprocess), extractor, preprocess)
     mu, sigma = feature_statistics(features)
     meta = {"key": key, "n_images": n_images, **key_source, "feature_network": extractor.describe(),
             "source": _describe_source(images_or_folder)}
-    atomic_write_bytes(stats_path, save({"mu": mu, "sigma": sigma}))
+    atomic_write_bytes(stats_path, save({"mu": mu, "sigma": sigma,
+                                         "features": features.astype(np.float32)}))
     write_json(meta_path, meta)  # written last: its presence marks a complete entry
     return mu, sigma, meta
+
+
+def load_statistics(path: str | Path) -> dict[str, np.ndarray]:
+    """``mu`` (D,), ``sigma`` (D, D) and, when stored, ``features`` (N, D) of a statistics file."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def feature_subset(features: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """At most ``n`` rows of ``features``, chosen with ``seed`` and kept in their original order."""
+    if n >= len(features):
+        return features
+    rows = np.sort(np.random.default_rng(seed).choice(len(features), n, replace=False))
+    return features[rows]
 
 
 def folder_images(folder: str | Path) -> list[Path]:
@@ -151,58 +183,54 @@ def folder_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """Crop to the centred short-side square, then LANCZOS-resize to ``size`` x ``size``."""
-    w, h = image.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return image.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
-
-
-def _features_of_batches(batches: Iterator[np.ndarray],
-                         extractor: FeatureNetwork | torch.nn.Module) -> np.ndarray:
+def _features_of_batches(batches: Iterator[np.ndarray], extractor: FeatureNetwork | torch.nn.Module,
+                         preprocess: Preprocess = WORLD_PREPROCESS) -> np.ndarray:
+    """Features of already-cropped uint8 batches, resized to 299 as ``preprocess`` says."""
     module = extractor.extractor if isinstance(extractor, FeatureNetwork) else extractor
     device = next(module.parameters()).device
     out = []
     with torch.no_grad():
         for batch in batches:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
-            out.append(module(x)[0].cpu().numpy().astype(np.float64))
+            if preprocess.to_299 == "clean":
+                x = torch.from_numpy(clean_resize_batch(batch))
+                features = pool3_of_resized(module, x.permute(0, 3, 1, 2).to(device))
+            else:
+                x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+                features = module(x.to(device))[0]
+            out.append(features.cpu().numpy().astype(np.float64))
     if not out:
         raise ValueError("no images given")
     return np.concatenate(out)
 
 
 def _array_batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    images = check_images(images)
     for start in range(0, len(images), batch_size):
         yield images[start:start + batch_size]
 
 
 def _image_batches(source: np.ndarray | str | Path, batch_size: int,
-                   size: int | None) -> Iterator[np.ndarray]:
+                   preprocess: Preprocess) -> Iterator[np.ndarray]:
     if not isinstance(source, (str, Path)):
-        if size is not None:
-            source = np.stack([np.asarray(center_crop_resize(Image.fromarray(im), size))
-                               for im in np.asarray(source)])
-        yield from _array_batches(source, batch_size)
+        for batch in _array_batches(source, batch_size):
+            yield preprocess.crop(batch)
         return
     paths = folder_images(source)
     for start in range(0, len(paths), batch_size):
-        yield _read_images(paths[start:start + batch_size], size)
+        yield _read_images(paths[start:start + batch_size], preprocess.crop_size)
 
 
 def _read_images(paths: Sequence[Path], size: int | None) -> np.ndarray:
-    images = []
-    for path in paths:
+    def read(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            images.append(np.asarray(center_crop_resize(im, size) if size else im))
+            return np.asarray(center_crop_resize(im, size) if size else im)
+
+    images = parallel_map(read, paths)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"images of different sizes {sorted(shapes)[:3]}; pass center_crop_size")
+        raise ValueError(f"images of different sizes {sorted(shapes)[:3]}; use a protocol "
+                         "that crops (reference.protocol: coco2014_30k or coco2017_5k)")
     return np.stack(images)
 
 

@@ -9,6 +9,8 @@ Two sources of the same network:
 
 Either way the module that runs is torch-fidelity's extractor (its TF-compatible bilinear resize to
 299 and its ``(x - 128) / 128`` scaling), so FID here equals ``torch_fidelity.calculate_metrics``.
+``pool3_of_resized`` runs the same modules on images already resized to 299 (clean-fid's float
+``clean`` resize), skipping only the extractor's own resize.
 """
 
 from __future__ import annotations
@@ -99,6 +101,15 @@ _MIXED = {
 }
 
 
+# torch-fidelity's FeatureExtractorInceptionV3 modules from the first conv to pool3, in order.
+POOL3_PATH = (
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3", "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b",
+    "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool",
+)
+INPUT_SIZE = 299
+
+
 class InceptionWeightsMissing(FileNotFoundError):
     """The FID Inception weights cannot be found or fetched; the message says how to supply them."""
 
@@ -121,6 +132,22 @@ class FeatureNetwork:
             "weights_sha256": self.weights_sha256,
             "weights_file": Path(self.weights_path).name,
         }
+
+
+def pool3_of_resized(extractor: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pool3 features of images already at 299x299: float ``(N, 3, 299, 299)`` in [0, 255] ->
+    float32 ``(N, 2048)``.
+
+    The same modules and ``(x - 128) / 128`` scaling as torch-fidelity's ``forward``, which
+    itself only takes uint8 and always applies its TF1 bilinear resize first.
+    """
+    if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
+        raise ValueError(f"expected (N, 3, 299, 299) images, got {tuple(x.shape)}")
+    dtype = getattr(extractor, "feature_extractor_internal_dtype", torch.float32)
+    x = (x.to(dtype) - 128) / 128
+    for name in POOL3_PATH:
+        x = getattr(extractor, name)(x)
+    return torch.flatten(x, 1).to(torch.float32)
 
 
 def conv_name_map() -> dict[str, str]:

@@ -28,6 +28,35 @@ def fid_bars(values: dict[str, float], path: str | Path, title: str = "FID (lowe
     atomic_write_bytes(path, buf.getvalue())
 
 
+def fid_clip_curve(points: list[dict], path: str | Path, marks: dict[str, dict] | None = None,
+                   title: str = "FID-CLIP over guidance scale"):
+    """FID (x) against CLIP score (y), one point per guidance scale, joined in scale order;
+    ``marks`` adds labelled single points (e.g. the student). Written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    points = sorted(points, key=lambda p: p["guidance_scale"])
+    ax.plot([p["fid"] for p in points], [p["clip_score"] for p in points], "o-", color="#3b7dd8",
+            label="teacher")
+    for p in points:
+        ax.annotate(f"s={p['guidance_scale']:g}", (p["fid"], p["clip_score"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    for name, m in (marks or {}).items():
+        ax.plot([m["fid"]], [m["clip_score"]], "s", label=name)
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_ylabel("CLIP score (higher is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def metric_curves(curves: dict[str, tuple[list[float], list[float]]], path: str | Path,
                   ylabel: str, title: str) -> None:
     """One line per name, ``curves[name] = (steps, values)``, written as PNG."""

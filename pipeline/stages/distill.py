@@ -25,6 +25,7 @@ from components.embed_cache import CacheError, EmbeddingCache
 from components.evaluation.fid import fid_against_statistics, inception_features
 from components.evaluation.grid import image_grid, save_png
 from components.evaluation.inception import load_inception
+from components.evaluation.resize import Preprocess
 from components.generation import (
     decode_latents,
     generate_latents,
@@ -63,8 +64,9 @@ def _proxy_fid(root: Path, cfg):
     ref = load_file(str(root / paths.REFSTATS / "stats.safetensors"))
     net = load_inception(root / paths.TOOL_CACHE / "inception",
                          meta["feature_network"]["source"], cfg.device)
+    prep = Preprocess(**meta["preprocess"])  # the reference set's own preprocessing
     return lambda images: fid_against_statistics(ref["mu"], ref["sigma"],
-                                                 inception_features(images, net, 64))
+                                                 inception_features(images, net, 64, prep))
 
 
 def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, rows: list[dict]):

@@ -1,130 +1,185 @@
-"""Stage evaluate: the student at 1 step, the teacher at N steps with CFG, and the untrained
-student (the teacher's own one-step prediction), all under one protocol: one image per
-evaluation caption seeded with ``seed + i``, FID against the cached reference statistics, CLIP
-score, attribute accuracy on the miniature world, latency at batch 1, a grid and an eval card.
+"""Stage evaluate: the student at 1 step, the teacher at N steps with CFG (and over a list of
+guidance scales: its FID-CLIP curve), and the untrained student (the teacher's own one-step
+prediction), all under one protocol (``components.evaluation.protocols``): one image per caption
+seeded with ``seed + i``, FID (KID, precision/recall) against the cached reference statistics,
+CLIP score, attribute accuracy on the miniature world, latency at batch 1, a grid, eval cards.
 
-The teacher's two rows do not depend on the student: they are cached under a key of everything
-they depend on (``.cache/eval``), so re-running evaluation after a new distillation costs only
-the student's row.
+Teacher results do not depend on the student: each is cached under a key of everything it
+depends on (``.cache/eval``), so re-running evaluation after a new distillation costs only the
+student's row.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from components.evaluation.card import caption_list_hash, eval_card
-from components.evaluation.clip_score import clip_score, load_scorer
-from components.evaluation.fid import fid_against_statistics, inception_features
+from components.evaluation.card import caption_list_hash, curve_points, result_cards
+from components.evaluation.clip_score import load_scorer
 from components.evaluation.grid import image_grid, save_png
 from components.evaluation.inception import load_inception
-from components.evaluation.latency import measure_latency
-from components.evaluation.plots import fid_bars
+from components.evaluation.latency import device_sync, measure_latency
+from components.evaluation.plots import fid_bars, fid_clip_curve
+from components.evaluation.protocols import captions_in_training, get_protocol, read_captions
+from components.evaluation.run_cache import RunCache
+from components.evaluation.suite import Evaluator, Reference
 from components.generation import load_student, sample_teacher
-from components.io import atomic_dir, read_json, sha256_bytes, sha256_tree, write_json
-from components.teacher import load_pipeline
+from components.io import atomic_dir, read_json, sha256_tree, write_json
+from components.prompts import read_text_prompts
+from components.teacher import load_pipeline, resolve_model
 from components.world.render import attribute_accuracy
 from pipeline import paths
 from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, require, write_resolved
 from pipeline.stages.reference_stats import META_FILE, STATS_FILE
 
-
-def _score(name, images, captions, ref, net, scorer, cfg, latency) -> dict:
-    """FID, CLIP score (and attribute accuracy on the world) of one model's images."""
-    features = inception_features(images, net, cfg.batch_size)
-    row = {"fid": fid_against_statistics(ref["mu"], ref["sigma"], features),
-           "clip_score": clip_score(images, captions, scorer, cfg.clip_prefix, cfg.batch_size),
-           "latency_s": latency["median_s"]}
-    if cfg.protocol == "world":
-        row["attribute_accuracy"] = attribute_accuracy(images, list(captions))
-    log(f"evaluate: {name}: FID {row['fid']:.2f}, CLIP {row['clip_score']:.4f}, "
-        f"latency {row['latency_s'] * 1000:.1f} ms")
-    return row
+ORDER = ("student", "teacher", "teacher_1step")
+CHUNK = 1024  # images generated and scored at a time
 
 
-def _teacher_rows(root, teacher_cfg, cfg, captions, seeds, ref_meta, score) -> tuple[dict, dict]:
-    """Rows (and grid images) of the teacher and the untrained student, cached by key."""
-    pipe = load_pipeline(teacher_cfg, root).to(cfg.device)
-    src = Path(pipe.name_or_path)
-    key_src = {"teacher": sha256_tree(src) if src.is_dir() else teacher_cfg.model,
-               "captions": sha256_bytes("\n".join(captions).encode()), "seeds": seeds[0],
-               "n": len(seeds), "cfg": {k: getattr(cfg, k) for k in (
-                   "protocol", "teacher_steps", "teacher_guidance_scale", "scorer",
-                   "clip_prefix", "grid_images", "latency_repeats")}, "ref": ref_meta["key"]}
-    key = sha256_bytes(json.dumps(key_src, sort_keys=True).encode())[:20]
-    cache = root / paths.TOOL_CACHE / "eval"
-    if (cache / f"{key}.json").exists():
-        log("evaluate: teacher rows from cache")
-        return read_json(cache / f"{key}.json"), load_file(str(cache / f"{key}.safetensors"))
+def _in_root(root: Path, path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else root / path
+
+
+def _captions(root: Path, cfg, protocol) -> list[str]:
+    captions = read_captions(_in_root(root, cfg.captions), protocol.caption_format)
+    captions = captions[: cfg.num_images]
+    train = read_text_prompts(require(root / paths.TRAIN_PROMPTS, "prepare_prompts"))
+    leaked = captions_in_training(captions, train)
+    if leaked:
+        raise ValueError(f"{len(leaked)} evaluation captions are also training prompts (e.g. "
+                         f"{leaked[0]!r}); set `prompts.eval_source` to {cfg.captions} so "
+                         "prepare_prompts removes them, and re-run `dvc repro`")
+    return captions
+
+
+def _reference(root: Path) -> Reference:
+    meta = read_json(require(root / paths.REFSTATS / META_FILE, "reference_stats"))
+    stats = load_file(str(root / paths.REFSTATS / STATS_FILE))
+    return Reference(stats["mu"], stats["sigma"], stats.get("features"), meta)
+
+
+def _chunks(generate, captions, seeds, kept, keep):
+    """(images, captions) chunks of ``CHUNK`` images; the first ``keep`` images (all: None) are
+    also appended to ``kept``."""
+    for start in range(0, len(captions), CHUNK):
+        images = generate(captions[start:start + CHUNK], seeds[start:start + CHUNK])
+        room = len(images) if keep is None else max(0, keep - sum(len(k) for k in kept))
+        kept.append(images[:room])
+        yield images, captions[start:start + CHUNK]
+
+
+def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> dict:
+    """Results (row, grid images, latency) of the teacher at each (steps, guidance) it runs."""
     runs = {"teacher": (cfg.teacher_steps, cfg.teacher_guidance_scale), "teacher_1step": (1, 1.0)}
-    rows, grids = {}, {}
+    runs.update({f"curve_s{s:g}": (cfg.teacher_steps, s) for s in cfg.curve_guidance_scales
+                 if s != cfg.teacher_guidance_scale})
+    cache, pipe, out = RunCache(root / paths.TOOL_CACHE / "eval"), None, {}
     for name, (steps, scale) in runs.items():
-        images = sample_teacher(pipe, captions, seeds, steps, scale, cfg.batch_size)
-        one = functools.partial(sample_teacher, pipe, captions[:1], seeds[:1], steps, scale, 1)
-        latency = measure_latency(one, cfg.latency_repeats)
-        rows[name] = {**score(name, images, latency), "steps": steps, "guidance_scale": scale}
-        grids[name] = np.ascontiguousarray(images[: cfg.grid_images])
-    cache.mkdir(parents=True, exist_ok=True)
-    save_file(grids, str(cache / f"{key}.safetensors"))
-    write_json(cache / f"{key}.json", rows)
-    return rows, grids
+        timed = not name.startswith("curve")
+        key = {**settings, "steps": steps, "guidance_scale": scale, "timed": timed}
+        hit = cache.get(key)
+        if hit is None:
+            pipe = pipe or load_pipeline(teacher_cfg, root).to(cfg.device)
+            row, images = score(name, lambda c, s, p=pipe, k=steps, g=scale: sample_teacher(
+                p, c, s, k, g, cfg.batch_size))
+            result = {"row": {**row, "steps": steps, "guidance_scale": scale}}
+            if timed:
+                result["latency"] = measure_latency(
+                    lambda: sample_teacher(pipe, captions[:1], seeds[:1], steps, scale, 1),  # noqa: B023
+                    cfg.latency_repeats, cfg.latency_warmup, device_sync(cfg.device))
+                result["row"]["latency_s"] = result["latency"]["median_s"]
+            hit = (result, images)
+            cache.put(key, *hit)
+        else:
+            log(f"evaluate: {name} from cache")
+        out[name] = hit
+    return out
 
 
 def run(root: Path) -> None:
     configs = load_stage(root, "evaluate")
     teacher_cfg, cfg = configs["teacher"], configs["evaluate"]
-    rows_in = read_json(require(root / paths.EVAL_CAPTIONS, "prepare_prompts"))[: cfg.num_images]
-    captions = [r["caption"] for r in rows_in]
+    protocol = get_protocol(cfg.protocol)
+    captions = _captions(root, cfg, protocol)
     seeds = [cfg.seed + i for i in range(len(captions))]
-    ref_meta = read_json(require(root / paths.REFSTATS / META_FILE, "reference_stats"))
-    ref = load_file(str(root / paths.REFSTATS / STATS_FILE))
+    ref = _reference(root)
+    ref.check_preprocess(protocol)
     net = load_inception(root / paths.TOOL_CACHE / "inception",
-                         ref_meta["feature_network"]["source"], cfg.device)
-    scorer = load_scorer(str(root / cfg.scorer) if (root / cfg.scorer).exists() else cfg.scorer,
+                         ref.meta["feature_network"]["source"], cfg.device)
+    spec = cfg.scorer_spec()
+    scorer = load_scorer(str(_in_root(root, spec)) if _in_root(root, spec).exists() else spec,
                          cfg.device)
+    evaluator = Evaluator(protocol, ref, net, scorer, cfg.batch_size, cfg.kid,
+                          cfg.precision_recall, cfg.seed)
 
-    def score(name, images, latency):
-        return _score(name, images, captions, ref, net, scorer, cfg, latency)
+    def score(name, generate):
+        """Generate every image in chunks and score them; return the row and the grid images."""
+        world, kept = protocol.name == "world", []
+        keep = None if world else cfg.grid_images  # the world's 32-px images are all kept
+        row = evaluator.score_stream(_chunks(generate, captions, seeds, kept, keep))
+        images = np.concatenate(kept)
+        if world:
+            row["attribute_accuracy"] = attribute_accuracy(images, list(captions))
+        log(f"evaluate: {name}: FID {row['fid']:.2f}, CLIP {row['clip_score']:.4f}")
+        return row, images[: cfg.grid_images]
 
-    rows, grids = _teacher_rows(root, teacher_cfg, cfg, captions, seeds, ref_meta, score)
+    pipe_src = Path(resolve_model(teacher_cfg.model, root))
+    settings = {"teacher": sha256_tree(pipe_src) if pipe_src.is_dir() else teacher_cfg.model,
+                "captions": caption_list_hash(captions), "seed": cfg.seed, "protocol": cfg.protocol,
+                "scorer": scorer.weights, "ref": ref.meta["key"], "kid": cfg.kid,
+                "precision_recall": cfg.precision_recall, "grid_images": cfg.grid_images,
+                "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device}
+    results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
     student = load_student(require(root / paths.STUDENT, "distill"), cfg.device)
-    images = student.generate(captions, seeds, cfg.batch_size)
+    row, grid = score("student", lambda c, s: student.generate(c, s, cfg.batch_size))
     latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
-                              cfg.latency_repeats)
-    rows = {"student": {**score("student", images, latency), "steps": student.spec.steps}, **rows}
-    grids["student"] = images[: cfg.grid_images]
-    _write(root, cfg, teacher_cfg, rows, grids, captions, ref_meta, net, scorer)
+                              cfg.latency_repeats, cfg.latency_warmup, device_sync(cfg.device))
+    row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
+    results["student"] = ({"row": row, "latency": latency}, grid)
+    _write(root, cfg, teacher_cfg, results, _cards(cfg, protocol, results, captions, ref, net,
+                                                   scorer))
 
 
-def _cards(cfg, rows, captions, ref_meta, net, scorer) -> dict:
-    """One eval card per row: the settings that make its numbers comparable, or not."""
-    guidance = {"student": None, "teacher": cfg.teacher_guidance_scale, "teacher_1step": None}
-    return {name: eval_card(
-        protocol=cfg.protocol, caption_list_sha256=caption_list_hash(captions),
-        n_images=len(captions), reference_sha256=ref_meta["images_sha256"],
-        reference_stats_key=ref_meta["key"], resize=ref_meta["resize"],
-        feature_network=net.name, feature_weights_sha256=net.weights_sha256,
-        clip_model=cfg.scorer, clip_weights=scorer.weights, clip_prefix=cfg.clip_prefix,
-        base_seed=cfg.seed, precision="fp32", guidance_scale=guidance[name],
-        steps=rows[name]["steps"], device=cfg.device) for name in rows}
+def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
+    common = {
+        "protocol": protocol.name, "caption_list_sha256": caption_list_hash(captions),
+        "caption_file": Path(cfg.captions).name, "n_images": len(captions),
+        "protocol_size": protocol.size, "complete": protocol.size in (None, len(captions)),
+        "reference_sha256": ref.meta["images_sha256"], "reference_stats_key": ref.meta["key"],
+        "n_reference": ref.meta["n_images"], "resize": ref.meta["resize"],
+        "feature_network": net.name, "feature_weights_sha256": net.weights_sha256,
+        "clip_model": cfg.scorer_spec(), "clip_weights": scorer.weights,
+        "clip_prefix": protocol.clip_prefix, "base_seed": cfg.seed, "precision": "fp32",
+        "device": cfg.device}
+    return result_cards(common, {name: result for name, (result, _) in results.items()})
 
 
-def _write(root, cfg, teacher_cfg, rows, grids, captions, ref_meta, net, scorer) -> None:
-    order = ["student", "teacher", "teacher_1step"]
-    cards = _cards(cfg, rows, captions, ref_meta, net, scorer)
+def _write(root, cfg, teacher_cfg, results, cards) -> None:
+    rows = {name: results[name][0]["row"] for name in ORDER}
+    curve = curve_points([r["row"] for r, _ in results.values()], cfg.curve_guidance_scales)
+    grids = np.concatenate([results[name][1] for name in ORDER])
+    speedup = rows["teacher"]["latency_s"] / rows["student"]["latency_s"]
+    latency = {"teacher_steps": cfg.teacher_steps, "teacher_ms": rows["teacher"]["latency_s"] * 1e3,
+               "student_ms": rows["student"]["latency_s"] * 1e3, "speedup": speedup}
     with atomic_dir(root / paths.EVAL_OUT) as out:
-        grid = np.concatenate([grids[name] for name in order])
-        save_png(image_grid(grid, cols=len(grids["student"]), upscale=3), out / "grid.png")
-        fid_bars({k: rows[k]["fid"] for k in order}, out / "fid_bars.png")
-        write_json(out / "eval_card.json", {name: {"card": cards[name], "metrics": rows[name]}
-                                            for name in order})
+        upscale = max(1, 96 // grids.shape[1])
+        save_png(image_grid(grids, cols=len(results["student"][1]), upscale=upscale),
+                 out / "grid.png")
+        fid_bars({k: rows[k]["fid"] for k in ORDER}, out / "fid_bars.png")
+        if curve:
+            fid_clip_curve(curve, out / "fid_clip_curve.png", {"student": rows["student"]})
+        doc = {name: {"card": cards[name], "metrics": rows[name]} for name in ORDER}
+        doc["teacher_curve"] = {"card": {**cards["teacher"], "guidance_scale": None},
+                                "points": curve}
+        doc["latency"] = latency
+        write_json(out / "eval_card.json", doc)
         write_resolved(out / "resolved_config.json", teacher=teacher_cfg, evaluate=cfg)
-    write_json(root / paths.EVAL_METRICS, {"protocol": cfg.protocol, **rows})
+    curve_metrics = {f"s{p['guidance_scale']:g}".replace(".", "_"): p for p in curve}
+    write_json(root / paths.EVAL_METRICS, {"protocol": cfg.protocol, **rows,
+                                           "teacher_curve": curve_metrics, "latency": latency})
 
 
 def main() -> None:
