@@ -54,7 +54,7 @@ def grads(module):
 
 
 def test_dmd2_gradient_is_the_normalised_score_difference():
-    """∂L/∂x = (x̂_fake − x̂_real) / mean|x − x̂_real| / (B d)  (DMD2 Eq. 2, code normalisation)."""
+    """∂L/∂x = (x̂_fake − x̂_real) / mean|x − x̂_real| / (B d)  (DMD2's gradient, code normalisation)."""
     m = build("dmd2", {"real_guidance_scale": 2.0})
     fake_mean = MEANS + torch.tensor([0.4, -0.3])  # the fake score: a shifted Gaussian family
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_dmd2_gradient_is_the_normalised_score_difference():
 
 def test_sid_gradient_flows_through_both_scores():
     """L = ω (y_r − y_f)ᵀ[(y_r − x_g) − α (y_r − y_f)] with y = R x_t + r, y_f = F x_t + f:
-    ∂L/∂x_g = ω[α (R − F)ᵀ e + (α R − I − α_sid α (R − F))ᵀ d]  (SiD-LSG Eq. 9, no stop-grad)."""
+    ∂L/∂x_g = ω[α (R − F)ᵀ e + (α R − I − α_sid α (R − F))ᵀ d]  (SiD-LSG, no stop-grad)."""
     a_sid = 1.2
     m = build("sid_lsg", {"alpha": a_sid, "fake_train_guidance": 1.0, "fake_eval_guidance": 1.0,
                           "real_eval_guidance": 1.0})
@@ -126,7 +126,7 @@ def test_sid_gradient_flows_through_both_scores():
 
 
 def test_instaflow_reflow_regresses_the_straight_line_velocity():
-    """L = ‖(X1 − X0) − v(τ X1 + (1 − τ) X0, 1000 (1 − τ))‖² (InstaFlow Eq. 6)."""
+    """L = ‖(X1 − X0) − v(τ X1 + (1 − τ) X0, 1000 (1 − τ))‖² (InstaFlow's reflow loss)."""
     m = build("instaflow", {"lpips_fraction": 0.0, "null_prompt_prob": 0.0}, steps=10)
     x1 = torch.randn(4, 2, generator=torch.Generator().manual_seed(9)) + 3.0
     b = batch(2, x1=x1)

@@ -10,7 +10,7 @@ Networks: generator G_θ and fake score μ_fake are full copies of the teacher; 
 
 Generator (one step): ``x = G_θ(z) = (z − σ_T ε_θ(z, T, y)) / α_T``, T = 999.
 
-Distribution-matching gradient (paper Eq. 2 with the code's normalisation), t ~ U{20, …, 980}:
+Distribution-matching gradient (the paper's DMD gradient with the code's normalisation), t ~ U{20, …, 980}:
     x_t = α_t x + σ_t ε
     x̂_real = x0 of CFG(μ_real(x_t, t, y), s = 1.75),   x̂_fake = x0 of μ_fake(x_t, t, y)  (no CFG)
     g = (x̂_fake − x̂_real) / mean|x − x̂_real|          (per sample, computed in float64)

@@ -6,14 +6,15 @@ recipe follows the paper (Sec. 3–4, App.) and the released inference pipeline'
 network predicts a velocity, sampling integrates ``x ← x + v(x, t_unet) / N`` from noise (τ = 0)
 to image (τ = 1) with ``t_unet = 1000 (1 − τ)``.
 
-Phase 1 — reflow (Eq. 6; the first ``reflow_fraction`` of the iterations). Pairs (X0, X1) come
+Phase 1 — reflow (the first ``reflow_fraction`` of the iterations). Pairs (X0, X1) come
 from the teacher pair cache (``cache_teacher``: noise X0 and the teacher's guided ODE solution
 X1; the paper's teacher solver is 25-step DPM-Solver, ours is 25-step DDIM, both solve the same
 probability-flow ODE). With τ ~ U[0, 1] and X_τ = τ X1 + (1 − τ) X0:
     L_reflow = ‖(X1 − X0) − v(X_τ, τ | y)‖²
-Phase 2 — distillation (Eq. 8). The 2-rectified flow from the end of phase 1 is frozen; for each
+Phase 2 — distillation. The 2-rectified flow from the end of phase 1 is frozen; for each
 noise X0 its own ODE solution X1' (``distill_ode_steps`` Euler steps, CFG ``distill_guidance``)
-is the target of the one-step student (initialised from the 2-RF):
+is the target of the one-step student (initialised from the 2-RF), the paper's distillation
+loss:
     L_distill = D(X1', X0 + v(X0, 0 | y)),   D = L2, then LPIPS for the last ``lpips_fraction``
 The paper generates a fixed set of new pairs for phase 2; we solve the 2-RF ODE for each batch
 instead (the same distribution, never a repeated pair). LPIPS compares decoded images and needs
@@ -123,7 +124,7 @@ class InstaFlow:
         return self.distill_loss(batch)
 
     def reflow_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Eq. 6 per sample (B,): velocity regression on the straight line X0 → X1."""
+        """Reflow per sample (B,): velocity regression on the straight line X0 → X1."""
         X0, X1 = batch.z, batch.x1
         tau = torch.rand(X0.shape[0], generator=batch.generator).to(X0.device)
         drop = torch.rand(X0.shape[0], generator=batch.generator) < self.cfg.null_prompt_prob
@@ -152,7 +153,7 @@ class InstaFlow:
         return x
 
     def distill_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Eq. 8 per sample (B,): the one-step flow against the 2-RF's ODE solution."""
+        """Distillation per sample (B,): the one-step flow against the 2-RF's ODE solution."""
         self._freeze_2rf(batch.step)
         X0 = batch.z
         target = self._rf2_solution(X0, batch)

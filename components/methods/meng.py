@@ -2,13 +2,13 @@
 
 Meng, Rombach, Gao, Kingma, Ermon, Ho, Salimans, "On Distillation of Guided Diffusion Models",
 CVPR 2023, arXiv:2210.03142 (v3). There is no official code; the losses follow the paper's
-Sec. 3 (Eq. 3 and the two-step DDIM target of Salimans & Ho 2022, arXiv:2202.00512, Alg. 2).
+Sec. 3 (the two-stage recipe) and the two-step DDIM target of Salimans & Ho 2022, arXiv:2202.00512, Alg. 2).
 
 Stage 1 — guidance distillation (first ``stage1_fraction`` of the iterations). The student
 x̂_η(z_t, w) starts as a copy of the teacher with an extra, zero-initialised embedding of the
 guidance weight w (diffusers' ``time_cond_proj_dim`` / ``timestep_cond`` path, as LCM uses), so
 at initialisation it is exactly the teacher whatever w. With w ~ U[w_min, w_max], t ~ U{0, …, 999}:
-    x̂^w_θ(z_t) = (1 + w) x̂_{c,θ}(z_t) − w x̂_θ(z_t)                (Eq. 1, weight convention)
+    x̂^w_θ(z_t) = (1 + w) x̂_{c,θ}(z_t) − w x̂_θ(z_t)                (weight convention, s = 1 + w)
     L_1 = ω(λ_t) ‖x̂_η(z_t, w) − x̂^w_θ(z_t)‖²,   ω = max(SNR_t, 1)  (truncated SNR weighting)
 Stage 2 — progressive distillation, rounds N → N/2 from ``start_steps`` down to
 ``final_steps`` (e.g. 8 → 4 → 2 → 1). In each round the previous student is frozen as teacher;
@@ -118,7 +118,7 @@ class MengGuidedDistillation:
         return predict_x0(net, z_t, t, cond, guidance_embedding(w, self.cfg.w_dim))
 
     def guidance_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Eq. 3 per sample (B,): match the teacher's w-guided x0 in one forward pass."""
+        """Stage 1 per sample (B,): match the teacher's w-guided x0 in one forward pass."""
         B = batch.z.shape[0]
         t = torch.randint(0, self.schedule.num_timesteps, (B,), generator=batch.generator)
         t = t.to(batch.z.device)

@@ -17,9 +17,9 @@ CFG is ``u + κ (c − u)``; with κ1 ≠ 1 or κ2 ≠ 1 each sample's prompt is
 prompt with probability 0.1 during fake-score training, so f_ψ's unconditional branch learns the
 generator's marginal.
 
-Fake-score loss (Eq. 8; first in each iteration), t ~ U{20, …, 979}, x_g = sg[G_θ(z)]:
+Fake-score loss (first in each iteration), t ~ U{20, …, 979}, x_g = sg[G_θ(z)]:
     L_ψ = ‖CFG(ε_ψ(x_t, t, ·), κ1) − ε‖²      (summed over dimensions)
-Generator loss (Eq. 9 with α; second), fresh z, ε and t ~ U{20, …, 979}:
+Generator loss (the score-identity loss with α; second), fresh z, ε and t ~ U{20, …, 979}:
     y_fake = x0 of CFG(f_ψ(x_t), κ2),  y_real = x0 of CFG(f_φ(x_t), κ4),  ω = 1 / mean|x_g − y_real|
     L_θ = ω (y_real − y_fake)ᵀ [(y_real − x_g) − α (y_real − y_fake)]
 No stop-gradient: L_θ back-propagates through f_φ and f_ψ (their weights frozen in this step)
@@ -114,7 +114,7 @@ class SiDLSG:
         return t.to(x.device), eps
 
     def fake_score_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Eq. 8: the κ1-guided fake ε regressed on the noise, per sample (B,)."""
+        """The κ1-guided fake ε regressed on the noise, per sample (B,)."""
         cfg, gen = self.cfg, batch.generator
         with torch.no_grad():
             x_g = one_step_x0(self.G_theta, batch.z, batch.cond, self.spec)
@@ -142,7 +142,7 @@ class SiDLSG:
         return run(x_t)
 
     def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Eq. 9: the score-identity loss, per sample (B,), with gradients through f_φ, f_ψ."""
+        """The score-identity loss, per sample (B,), with gradients through f_φ and f_ψ."""
         cfg, gen = self.cfg, batch.generator
         z = torch.randn(batch.z.shape, generator=gen).to(batch.z.device)  # fresh noise
         x_g = one_step_x0(self.G_theta, z, batch.cond, self.spec)
