@@ -125,6 +125,8 @@ def promote(uri: str, cfg: RegisterConfig, version: str | None, force: bool) -> 
             raise SystemExit(f"promote: {cfg.model_name} has no {cfg.candidate_alias!r} version")
     else:
         chosen = version_record(client_for(uri), cfg.model_name, version)
+    if champion is not None and champion["version"] == chosen["version"]:
+        return f"{cfg.model_name} version {chosen['version']} is already {cfg.champion_alias}\n"
     text = verdict(cfg, chosen, champion)
     if not text.startswith("promote") and not force:
         raise SystemExit(f"promote: version {chosen['version']} not promoted ({text}); "
