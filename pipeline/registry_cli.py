@@ -4,6 +4,7 @@
     uv run python -m pipeline.registry_cli compare             # candidate | champion, gate verdict
     uv run python -m pipeline.registry_cli promote             # candidate → champion if the gate agrees
     uv run python -m pipeline.registry_cli promote --version 3 --force   # overrule the gate
+    uv run python -m pipeline.registry_cli show --version 3 [--tag dvc_exp_rev]   # one version
 
 The model name, aliases and gate margins come from ``params.yaml`` (``register``); the store is
 ``MLFLOW_TRACKING_URI`` or ``sqlite:///<root>/mlflow.db`` (``--tracking-uri`` overrides both).
@@ -102,6 +103,21 @@ def verdict(cfg: RegisterConfig, candidate: dict | None, champion: dict | None) 
     return ("promote" if decision.promote else "keep the champion") + f": {decision.reason}"
 
 
+def show(uri: str, cfg: RegisterConfig, version: str, tag: str | None) -> str:
+    """One version as a table, or with ``tag`` only that tag's value (for scripts)."""
+    from components.registry.store import client_for, version_record
+
+    record = version_record(client_for(uri), cfg.model_name, version)
+    if tag is not None:
+        if tag not in record["tags"]:
+            raise SystemExit(f"show: version {version} has no tag {tag!r}; it has: "
+                             f"{', '.join(sorted(record['tags']))}")
+        return record["tags"][tag] + "\n"
+    lines = [f"# {cfg.model_name} version {version}", "", "| | |", "| --- | --- |"]
+    lines += [f"| {label} | {_cell(record, where, fmt)} |" for label, where, fmt in ROWS]
+    return "\n".join(lines) + "\n"
+
+
 def list_models(uri: str) -> str:
     from components.registry.store import registry_overview
 
@@ -149,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     prom = sub.add_parser("promote", help="make a version (default: the candidate) champion")
     prom.add_argument("--version", help="model version (default: the candidate)")
     prom.add_argument("--force", action="store_true", help="promote even if the gate says no")
+    one = sub.add_parser("show", help="one version: metrics, lineage tags")
+    one.add_argument("--version", required=True, help="model version")
+    one.add_argument("--tag", help="print only this tag's value (e.g. dvc_exp_rev)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     env.configure(root)
@@ -163,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.command == "compare":
                 out = side_by_side(cfg, alias_record(uri, cfg.model_name, cfg.candidate_alias),
                                    alias_record(uri, cfg.model_name, cfg.champion_alias))
+            elif args.command == "show":
+                out = show(uri, cfg, args.version, args.tag)
             else:
                 out = promote(uri, cfg, args.version, args.force)
     except (ConfigError, RegistryError) as err:  # bad params; unknown model/version, no server

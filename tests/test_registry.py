@@ -314,8 +314,8 @@ def test_model_card_markdown():
     rows = [line for line in lines if line.endswith(" ms |")]
     assert rows == ["| distilled student | 1 |  | 260.12 | 0.5800 | 15.1 ms |",
                     "| teacher | 25 | 4 | 192.50 | 0.7670 | 268.9 ms |",
-                    "| teacher at 1 step (the untrained student) | 1 |  | 265.30 | 0.2540 | "
-                    "17.8 ms |"]
+                    ("| teacher at 1 step (the untrained student) | 1 |  | 265.30 | 0.2540 | "
+                     "17.8 ms |")]
     assert "](grid.png)" in text
     assert "| n_images | 16 |" in lines and "| versions | torch 2.13.0 |" in lines
     assert "](grid.png)" not in model_card("m", lineage(), EVALUATION, {}, grid=None)
@@ -434,3 +434,9 @@ def test_review_cli_against_server(student, mlflow_server, tmp_path, monkeypatch
         "promoted by hand: promote")
     with pytest.raises(SystemExit, match="registry: .*no-such-model"):
         cli("--model", "no-such-model", "compare")
+    shown = cli("show", "--version", "1").splitlines()
+    assert shown[0] == f"# {name} version 1" and "| FID ↓ | 50.000 |" in shown
+    assert cli("show", "--version", "1", "--tag", "git_commit") == "abc123\n"
+    with pytest.raises(SystemExit, match="has no tag 'dvc_exp_rev'; it has: eval_protocol, "
+                                         "git_commit"):
+        cli("show", "--version", "1", "--tag", "dvc_exp_rev")

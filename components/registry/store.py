@@ -275,12 +275,14 @@ def gate_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def version_record(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
-    """One model version as a plain dict: version, aliases, tags, run id, metrics, params."""
+    """One model version as a plain dict: version, aliases, tags (the run's, MLflow's own left
+    out, then the version's), run id, metrics, params."""
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
     return {"name": name, "version": str(mv.version), "aliases": sorted(mv.aliases or []),
             "run_id": mv.run_id, "created_ms": mv.creation_timestamp,
-            "tags": {**run.data.tags, **mv.tags}, "metrics": dict(run.data.metrics),
+            "tags": {**{k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+                     **mv.tags}, "metrics": dict(run.data.metrics),
             "params": dict(run.data.params),
             "run_url": run_url(client.tracking_uri, run.info.experiment_id, mv.run_id)}
 
