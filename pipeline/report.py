@@ -44,8 +44,8 @@ def run_summary(root: Path, registered: dict, recorded: dict[str, str] | None = 
     verdict = "promoted to champion" if registered["promoted"] else "not promoted"
     lines = [f"# {registered['model_name']} version {registered['version']}", "",
              f"- MLflow run {link} at `{registered['tracking_uri']}`",
-             (f"- alias `candidate`; {verdict}: {registered['reason']}; champion: version "
-              f"{registered['champion']}")]
+             (f"- alias `candidate`; {verdict}: {registered['reason']}; champion: "
+              + (f"version {registered['champion']}" if registered["champion"] else "none"))]
     if recorded:
         lines.append(f"- DVC experiment `{recorded.get('dvc_experiment')}` "
                      f"(rev `{recorded.get('dvc_exp_rev')}`)")
