@@ -3,15 +3,22 @@
 Each stage runs as a task named after the stage, either in-process (``pipeline.stages.<name>.run``)
 or, with ``use_dvc``, as ``dvc repro --single-item <name>`` in the project root, so a Prefect run
 leaves the same lineage a ``dvc repro`` leaves (``dvc.lock``, outputs in the DVC cache). Stage
-functions stay plain functions; they are wrapped into tasks here. The flow runs without a server
-(Prefect's ephemeral mode).
+functions stay plain functions; they are wrapped into tasks here.
+
+Around the stages: a ``configure`` task writes ``params.yaml`` from a preset, teacher, method and
+overrides; a ``record`` task saves the run as a DVC experiment and tags the MLflow run with it.
+GPU stages hold one slot of the global concurrency limit ``distillery-gpu`` (1 slot), so two runs
+never share the GPU. A run that registered a student publishes Prefect artifacts: a markdown
+table of its metrics and a link to its MLflow run. A failed run names the failing stage.
 
     python -m pipeline.flows --root . --stages distill evaluate register --use-dvc
+    python -m pipeline.flows --root . --use-dvc --preset micro --experiment try
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import subprocess
@@ -19,6 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from components.config import ConfigError
 from pipeline import env
@@ -30,30 +38,38 @@ env.configure(os.environ.get("DISTILLERY_ROOT", "."))
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from components.io import read_json
+from pipeline import lineage, paths
 from pipeline.stages import STAGES
+
+GPU_LIMIT = "distillery-gpu"  # Prefect global concurrency limit held by every GPU stage
 
 
 @dataclass(frozen=True)
 class StagePolicy:
-    """How a stage's task is retried and when it is given up."""
+    """How a stage's task is retried and when it is given up; ``gpu`` stages hold a GPU slot."""
 
     retries: int = 1
     retry_delay_s: float = 30.0
     timeout_s: float | None = 3600.0
+    gpu: bool = False
 
 
 # distill resumes from its last checkpoint, so a retry costs only the steps since then;
 # register talks to a tracking server and is the one most likely to hit a passing outage.
 POLICIES: dict[str, StagePolicy] = {
-    "bootstrap": StagePolicy(retries=1, retry_delay_s=10, timeout_s=4 * 3600),
+    "bootstrap": StagePolicy(retries=1, retry_delay_s=10, timeout_s=4 * 3600, gpu=True),
     "prepare_prompts": StagePolicy(retries=1, retry_delay_s=5, timeout_s=600),
-    "cache_teacher": StagePolicy(retries=1, retry_delay_s=30, timeout_s=4 * 3600),
-    "reference_stats": StagePolicy(retries=1, retry_delay_s=30, timeout_s=4 * 3600),
-    "distill": StagePolicy(retries=2, retry_delay_s=60, timeout_s=24 * 3600),
-    "evaluate": StagePolicy(retries=1, retry_delay_s=30, timeout_s=4 * 3600),
+    "cache_teacher": StagePolicy(retries=1, retry_delay_s=30, timeout_s=4 * 3600, gpu=True),
+    "reference_stats": StagePolicy(retries=1, retry_delay_s=30, timeout_s=4 * 3600, gpu=True),
+    "distill": StagePolicy(retries=2, retry_delay_s=60, timeout_s=24 * 3600, gpu=True),
+    "evaluate": StagePolicy(retries=1, retry_delay_s=30, timeout_s=4 * 3600, gpu=True),
     "register": StagePolicy(retries=3, retry_delay_s=20, timeout_s=900),
 }
 DEFAULT_POLICY = StagePolicy()
+# The steps around the stages: writing params.yaml, recording the run as a DVC experiment.
+CONFIGURE_POLICY = StagePolicy(retries=0, timeout_s=300)
+RECORD_POLICY = StagePolicy(retries=2, retry_delay_s=10, timeout_s=600)
 
 
 def _module_runner(name: str) -> Callable[[Path], None]:
@@ -105,6 +121,34 @@ def dvc_repro(stage: str, root: Path, timeout_s: float | None = None) -> str:
     return done.stdout
 
 
+def ensure_gpu_limit(slots: int | None = None) -> None:
+    """Create the ``distillery-gpu`` concurrency limit (1 slot) if it is missing; with ``slots``,
+    set its size (e.g. 2 on a machine with two GPUs)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        if slots is not None:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+            return
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another run created it meanwhile
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+
+
+def gpu_slot(stage: str):
+    """A context holding one ``distillery-gpu`` slot for a GPU stage (waiting for it if taken)."""
+    if not POLICIES.get(stage, DEFAULT_POLICY).gpu:
+        return contextlib.nullcontext()
+    from prefect.concurrency.sync import concurrency
+
+    return concurrency(GPU_LIMIT, occupy=1, strict=True)
+
+
 def _run_stage(stage: str, root: str, use_dvc: bool) -> None:
     """Body of every stage task: the stage function in-process, or DVC's reproduction of it."""
     if use_dvc:
@@ -119,29 +163,105 @@ def _retry_unless_config_error(task_, task_run, state) -> bool:
     return not isinstance(getattr(state, "data", None), ConfigError)
 
 
-def stage_task(stage: str):
-    """The Prefect task for ``stage``, with that stage's retries, delay and timeout."""
-    policy = POLICIES.get(stage, DEFAULT_POLICY)
-    return task(_run_stage, name=stage, task_run_name=stage, retries=policy.retries,
+def _task(fn: Callable, name: str, policy: StagePolicy):
+    return task(fn, name=name, task_run_name=name, retries=policy.retries,
                 retry_delay_seconds=policy.retry_delay_s, timeout_seconds=policy.timeout_s,
                 retry_condition_fn=_retry_unless_config_error, cache_policy=NO_CACHE)
 
 
+def stage_task(stage: str):
+    """The Prefect task for ``stage``, with that stage's retries, delay and timeout."""
+    return _task(_run_stage, stage, POLICIES.get(stage, DEFAULT_POLICY))
+
+
+def _configure(root: str, preset: str | None, teacher: str | None, method: str | None,
+               overrides: list[str] | None) -> dict[str, Any]:
+    from pipeline.configure import configure_params  # imports torch: only when a run needs it
+
+    changes = configure_params(Path(root), preset, teacher, method, overrides or ())
+    get_run_logger().info("params.yaml: preset %s, changes %s", preset or "(as is)", changes)
+    return changes
+
+
+def _record(root: str, prefix: str, registered: bool) -> dict[str, str]:
+    """Save the workspace as a DVC experiment; tag the run's MLflow run and model version."""
+    from prefect.runtime import flow_run
+
+    base = Path(root)
+    name = lineage.experiment_name(prefix)
+    tags = {lineage.TAG_EXPERIMENT: name,
+            lineage.TAG_EXPERIMENT_REV: lineage.save_experiment(base, name)}
+    if flow_run.id:
+        tags["prefect_flow_run_id"] = str(flow_run.id)
+    if registered:
+        from components.registry.store import tag_lineage
+
+        reg = read_json(base / paths.REGISTER_OUT)
+        tag_lineage(reg["tracking_uri"], reg["run_id"], tags, reg["model_name"], reg["version"])
+    return tags
+
+
+def publish_artifacts(root: Path, recorded: dict[str, str]) -> None:
+    """Prefect artifacts of a run that registered a student: metrics table, MLflow run link."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    from pipeline.report import run_summary
+
+    reg = read_json(root / paths.REGISTER_OUT)
+    create_markdown_artifact(key="distillery-metrics", markdown=run_summary(
+        root, reg, recorded), description=f"{reg['model_name']} version {reg['version']}")
+    if reg.get("run_url"):
+        create_link_artifact(key="distillery-mlflow-run", link=reg["run_url"],
+                             link_text=f"MLflow run {reg['run_id']}",
+                             description=f"{reg['model_name']} version {reg['version']}")
+
+
+def _step(name: str, call: Callable[[], Any]) -> Any:
+    """Run one step of the flow; a failure becomes ``StageFailed`` naming it (and an artifact)."""
+    try:
+        return call()
+    except Exception as err:
+        from prefect.artifacts import create_markdown_artifact
+
+        failed = StageFailed(name, err)
+        with contextlib.suppress(Exception):  # the failure itself must surface, not this
+            create_markdown_artifact(key="distillery-failure", markdown=(
+                f"# Failed at stage `{name}`\n\n```\n{str(failed)[-3000:]}\n```\n"))
+        raise failed from err
+
+
 @flow(name="distillery")
-def distillery(root: str = ".", stages: list[str] | None = None,
-               use_dvc: bool = False) -> list[str]:
+def distillery(root: str = ".", stages: list[str] | None = None, use_dvc: bool = False,
+               preset: str | None = None, teacher: str | None = None,
+               method: str | None = None, overrides: list[str] | None = None,
+               experiment: str | None = None) -> list[str]:
     """Run ``stages`` (default: all) of the project at ``root`` in pipeline order.
 
-    Returns the stages that ran. A failing stage fails the flow with ``StageFailed`` naming it.
+    ``preset`` (a file in ``pipeline/presets`` or ``default``, the committed params.yaml),
+    ``teacher`` (a folder or hub id), ``method`` and ``overrides`` (``section.key=value``) first
+    rewrite ``params.yaml``. ``experiment`` (needs ``use_dvc``) saves the run as the DVC
+    experiment ``<experiment>-<UTC time>`` and tags the MLflow run with it. Returns the stages
+    that ran. A failing stage fails the flow with ``StageFailed`` naming it.
     """
     base = Path(root).resolve()
     env.configure(base)
     chosen = select_stages(stages)
+    if experiment and not use_dvc:
+        raise ValueError("experiment needs use_dvc: only `dvc repro` records the dvc.lock that "
+                         "lets the experiment reproduce the student")
+    ensure_gpu_limit()
+    if preset or teacher or method or overrides:
+        step = _task(_configure, "configure", CONFIGURE_POLICY)
+        _step("configure", lambda: step(str(base), preset, teacher, method, overrides))
     for name in chosen:
-        try:
-            stage_task(name)(name, str(base), use_dvc)
-        except Exception as err:
-            raise StageFailed(name, err) from err
+        with gpu_slot(name):
+            _step(name, lambda name=name: stage_task(name)(name, str(base), use_dvc))
+    recorded: dict[str, str] = {}
+    if experiment:
+        step = _task(_record, "record", RECORD_POLICY)
+        recorded = _step("record", lambda: step(str(base), experiment, "register" in chosen))
+    if "register" in chosen:
+        publish_artifacts(base, recorded)
     return chosen
 
 
@@ -151,9 +271,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--stages", nargs="+", choices=STAGES, help="default: all, in order")
     parser.add_argument("--use-dvc", action="store_true",
                         help="run each stage as `dvc repro --single-item` (records dvc.lock)")
+    add_choice_arguments(parser)
+    parser.add_argument("--experiment", help="save the run as DVC experiment <name>-<UTC time> "
+                        "(needs --use-dvc)")
     args = parser.parse_args(argv)
     env.configure(args.root)
-    distillery(root=str(args.root.resolve()), stages=args.stages, use_dvc=args.use_dvc)
+    distillery(root=str(args.root.resolve()), stages=args.stages, use_dvc=args.use_dvc,
+               preset=args.preset, teacher=args.teacher, method=args.method,
+               overrides=args.set, experiment=args.experiment)
+
+
+def add_choice_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset, --teacher, --method, --set: what a run distills (shared with pipeline.deploy)."""
+    parser.add_argument("--preset", help="params preset: default (the committed params.yaml) "
+                        "or a name in pipeline/presets/")
+    parser.add_argument("--teacher", help="teacher folder or hub id (teacher.model)")
+    parser.add_argument("--method", help="distillation method (distill.method)")
+    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                        help="override one param, like `dvc exp run -S` (repeatable)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Render the metrics of the last run as a markdown table (for the README or a review).
+"""Render the metrics of the last run as a markdown table (for the README or a review); the
+summary of a registered run (Prefect's metrics artifact) adds where it went in MLflow and DVC.
 
     uv run python -m pipeline.report --root . [--out reports/results.md]
 """
@@ -34,6 +35,21 @@ def results_table(root: Path) -> str:
     lines.append("")
     lines += _facts(root, ev)
     return "\n".join(lines) + "\n"
+
+
+def run_summary(root: Path, registered: dict, recorded: dict[str, str] | None = None) -> str:
+    """Markdown: the registered version, its MLflow run, the DVC experiment, then the results."""
+    run = registered["run_id"]
+    link = f"[{run}]({registered['run_url']})" if registered.get("run_url") else f"`{run}`"
+    verdict = "promoted to champion" if registered["promoted"] else "not promoted"
+    lines = [f"# {registered['model_name']} version {registered['version']}", "",
+             f"- MLflow run {link} at `{registered['tracking_uri']}`",
+             (f"- alias `candidate`; {verdict}: {registered['reason']}; champion: "
+              + (f"version {registered['champion']}" if registered["champion"] else "none"))]
+    if recorded:
+        lines.append(f"- DVC experiment `{recorded.get('dvc_experiment')}` "
+                     f"(rev `{recorded.get('dvc_exp_rev')}`)")
+    return "\n".join(lines) + "\n\n" + results_table(root)
 
 
 def _facts(root: Path, ev: dict) -> list[str]:

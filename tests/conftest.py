@@ -10,5 +10,5 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="distillery-prefec
 env.configure(tempfile.gettempdir(), offline=True)
 
 # ---- servers (owner: registry/flows work; fixtures live in tests/servers.py) ----
-from tests.servers import mlflow_server, prefect_api  # noqa: F401
+from tests.servers import mlflow_server, prefect_api, prefect_server  # noqa: F401
 # ---- end servers ----

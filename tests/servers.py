@@ -1,7 +1,8 @@
-"""Real servers for tests, on 127.0.0.1 only: an MLflow tracking server and Prefect's test API.
+"""Real servers for tests, on 127.0.0.1 only: ``mlflow server`` and ``prefect server start``.
 
 Both are session fixtures, started on first use and stopped in ``finally`` blocks. Import them
-into ``tests/conftest.py`` with one line.
+into ``tests/conftest.py`` with one line. ``prefect_api`` points this process's Prefect client at
+the Prefect server; subprocesses get ``PrefectServer.env``.
 """
 
 from __future__ import annotations
@@ -69,17 +70,19 @@ class MlflowServer:
     pid: int
 
 
-def start_mlflow_server(folder: Path, timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
-    """``mlflow server`` on a free port with a sqlite store and artifacts under ``folder``."""
+def start_mlflow_server(folder: Path, timeout_s: float = 120,
+                        port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on ``port`` (default: a free one) with a sqlite store and artifacts under
+    ``folder``. Starting it again on the same folder and port brings back the same store."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
            "--artifacts-destination", str(folder / "mlartifacts")]
     log = folder / "server.log"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
@@ -103,11 +106,63 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         stop(proc)
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Prefect's test harness: a temporary database and API server (~20 s, once per session)."""
-    configure(tmp_path_factory.mktemp("prefect"))
-    from prefect.testing.utilities import prefect_test_harness
+@dataclass(frozen=True)
+class PrefectServer:
+    url: str  # the API URL, ``http://127.0.0.1:<port>/api``
+    folder: Path
+    pid: int
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess (worker, flow run) that talks to this server."""
+        return {**os.environ, "PREFECT_API_URL": self.url, "PREFECT_HOME": str(self.folder)}
+
+
+def start_prefect_server(folder: Path, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """``prefect server start`` on 127.0.0.1 with its database in ``folder`` (no UI)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(folder), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL":
+               f"sqlite+aiosqlite:///{folder / 'prefect.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+           "--port", str(port), "--no-ui"]
+    log = folder / "server.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(f"{url}/health", proc, log, timeout_s)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real ``prefect server start`` (API and scheduler, no UI) for the whole test session."""
+    folder = tmp_path_factory.mktemp("prefect-server")
+    configure(folder)
+    proc, url = start_prefect_server(folder)
+    try:
+        yield PrefectServer(url=url, folder=folder, pid=proc.pid)
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(prefect_server: PrefectServer) -> Iterator[PrefectServer]:
+    """This process's Prefect client (flows, tasks, ``get_client``) pointed at ``prefect_server``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server.url}):
+        try:
+            yield prefect_server
+        finally:
+            from prefect.logging.handlers import APILogHandler
+
+            APILogHandler().flush()  # send buffered run logs while the server is still up

@@ -1,4 +1,5 @@
-"""Prefect flow: real flow and task runs against Prefect's test API (fixture ``prefect_api``).
+"""Prefect flow: real flow and task runs against a real ``prefect server start`` (fixture
+``prefect_api``). The nightly deployment and whole-pipeline runs: ``test_nightly.py``.
 
 Stages are injected into ``pipeline.flows.RUNNERS``/``POLICIES`` for a test, so retries, timeouts
 and failures go through Prefect's own engine, not a mock of it.
@@ -6,9 +7,10 @@ and failures go through Prefect's own engine, not a mock of it.
 
 from __future__ import annotations
 
-import json
+import contextvars
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,6 @@ import pytest
 from components.config import ConfigError
 from pipeline import flows
 from pipeline.flows import STAGES, StageFailed, StagePolicy, distillery, select_stages
-from tests.projects import copy_project
 
 FAST = StagePolicy(retries=1, retry_delay_s=0, timeout_s=60)
 
@@ -63,6 +64,17 @@ def test_stage_failing_once_is_retried(prefect_api, monkeypatch, tmp_path):
     assert run.run_count == 2 and run.state.is_completed()
 
 
+def latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1)
+    return found[0] if found else None
+
+
 def test_failing_stage_is_named(prefect_api, monkeypatch, tmp_path):
     calls, ran_after = [], []
 
@@ -72,12 +84,63 @@ def test_failing_stage_is_named(prefect_api, monkeypatch, tmp_path):
 
     inject(monkeypatch, "broken", broken)
     inject(monkeypatch, "after_broken", lambda root: ran_after.append(1))
+    state = distillery(root=str(tmp_path), stages=["broken", "after_broken"], return_state=True)
+    assert state.is_failed()
+    assert "stage 'broken' failed: ValueError: boom" in state.message  # what the UI shows
     with pytest.raises(StageFailed, match=r"stage 'broken' failed: ValueError: boom") as info:
-        distillery(root=str(tmp_path), stages=["broken", "after_broken"])
+        state.result()
     assert info.value.stage == "broken"
     assert len(calls) == 2 and ran_after == []  # retried once, later stages never start
     [run] = task_runs("broken")
     assert run.state.is_failed()
+    artifact = latest_artifact("distillery-failure")
+    assert artifact.flow_run_id == state.state_details.flow_run_id
+    assert artifact.data.startswith("# Failed at stage `broken`")
+
+
+def test_bad_preset_fails_the_configure_step(prefect_api, tmp_path):
+    (tmp_path / "params.yaml").write_text("{}")
+    with pytest.raises(StageFailed, match=r"stage 'configure' failed: ConfigError: unknown "
+                                          r"preset 'nano'; valid presets are: default") as info:
+        distillery(root=str(tmp_path), stages=["prepare_prompts"], preset="nano")
+    assert info.value.stage == "configure"
+    [run] = task_runs("configure")[-1:]
+    assert run.run_count == 1 and run.state.is_failed()  # a config error is not retried
+    assert (tmp_path / "params.yaml").read_text() == "{}"
+
+
+def test_experiment_needs_dvc(prefect_api, tmp_path):
+    with pytest.raises(ValueError, match="experiment needs use_dvc"):
+        distillery(root=str(tmp_path), stages=["register"], experiment="nightly")
+
+
+def test_gpu_stages_never_overlap(prefect_api):
+    """Two GPU stages of two runs wait for the one ``distillery-gpu`` slot; others do not."""
+    from prefect.client.orchestration import get_client
+
+    flows.ensure_gpu_limit()
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(flows.GPU_LIMIT).limit == 1
+    assert flows.POLICIES["distill"].gpu and not flows.POLICIES["register"].gpu
+    spans: dict[str, tuple[float, float]] = {}
+
+    def hold(stage: str, key: str) -> None:
+        with flows.gpu_slot(stage):
+            start = time.monotonic()
+            time.sleep(1.5)
+            spans[key] = (start, time.monotonic())
+
+    # each thread carries this test's Prefect settings (they live in context variables)
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(hold, stage, key))
+               for stage, key in (("distill", "gpu-1"), ("evaluate", "gpu-2"), ("register", "cpu"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    (a0, a1), (b0, b1) = spans["gpu-1"], spans["gpu-2"]
+    assert a1 <= b0 or b1 <= a0, spans  # one after the other
+    c0, c1 = spans["cpu"]
+    assert c0 < max(a1, b1) and c1 > min(a0, b0)  # register did not wait for the GPU
 
 
 def test_config_error_is_not_retried(prefect_api, monkeypatch, tmp_path):
@@ -142,63 +205,6 @@ def test_use_dvc_leaves_dvc_lineage(prefect_api, monkeypatch, dvc_project):
         distillery(root=str(dvc_project), stages=["fails"], use_dvc=True)
 
 
-def test_nightly_deployment(prefect_api, tmp_path):
-    from prefect.client.orchestration import get_client
-
-    from pipeline.deploy import nightly
-
-    deployment = nightly(tmp_path, timezone="Europe/Berlin", stages=["distill"])
-    assert deployment.name == "nightly"
-    assert deployment.parameters == {"root": str(tmp_path.resolve()), "stages": ["distill"],
-                                     "use_dvc": True}
-    deployment_id = deployment.apply()
-    with get_client(sync_client=True) as client:
-        stored = client.read_deployment(deployment_id)
-    [schedule] = stored.schedules
-    assert schedule.schedule.cron == "0 2 * * *"
-    assert schedule.schedule.timezone == "Europe/Berlin"
-    assert stored.parameters["use_dvc"] is True
-
-
 def test_flow_module_cli_rejects_unknown_stage():
     with pytest.raises(SystemExit):
         flows.main(["--stages", "nope"])
-
-
-# ---------------------------------------------------------------- the whole pipeline (micro)
-
-
-@pytest.fixture(scope="module")
-def micro_project(tmp_path_factory) -> Path:
-    """The project's files as git sees them, in a fresh git repo, with the micro preset."""
-    return copy_project(tmp_path_factory.mktemp("flow-project"))
-
-
-@pytest.mark.slow
-def test_flow_with_dvc_leaves_dvc_lineage(prefect_api, monkeypatch, micro_project):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own sqlite store
-    assert distillery(root=str(micro_project), use_dvc=True) == list(STAGES)
-    lock = (micro_project / "dvc.lock").read_text()
-    assert all(f"\n  {stage}:" in lock for stage in STAGES)
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=micro_project,
-                            check=True, capture_output=True, text=True).stdout
-    assert json.loads(status) == {}  # exactly what `dvc repro` would have recorded
-    registered = json.loads((micro_project / "outputs/register.json").read_text())
-    assert registered["version"] == "1" and registered["promoted"]
-    for stage in STAGES:
-        [run] = task_runs(stage)[-1:]
-        assert run.state.is_completed()
-
-
-@pytest.mark.slow
-def test_flow_in_process_reruns_stages(prefect_api, monkeypatch, micro_project):
-    """The same stage functions, called in-process: evaluate again, then register version 2."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    if not (micro_project / "models/student").exists():
-        pytest.skip("needs the DVC flow test's outputs")
-    assert distillery(root=str(micro_project), stages=["register", "evaluate"]) == [
-        "evaluate", "register"]
-    registered = json.loads((micro_project / "outputs/register.json").read_text())
-    assert registered["version"] == "2"
-    # same student, same protocol, same FID: the gate keeps the champion (margin 0, not better)
-    assert not registered["promoted"] and registered["champion"] == "1", registered

@@ -14,7 +14,14 @@ import pandas as pd
 import pytest
 
 from components.config import ConfigError, from_dict
-from components.registry.gate import Decision, Lineage, RegisterConfig, should_promote
+from components.registry.card import model_card
+from components.registry.gate import (
+    Decision,
+    Lineage,
+    RegisterConfig,
+    protocol_id,
+    should_promote,
+)
 from components.registry.store import (
     artifact_location,
     flatten,
@@ -252,3 +259,184 @@ def test_server_register_and_promote(student, mlflow_server, monkeypatch):
     assert any((mlflow_server.folder / "mlartifacts").rglob("student.json"))
     images = load_champion(mlflow_server.uri, cfg.model_name).predict(["a red circle"])
     assert images.dtype == np.uint8 and images.shape == (1, 16, 16, 3)
+
+
+# ---------------------------------------------------------------- protocol ids and model cards
+
+def card(**changes):
+    """An eval card with every field the protocol id reads (values as the evaluate stage writes)."""
+    base = {"protocol": "world", "caption_list_sha256": "c" * 64, "n_images": 16,
+            "reference_sha256": "r" * 64, "reference_stats_key": "k" * 20, "resize": "none",
+            "feature_network": "inception", "feature_weights_sha256": "f" * 64,
+            "clip_model": "models/scorer", "clip_weights": "w" * 64, "clip_prefix": "",
+            "base_seed": 0, "seeds": "image i uses seed base_seed + i", "precision": "fp32",
+            "card_version": 1, "steps": 1, "guidance_scale": None, "device": "cpu",
+            "versions": {"torch": "2.13.0"}, "notes": ""}
+    return {**base, **changes}
+
+
+def test_protocol_id_hashes_only_comparability_fields():
+    pid = protocol_id(card())
+    assert pid.startswith("world-") and len(pid) == len("world-") + 12
+    # what is evaluated, where, and with which library versions: same protocol
+    for same in ({"steps": 25, "guidance_scale": 4.0}, {"device": "cuda"},
+                 {"versions": {"torch": "9"}}, {"notes": "rerun"}):
+        assert protocol_id(card(**same)) == pid, same
+    # how it is measured: another protocol
+    for other in ({"n_images": 256}, {"caption_list_sha256": "d" * 64}, {"base_seed": 1},
+                  {"clip_weights": "v" * 64}, {"reference_stats_key": "j" * 20},
+                  {"precision": "fp16"}):
+        assert protocol_id(card(**other)) != pid, other
+    assert protocol_id(card(protocol="coco")).startswith("coco-")
+    bad = card()
+    del bad["reference_sha256"]
+    with pytest.raises(ValueError, match="lacks reference_sha256; re-run the evaluate stage"):
+        protocol_id(bad)
+
+
+EVALUATION = {"protocol": "world",
+              "student": {"fid": 260.12, "clip_score": 0.58, "latency_s": 0.0151, "steps": 1},
+              "teacher": {"fid": 192.5, "clip_score": 0.767, "latency_s": 0.2689, "steps": 25,
+                          "guidance_scale": 4.0},
+              "teacher_1step": {"fid": 265.3, "clip_score": 0.254, "latency_s": 0.0178,
+                                "steps": 1, "guidance_scale": 1.0}}
+
+
+def test_model_card_markdown():
+    text = model_card("m", lineage("world-abc"), EVALUATION, {"student": {"card": card()}},
+                      extra={"DVC experiment": "nightly-1"})
+    lines = text.splitlines()
+    assert lines[0] == "# m: one-step student distilled with swiftbrush"
+    for fact in ("| method | `swiftbrush` |", "| git commit | `abc123` |",
+                 "| eval protocol | `world-abc` |", "| DVC experiment | `nightly-1` |"):
+        assert fact in lines
+    # the student first, then the teacher rows; guidance only where it is used
+    rows = [line for line in lines if line.endswith(" ms |")]
+    assert rows == ["| distilled student | 1 |  | 260.12 | 0.5800 | 15.1 ms |",
+                    "| teacher | 25 | 4 | 192.50 | 0.7670 | 268.9 ms |",
+                    ("| teacher at 1 step (the untrained student) | 1 |  | 265.30 | 0.2540 | "
+                     "17.8 ms |")]
+    assert "](grid.png)" in text
+    assert "| n_images | 16 |" in lines and "| versions | torch 2.13.0 |" in lines
+    assert "](grid.png)" not in model_card("m", lineage(), EVALUATION, {}, grid=None)
+
+
+# ---------------------------------------------------------------- model card, lineage, review
+
+def test_model_card_lineage_tags_and_overview(student, sqlite_root, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from components.registry.store import (
+        registry_overview,
+        run_url,
+        tag_lineage,
+        version_record,
+    )
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(sqlite_root)
+    cfg = RegisterConfig("tiny-card", "distillery", fid_margin=0.0, clip_tolerance=0.0)
+    grid = tmp_path / "grid.png"
+    grid.write_bytes(b"\x89PNG\r\n\x1a\n")
+    text = model_card(cfg.model_name, lineage(), EVALUATION, {"student": {"card": card()}})
+    result = register_student(cfg, student, {"fid": 5.0, "clip_score": 0.1}, lineage(), uri=uri,
+                              artifact_root=artifact_location(sqlite_root, uri),
+                              model_card=text, card_files=[grid])
+    assert result["run_url"] is None  # a local store has no UI address
+    client = MlflowClient(uri, registry_uri=uri)
+    listed = {a.path for a in client.list_artifacts(result["run_id"], "model_card")}
+    assert listed == {"model_card/model_card.md", "model_card/grid.png"}
+    version = client.get_model_version(cfg.model_name, result["version"])
+    assert version.description == text
+
+    tag_lineage(uri, result["run_id"], {"dvc_experiment": "nightly-x", "dvc_exp_rev": "f00"},
+                cfg.model_name, result["version"])
+    record = version_record(client, cfg.model_name, result["version"])
+    assert record["tags"]["dvc_experiment"] == "nightly-x" and record["tags"]["dvc_exp_rev"] == "f00"
+    assert client.get_run(result["run_id"]).data.tags["dvc_exp_rev"] == "f00"
+    assert record["metrics"]["fid"] == 5.0 and record["aliases"] == ["candidate", "champion"]
+    [model] = [m for m in registry_overview(uri) if m["name"] == cfg.model_name]
+    assert model == {"name": cfg.model_name, "teacher": "tiny", "versions": ["1"],
+                     "aliases": {"candidate": "1", "champion": "1"}}
+    assert run_url("http://127.0.0.1:5000/", "3", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc")
+
+
+def test_one_registered_model_per_teacher(student, sqlite_root, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(sqlite_root)
+    cfg = RegisterConfig("tiny-one-teacher", "distillery", fid_margin=0.0, clip_tolerance=0.0)
+    register(cfg, student, uri, sqlite_root, fid=10.0)
+    client = MlflowClient(uri)
+    runs_before = len(client.search_runs([client.get_experiment_by_name("distillery")
+                                          .experiment_id]))
+    other = Lineage(git_commit="abc123", method="swiftbrush", teacher="sd15", params_hash="ph",
+                    eval_protocol="fid-clip-v1")
+    with pytest.raises(ValueError, match=r"holds students of teacher 'tiny', not 'sd15'.*"
+                                         r"set register.model_name"):
+        register_student(cfg, student, {"fid": 1.0, "clip_score": 0.3}, other, uri=uri,
+                         artifact_root=artifact_location(sqlite_root, uri))
+    versions = client.search_model_versions(f"name = '{cfg.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert len(client.search_runs([client.get_experiment_by_name("distillery")
+                                   .experiment_id])) == runs_before  # no orphan run
+
+
+def test_review_cli_against_server(student, mlflow_server, tmp_path, monkeypatch, capsys):
+    """The morning loop on a real server: list, candidate vs champion, refused and forced
+    promotion; the gate's margins come from the project's params.yaml."""
+    from mlflow import MlflowClient
+
+    from pipeline import registry_cli
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, name = mlflow_server.uri, "tiny-review"
+    (tmp_path / "params.yaml").write_text(
+        f"register: {{model_name: {name}, experiment: review, fid_margin: 1.0, "
+        "clip_tolerance: 0.05}\n")
+    cfg = registry_cli.register_config(tmp_path, None)
+    first = register(cfg, student, uri, mlflow_server.folder, fid=50.0)
+    second = register(cfg, student, uri, mlflow_server.folder, fid=50.5)  # not better by 1.0
+    assert (first["champion"], second["version"]) == ("1", "2") and not second["promoted"]
+    assert second["run_url"] == (f"{uri}/#/experiments/{second['experiment_id']}/runs/"
+                                 f"{second['run_id']}")
+
+    def cli(*args: str) -> str:
+        registry_cli.main(["--root", str(tmp_path), "--tracking-uri", uri, *args])
+        return capsys.readouterr().out
+
+    listed = cli("list")
+    assert f"| {name} | tiny | 1, 2 | candidate → 2, champion → 1 |" in listed
+    shown = cli("compare").splitlines()
+    assert "| version | 2 | 1 |" in shown and "| FID ↓ | 50.500 | 50.000 |" in shown
+    assert "| eval protocol | fid-clip-v1 | fid-clip-v1 |" in shown
+    assert any(line.startswith("gate (FID lower by ≥ 1, CLIP score lower by ≤ 0.05") and
+               "keep the champion: fid not lower by at least 1" in line for line in shown)
+    with pytest.raises(SystemExit, match="version 2 not promoted .* add --force"):
+        cli("promote")
+    client = MlflowClient(uri, registry_uri=uri)
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert "version 2 is now champion (was 1)" in cli("promote", "--force")
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "2"
+    assert champion.tags["promotion"].startswith("promoted by hand, overruling the gate")
+    assert "the candidate is the champion" in cli("compare")
+    assert "version 2 is already champion" in cli("promote")
+    # registered under a stricter margin, so not promoted then; the project's margin now says yes
+    strict = RegisterConfig(name, "review", fid_margin=10.0, clip_tolerance=0.05)
+    third = register(strict, student, uri, mlflow_server.folder, fid=45.0)
+    assert third["version"] == "3" and not third["promoted"] and third["champion"] == "2"
+    assert "version 3 is now champion (was 2); promote: better than the champion" in cli(
+        "promote")
+    assert client.get_model_version_by_alias(name, "champion").tags["promotion"].startswith(
+        "promoted by hand: promote")
+    with pytest.raises(SystemExit, match="registry: .*no-such-model"):
+        cli("--model", "no-such-model", "compare")
+    shown = cli("show", "--version", "1").splitlines()
+    assert shown[0] == f"# {name} version 1" and "| FID ↓ | 50.000 |" in shown
+    assert cli("show", "--version", "1", "--tag", "git_commit") == "abc123\n"
+    with pytest.raises(SystemExit, match="has no tag 'dvc_exp_rev'; it has: eval_protocol, "
+                                         "git_commit"):
+        cli("show", "--version", "1", "--tag", "dvc_exp_rev")

@@ -5,6 +5,8 @@ No MLflow here, so params loading and tests of the rule stay light.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -14,6 +16,12 @@ import numpy as np
 
 PROTOCOL = "protocol"  # key of the eval protocol in the records ``should_promote`` compares
 TAG_PROTOCOL = "eval_protocol"
+# Eval-card fields that decide whether two FID / CLIP numbers are comparable. Left out on
+# purpose: what is evaluated (steps, guidance), where (device) and library versions.
+PROTOCOL_FIELDS = ("protocol", "caption_list_sha256", "n_images", "reference_sha256",
+                   "reference_stats_key", "resize", "feature_network", "feature_weights_sha256",
+                   "clip_model", "clip_weights", "clip_prefix", "base_seed", "seeds", "precision",
+                   "card_version")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,20 @@ class RegisterConfig:
             raise ValueError("fid_margin and clip_tolerance must be >= 0 (and not NaN)")
         if self.candidate_alias == self.champion_alias:
             raise ValueError("candidate_alias and champion_alias must differ")
+
+
+def protocol_id(card: Mapping[str, Any]) -> str:
+    """``<protocol>-<12 hex>``: the protocol's name and a hash of the card's comparability fields.
+
+    Two students are compared only when their ids are equal: same captions, seeds, reference set,
+    feature network and CLIP scorer. A card lacking one of ``PROTOCOL_FIELDS`` is an error.
+    """
+    missing = [k for k in PROTOCOL_FIELDS if k not in card]
+    if missing:
+        raise ValueError(f"eval card lacks {', '.join(missing)}; re-run the evaluate stage")
+    fields = {k: card[k] for k in PROTOCOL_FIELDS}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return f"{card['protocol']}-{digest[:12]}"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """Model registry: record a distilled student in MLflow and promote it by a metric gate.
 
 This is the only component that imports MLflow. A registration is one MLflow run (params, metrics,
-artifacts, lineage tags) that logs the student folder as a pyfunc model, registers it as a new
-version of ``model_name`` and points the ``candidate`` alias at it. ``should_promote`` then
+artifacts, lineage tags, model card) that logs the student folder as a pyfunc model, registers it as
+a new version of ``model_name`` and points the ``candidate`` alias at it. ``should_promote`` then
 compares it with the version behind the ``champion`` alias and moves that alias if it wins.
+A registered model holds the students of one teacher only (its ``teacher`` tag).
+
+The review helpers (``version_record``, ``registry_overview``, ``set_alias``, ``find_runs``) give
+the registry's content as plain dicts to the command-line tools.
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from components.registry.card import CARD_FILE
 from components.registry.gate import PROTOCOL, TAG_PROTOCOL, Lineage, RegisterConfig, should_promote
 
 MODEL_ARTIFACT = "student"
+CARD_ARTIFACTS = "model_card"  # artifact folder of the model card and its grid
+TAG_TEACHER = "teacher"  # registered-model tag: the one teacher whose students it holds
+MAX_DESCRIPTION = 5000  # MLflow's limit on a model version's description
+RegistryError = MlflowException  # what callers catch: unknown model or version, server errors
 # Runtime packages of the pyfunc model; pinned to the versions installed when it is logged.
 MODEL_REQUIREMENTS = ("mlflow", "torch", "diffusers", "transformers", "safetensors", "numpy",
                       "pandas", "pillow")
@@ -112,13 +122,18 @@ def prompts_and_seeds(model_input: Any) -> tuple[list[str], list[int]]:
 def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapping[str, Any],
                      lineage: Lineage, *, uri: str, artifact_root: str | None = None,
                      params: Mapping[str, Any] | None = None,
-                     artifacts: Sequence[str | Path] = (), run_name: str = "register") -> dict:
-    """Log, register and gate one student; returns run_id, version, promoted, reason, champion.
+                     artifacts: Sequence[str | Path] = (), run_name: str = "register",
+                     model_card: str | None = None, card_files: Sequence[str | Path] = ()) -> dict:
+    """Log, register and gate one student; returns run_id, version, promoted, reason, champion,
+    experiment_id and run_url (a link for an http tracking server, else None).
 
     ``metrics`` may be nested (flattened to dotted names; non-numbers are skipped); ``params`` are
-    the resolved stage configs; ``artifacts`` are files or folders (grids, eval card, configs).
+    the resolved stage configs; ``artifacts`` are files or folders (grids, eval card, configs);
+    ``model_card`` (markdown) is logged with ``card_files`` under ``model_card/`` and becomes the
+    version's description. Raises ``ValueError`` if ``model_name`` holds another teacher's students.
     """
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    _claim_model(client, cfg.model_name, lineage.teacher)
     experiment_id = _experiment_id(client, cfg.experiment, artifact_root)
     numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
     with _tracking(uri), mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
@@ -132,9 +147,16 @@ def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapp
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
             else:
                 mlflow.log_artifact(str(path))
+        if model_card is not None:
+            mlflow.log_text(model_card, f"{CARD_ARTIFACTS}/{CARD_FILE}")
+            for path in card_files:
+                mlflow.log_artifact(str(path), artifact_path=CARD_ARTIFACTS)
         # 2. the student itself, as a pyfunc model, and a new registered version of it
         model_uri = _log_model(Path(student_dir))
         version = mlflow.register_model(model_uri, cfg.model_name, tags=lineage.tags()).version
+    if model_card is not None:
+        client.update_model_version(cfg.model_name, version,
+                                    description=model_card[:MAX_DESCRIPTION])
     client.set_registered_model_alias(cfg.model_name, cfg.candidate_alias, version)
     # 3. the gate against the current champion
     record = {**numeric, PROTOCOL: lineage.eval_protocol}
@@ -146,7 +168,35 @@ def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapp
     champion = client.get_registered_model(cfg.model_name).aliases.get(cfg.champion_alias)
     return {"run_id": run.info.run_id, "version": str(version), "promoted": decision.promote,
             "reason": decision.reason, "champion": None if champion is None else str(champion),
-            "model_uri": f"models:/{cfg.model_name}@{cfg.candidate_alias}", "tracking_uri": uri}
+            "model_uri": f"models:/{cfg.model_name}@{cfg.candidate_alias}", "tracking_uri": uri,
+            "model_name": cfg.model_name, "experiment_id": experiment_id,
+            "run_url": run_url(uri, experiment_id, run.info.run_id)}
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of a run on a tracking server; None for a local store (no UI URL)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _claim_model(client: MlflowClient, name: str, teacher: str) -> None:
+    """Create ``name`` for ``teacher``, or check that it already belongs to that teacher."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name, tags={TAG_TEACHER: teacher},
+                                       description=f"one-step students of the teacher {teacher}")
+        return
+    owner = model.tags.get(TAG_TEACHER)
+    if owner is None:
+        client.set_registered_model_tag(name, TAG_TEACHER, teacher)
+    elif owner != teacher:
+        raise ValueError(f"registered model {name!r} holds students of teacher {owner!r}, not "
+                         f"{teacher!r}: one registered model per teacher; set register.model_name "
+                         "in params.yaml to a name for this teacher")
 
 
 def _is_number(value: Any) -> bool:
@@ -213,5 +263,80 @@ def _champion_record(client: MlflowClient, cfg: RegisterConfig) -> dict[str, Any
     version = client.get_registered_model(cfg.model_name).aliases.get(cfg.champion_alias)
     if version is None:
         return None
-    run = client.get_run(client.get_model_version(cfg.model_name, version).run_id)
-    return {**run.data.metrics, PROTOCOL: run.data.tags.get(TAG_PROTOCOL)}
+    return gate_record(version_record(client, cfg.model_name, str(version)))
+
+
+# ---------------------------------------------------------------- review
+
+
+def gate_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``should_promote`` compares, from a ``version_record``: its metrics and protocol."""
+    return {**record["metrics"], PROTOCOL: record["tags"].get(TAG_PROTOCOL)}
+
+
+def version_record(client: MlflowClient, name: str, version: str) -> dict[str, Any]:
+    """One model version as a plain dict: version, aliases, tags (the run's, MLflow's own left
+    out, then the version's), run id, metrics, params."""
+    mv = client.get_model_version(name, version)
+    run = client.get_run(mv.run_id)
+    return {"name": name, "version": str(mv.version), "aliases": sorted(mv.aliases or []),
+            "run_id": mv.run_id, "created_ms": mv.creation_timestamp,
+            "tags": {**{k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+                     **mv.tags}, "metrics": dict(run.data.metrics),
+            "params": dict(run.data.params),
+            "run_url": run_url(client.tracking_uri, run.info.experiment_id, mv.run_id)}
+
+
+def client_for(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias_record(uri: str, name: str, alias: str) -> dict[str, Any] | None:
+    """``version_record`` of the version behind ``alias``, or None when no version holds it."""
+    client = client_for(uri)
+    version = client.get_registered_model(name).aliases.get(alias)
+    return None if version is None else version_record(client, name, str(version))
+
+
+def registry_overview(uri: str) -> list[dict[str, Any]]:
+    """Every registered model: name, teacher, aliases (alias → version) and number of versions."""
+    client = client_for(uri)
+    out = []
+    for model in client.search_registered_models(max_results=1000):
+        versions = client.search_model_versions(f"name = '{model.name}'", max_results=10000)
+        out.append({"name": model.name, "teacher": model.tags.get(TAG_TEACHER),
+                    "aliases": {k: str(v) for k, v in sorted(model.aliases.items())},
+                    "versions": sorted((str(v.version) for v in versions), key=int)})
+    return sorted(out, key=lambda m: m["name"])
+
+
+def set_alias(uri: str, name: str, alias: str, version: str, note: str) -> None:
+    """Point ``alias`` of ``name`` at ``version`` and record why on the version."""
+    client = client_for(uri)
+    client.get_model_version(name, version)  # a clear error if it does not exist
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "promotion", note)
+
+
+def tag_lineage(uri: str, run_id: str, tags: Mapping[str, str], model_name: str | None = None,
+                version: str | None = None) -> None:
+    """Add lineage tags (e.g. the DVC experiment that holds the run's params and lock) to a run
+    and, when given, to its model version."""
+    client = client_for(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+        if model_name and version:
+            client.set_model_version_tag(model_name, version, key, str(value))
+
+
+def find_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """Finished runs of ``experiment``, oldest first: run id, name, params, metrics and tags."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r} at {uri}")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                              max_results=5000, order_by=["attributes.start_time ASC"])
+    return [{"run_id": r.info.run_id, "run_name": r.info.run_name,
+             "start_ms": r.info.start_time, "params": dict(r.data.params),
+             "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in runs]

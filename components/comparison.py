@@ -1,0 +1,125 @@
+"""Compare distillation variants: runs (DVC experiments or MLflow runs) as rows of params and
+metrics, grouped into variants by the params that differ, as a markdown table and as plots of
+FID and CLIP score over training steps (one line per variant).
+
+A row is a plain dict: ``name``, ``rev`` (git rev or MLflow run id), ``params`` (flat, dotted
+keys), ``metrics`` (flat: at least ``fid`` and ``clip_score``) and ``protocol``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from components.io import atomic_write_bytes
+
+STEPS = "distill.loop.steps"
+METHOD = "distill.method"
+METRICS = (("fid", "FID ↓", "{:.2f}"), ("clip_score", "CLIP score ↑", "{:.4f}"))
+# Params that say how a number was measured, not what was trained: when they differ between rows,
+# FID and CLIP score are not comparable.
+PROTOCOL_SECTIONS = ("evaluate.", "reference.")
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping to dotted keys: ``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _text(value: Any) -> str:
+    """Params compare as text: MLflow stores them as strings, DVC as YAML values."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def varying_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Param keys whose values differ between rows (a key missing in a row counts as a value)."""
+    keys = sorted({k for row in rows for k in row["params"]})
+    return [k for k in keys if len({_text(row["params"].get(k)) for row in rows}) > 1]
+
+
+def variant_label(row: Mapping[str, Any], varying: Sequence[str]) -> str:
+    """What distinguishes a row's variant, training steps aside: method plus varying params."""
+    parts = [_text(row["params"].get(METHOD, "?"))]
+    parts += [f"{k.rsplit('.', 1)[-1]}={_text(row['params'].get(k))}"
+              for k in varying if k not in (STEPS, METHOD)]
+    return ", ".join(parts)
+
+
+def steps_of(row: Mapping[str, Any]) -> float:
+    value = row["params"].get(STEPS)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one line per run (variant, steps, FID, CLIP score, protocol), the best marked,
+    then which run won and the params that differ."""
+    varying = varying_params(rows)
+    shown = [k for k in varying if k not in (STEPS, METHOD)]
+    head = ["run", "rev", "method", *shown, "steps", *(m[1] for m in METRICS), "protocol"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    best = {key: _best(rows, key, lower=(key == "fid")) for key, _, _ in METRICS}
+    for row in sorted(rows, key=lambda r: (variant_label(r, varying), steps_of(r))):
+        cells = [row["name"], f"`{str(row['rev'])[:8]}`", _text(row["params"].get(METHOD, ""))]
+        cells += [_text(row["params"].get(k, "")) for k in shown]
+        cells.append(_text(row["params"].get(STEPS, "")))
+        for key, _, fmt in METRICS:
+            value = fmt.format(row["metrics"][key])
+            cells.append(f"**{value}**" if row is best[key] else value)
+        cells.append(str(row.get("protocol") or ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"- lowest FID: {_describe(best['fid'], varying)}",
+              f"- highest CLIP score: {_describe(best['clip_score'], varying)}",
+              f"- params that differ: {', '.join(varying) or 'none'}"]
+    protocols = {row.get("protocol") for row in rows}
+    if len(protocols) > 1 or any(k.startswith(PROTOCOL_SECTIONS) for k in varying):
+        lines.append("- WARNING: the runs were evaluated under different protocols; their FID "
+                     "and CLIP scores are not comparable")
+    return "\n".join(lines) + "\n"
+
+
+def _best(rows: Sequence[Mapping[str, Any]], key: str, lower: bool) -> Mapping[str, Any]:
+    return (min if lower else max)(rows, key=lambda r: r["metrics"][key])
+
+
+def _describe(row: Mapping[str, Any], varying: Sequence[str]) -> str:
+    return f"{row['name']} ({variant_label(row, varying)}, {_text(row['params'].get(STEPS))} steps)"
+
+
+def plot_over_steps(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path,
+                    ylabel: str) -> None:
+    """PNG: ``metric`` against training steps, one line (sorted by steps) per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    varying = varying_params(rows)
+    variants: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        variants.setdefault(variant_label(row, varying), []).append(
+            (steps_of(row), row["metrics"][metric]))
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for label, points in sorted(variants.items()):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel("distillation steps")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} over steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
