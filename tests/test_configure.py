@@ -67,7 +67,7 @@ def test_override_of_the_model_name_wins(project):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"preset": "nano"}, "unknown preset 'nano'; valid presets are: default, gpu, micro"),
-    ({"method": "dmd9"}, "unknown method 'dmd9'; valid methods are: swiftbrush"),
+    ({"method": "dmd9"}, "unknown method 'dmd9'; valid methods are: dmd2, instaflow, meng, sid_lsg, swiftbrush"),
     ({"overrides": ["distill.loop.stepz=3"]}, "valid keys are"),
     ({"overrides": ["steps=3"]}, "must look like section.key=value"),
     ({"overrides": ["teacher.model.name=x"]}, "'model' is not a section"),
