@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def report(results: list[dict], out: Path) -> str:
     """The markdown report (and its plot) from the experiments' results."""
     first = results[0]["eval"]
     d0 = results[0]["distill"]
-    intro = (f"Machine: {platform.machine()} CPU ({platform.processor() or 'unknown'}), "
+    intro = (f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores visible, "
              f"Python {platform.python_version()}. Every method ran {d0['steps']} iterations "
              f"of batch {d0['images_seen'] // d0['steps']}; evaluation protocol "
              f"`{first['protocol']}` (FID against the held-out reference renders, CLIP score "
