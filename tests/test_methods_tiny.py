@@ -222,3 +222,27 @@ def test_v_prediction_teacher(name, tmp_path):
           lambda module, s: None)
     assert all(torch.isfinite(torch.tensor(v)) for m in logs for k, v in m.items()
                if k.startswith("loss"))
+
+
+def test_dmd2_gan_term_needs_real_latents_and_trains_a_head(tmp_path):
+    """The GAN term is optional and only runs on supplied real latents; its head trains with
+    the fake score and its generator loss reaches the generator."""
+    from safetensors.torch import save_file
+
+    cfg_cls, build = get_method("dmd2")
+    with pytest.raises(Exception, match="real_latents"):
+        from_dict(cfg_cls, {"gan_weight": 1e-3}, "dmd2")
+    save_file({"latents": torch.randn(6, *LATENT)}, str(tmp_path / "real.safetensors"))
+    settings = {**SETTINGS["dmd2"], "gan_weight": 1e-3,
+                "real_latents": str(tmp_path / "real.safetensors")}
+    pipe = tiny_pipeline()
+    cache = _cache(tmp_path, pipe)
+    method = build(from_dict(cfg_cls, settings, "dmd2"), Teacher(teacher_denoiser(pipe)), 4)
+    head_before = [p.clone() for p in method.head.parameters()]
+    logs = []
+    train(method, PromptBatches.from_cache(cache, LATENT),
+          LoopConfig(steps=4, batch_size=4, log_every=1, sample_every=100, checkpoint_every=2),
+          tmp_path / "ck", lambda m, s: logs.append(m), lambda module, s: None)
+    assert any("loss_gan_g" in m for m in logs) and all("loss_gan_d" in m for m in logs)
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, method.head.parameters()))
+    assert (tmp_path / "ck" / "step-0000004" / "gan_head.safetensors").exists()

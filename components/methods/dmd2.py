@@ -18,13 +18,20 @@ Distribution-matching gradient (the paper's DMD gradient with the code's normali
 Fake score (denoising score matching on generator samples, unweighted ε-MSE), t ~ U{0, …, 999}:
     L_fake = ‖ε_fake(x_t, t, y) − ε‖²,   x_t from sg[x]
 
-The GAN term of DMD2's second stage needs real images (VAE latents); Distillery is data-free, so
-``gan_weight`` must stay 0 (a non-zero value is refused with an explanation).
+Optional GAN term (DMD2's second stage), only when real image latents are supplied
+(``real_latents``: a safetensors file with ``latents`` (N, C, h, w), VAE latents already scaled
+by the VAE's scaling factor). A head on the fake score's bottleneck features (the UNet's mid
+block) classifies noised real vs generated latents (diffusion-GAN, t ~ U{0, …, 999}), with
+non-saturating losses:
+    L_G += λ_G softplus(−D(x_t^fake)),   L_fake += λ_D [softplus(D(x_t^fake)) + softplus(−D(x_t^real))]
+λ_G = ``gan_weight`` (1e-3 for SD1.5's stage 2), λ_D = ``gan_head_weight`` (1e-2). The head is a
+small conv stack with global average pooling (size-agnostic), trained with the fake score.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,7 +56,9 @@ class DMD2Config:
     weight_decay: float = 0.01
     warmup_steps: int = 500
     max_grad_norm: float = 10.0
-    gan_weight: float = 0.0
+    gan_weight: float = 0.0  # 0: data-free stage 1; 1e-3 in the paper's stage 2
+    gan_head_weight: float = 1e-2
+    real_latents: str | None = None  # safetensors file {"latents": (N, C, h, w)}, scaled
 
     def validate(self) -> None:
         if self.fake_guidance_scale != 1.0:
@@ -58,10 +67,27 @@ class DMD2Config:
             raise ValueError("gen_update_ratio must be >= 1")
         if not 0 <= self.t_min < self.t_max <= 999:
             raise ValueError(f"need 0 <= t_min < t_max <= 999, got {self.t_min}, {self.t_max}")
-        if self.gan_weight != 0.0:
+        if self.gan_weight < 0 or self.gan_head_weight < 0:
+            raise ValueError("gan_weight and gan_head_weight must be >= 0")
+        if self.gan_weight > 0 and not self.real_latents:
             raise ValueError(
-                "dmd2.gan_weight > 0 needs real image latents for the discriminator, and "
-                "Distillery trains without images; keep gan_weight: 0 (DMD2's data-free stage)")
+                "dmd2.gan_weight > 0 needs real image latents for the discriminator: set "
+                "dmd2.real_latents to a safetensors file with 'latents' (N, C, h, w) (VAE "
+                "latents of real images), or keep gan_weight: 0 (DMD2's data-free stage)")
+
+
+class BottleneckHead(torch.nn.Module):
+    """D: the fake score's mid-block features (B, C, h, w) -> one logit per sample (B,)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        groups = 32 if channels % 32 == 0 else 1
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.GroupNorm(groups, channels),
+            torch.nn.SiLU(), torch.nn.Conv2d(channels, 1, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).mean(dim=(1, 2, 3))
 
 
 class DMD2:
@@ -81,9 +107,36 @@ class DMD2:
         self.G_theta = teacher.trainable_copy()
         self.mu_fake = teacher.trainable_copy()
         self.mu_real = teacher.network.requires_grad_(False)
+        self.head, self.real = None, None
+        if cfg.gan_weight > 0:
+            self._init_gan(cfg)
+
+    def _init_gan(self, cfg: DMD2Config) -> None:
+        from safetensors.torch import load_file
+
+        mid = getattr(getattr(self.mu_fake, "unet", None), "mid_block", None)
+        if mid is None:
+            raise ValueError("DMD2's GAN head reads a diffusers UNet's mid block; this teacher "
+                             "network has none (set gan_weight: 0)")
+        path = Path(cfg.real_latents)
+        if not path.is_file():
+            raise FileNotFoundError(f"dmd2.real_latents: {path} not found; give a safetensors "
+                                    "file with 'latents' (N, C, h, w)")
+        self.real = load_file(str(path))["latents"].float()
+        self._features: list[torch.Tensor] = []
+        mid.register_forward_hook(self._keep_features)
+        channels = self.mu_fake.unet.config.block_out_channels[-1]
+        device = next(self.mu_fake.parameters()).device
+        self.head = BottleneckHead(channels).to(device)
+
+    def _keep_features(self, _module, _inputs, out: torch.Tensor) -> None:
+        self._features[:] = [out]  # only the latest pass's bottleneck
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
-        return list((self.G_theta if group == "generator" else self.mu_fake).parameters())
+        if group == "generator":
+            return list(self.G_theta.parameters())
+        head = list(self.head.parameters()) if self.head is not None else []
+        return list(self.mu_fake.parameters()) + head
 
     def make_optimizer(self, group: str) -> torch.optim.Optimizer:
         lr = self.cfg.generator_lr if group == "generator" else self.cfg.fake_lr
@@ -94,7 +147,23 @@ class DMD2:
         return self.G_theta
 
     def state_modules(self) -> dict[str, torch.nn.Module]:
-        return {"generator": self.G_theta, "fake": self.mu_fake}
+        modules = {"generator": self.G_theta, "fake": self.mu_fake}
+        if self.head is not None:
+            modules["gan_head"] = self.head
+        return modules
+
+    def _logits(self, x0: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """D(x_t) for latents x0 noised at t ~ U{0, …, 999} (diffusion-GAN), per sample (B,)."""
+        gen = batch.generator
+        t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        x_t = self.schedule.add_noise(x0, eps, t.to(x0.device))
+        self.mu_fake(x_t, t.to(x0.device), batch.cond)
+        return self.head(self._features[-1].float())
+
+    def _real_latents(self, batch: Batch) -> torch.Tensor:
+        idx = torch.randint(0, self.real.shape[0], (batch.z.shape[0],), generator=batch.generator)
+        return self.real[idx].to(batch.z.device)
 
     def loss(self, group: str, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         if group == "generator":
@@ -120,7 +189,16 @@ class DMD2:
             g = ((x_fake - x_real) / norm.view(-1, *[1] * (x.ndim - 1))).float()
             g = torch.nan_to_num(g)
         per_sample = 0.5 * ((x - (x - g).detach()) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_dm": per_sample.mean().item(), "grad_norm_g": g.norm().item()}
+        metrics = {"loss_dm": per_sample.mean().item(), "grad_norm_g": g.norm().item()}
+        if self.head is not None:  # gradients reach x through the frozen fake score and head
+            self.mu_fake.requires_grad_(False)
+            self.head.requires_grad_(False)
+            gan = torch.nn.functional.softplus(-self._logits(x, batch))
+            self.mu_fake.requires_grad_(True)
+            self.head.requires_grad_(True)
+            per_sample = per_sample + self.cfg.gan_weight * gan
+            metrics["loss_gan_g"] = gan.mean().item()
+        return per_sample, metrics
 
     def fake_score_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         """Unweighted ε-MSE of the fake score on the generator's current samples (B,)."""
@@ -135,7 +213,14 @@ class DMD2:
         x_t = self.schedule.add_noise(x, eps, t)
         eps_fake = predict_eps(self.mu_fake, x_t, t, batch.cond)
         per_sample = ((eps_fake - eps) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_fake": per_sample.mean().item()}
+        metrics = {"loss_fake": per_sample.mean().item()}
+        if self.head is not None:
+            softplus = torch.nn.functional.softplus
+            d_loss = (softplus(self._logits(x.detach(), batch))
+                      + softplus(-self._logits(self._real_latents(batch), batch)))
+            per_sample = per_sample + self.cfg.gan_head_weight * d_loss
+            metrics["loss_gan_d"] = d_loss.mean().item()
+        return per_sample, metrics
 
 
 @register("dmd2", DMD2Config)
