@@ -8,12 +8,11 @@ keys), ``metrics`` (flat: at least ``fid`` and ``clip_score``) and ``protocol``.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from components.io import atomic_write_bytes
+from components.evaluation.plots import metric_curves
 
 STEPS = "distill.loop.steps"
 METHOD = "distill.method"
@@ -99,27 +98,12 @@ def _describe(row: Mapping[str, Any], varying: Sequence[str]) -> str:
 def plot_over_steps(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path,
                     ylabel: str) -> None:
     """PNG: ``metric`` against training steps, one line (sorted by steps) per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     varying = varying_params(rows)
     variants: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         variants.setdefault(variant_label(row, varying), []).append(
             (steps_of(row), row["metrics"][metric]))
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for label, points in sorted(variants.items()):
-        xs, ys = zip(*sorted(points), strict=True)
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("distillation steps")
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} over steps")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    curves = {label: tuple(map(list, zip(*sorted(points), strict=True)))
+              for label, points in sorted(variants.items())}
+    metric_curves(curves, path, ylabel, f"{ylabel} over steps", xlabel="distillation steps",
+                  grid=True, figsize=(6, 3.6))

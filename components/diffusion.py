@@ -152,22 +152,24 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return sinusoidal_embedding(1000.0 * w, dim)
 
 
-def predict_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-    """ε prediction of any denoiser, whatever its native prediction type."""
+def _predict(convert, denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+             timestep_cond: torch.Tensor | None) -> torch.Tensor:
     alpha, sigma = denoiser.schedule.alpha_sigma(t, x_t)
     out = (denoiser(x_t, t, cond) if timestep_cond is None
            else denoiser(x_t, t, cond, timestep_cond=timestep_cond))
-    return to_eps(out, denoiser.prediction_type, x_t, alpha, sigma)
+    return convert(out, denoiser.prediction_type, x_t, alpha, sigma)
+
+
+def predict_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+    """ε prediction of any denoiser, whatever its native prediction type."""
+    return _predict(to_eps, denoiser, x_t, t, cond, timestep_cond)
 
 
 def predict_x0(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
     """x0 prediction of any denoiser, whatever its native prediction type."""
-    alpha, sigma = denoiser.schedule.alpha_sigma(t, x_t)
-    out = (denoiser(x_t, t, cond) if timestep_cond is None
-           else denoiser(x_t, t, cond, timestep_cond=timestep_cond))
-    return to_x0(out, denoiser.prediction_type, x_t, alpha, sigma)
+    return _predict(to_x0, denoiser, x_t, t, cond, timestep_cond)
 
 
 def guided(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,

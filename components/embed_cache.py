@@ -25,9 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from components.io import CacheError, read_json, sha256_bytes, sha256_file, write_json
+from components.io import (
+    CacheError,
+    load_verified_shard,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+    write_json,
+)
 from components.pair_cache import PairsConfig
 from components.teacher import TextConditioning
 
@@ -147,13 +154,8 @@ class EmbeddingCache:
         null = self._load(self.index["null"])
         self._null = TextConditioning(*(null[k].float() if k in null else None for k in FIELDS))
 
-    def _load(self, entry: dict) -> torch.Tensor:
-        path = self.folder / entry["file"]
-        if not path.exists() or sha256_file(path) != entry["sha256"]:
-            raise CacheError(f"cache shard {path} is missing or corrupt (sha256 mismatch); "
-                             "rebuild it with `dvc repro cache_teacher --force` "
-                             "(or restore it with `dvc checkout`)")
-        return load_file(str(path))
+    def _load(self, entry: dict) -> dict[str, torch.Tensor]:
+        return load_verified_shard(self.folder, entry, "cache shard")
 
     def __len__(self) -> int:
         return int(self.index["count"])

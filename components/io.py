@@ -90,3 +90,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 class CacheError(RuntimeError):
     """A cache folder is missing, stale or corrupt; the message says how to rebuild it."""
+
+
+def load_verified_shard(folder: Path, entry: dict, what: str) -> dict:
+    """The tensors of cache file ``entry`` ({"file", "sha256"}) in ``folder``, after checking its
+    hash; a missing or corrupt file is a ``CacheError`` that says how to rebuild it."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / entry["file"]
+    if not path.exists() or sha256_file(path) != entry["sha256"]:
+        raise CacheError(f"{what} {path} is missing or corrupt (sha256 mismatch); "
+                         "rebuild it with `dvc repro cache_teacher --force` "
+                         "(or restore it with `dvc checkout`)")
+    return load_file(str(path))

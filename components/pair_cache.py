@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from components.generation import seeded_noise
-from components.io import CacheError, read_json, sha256_file, write_json
+from components.io import CacheError, load_verified_shard, read_json, sha256_file, write_json
 
 INDEX = "index.json"
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (prompt ids, z) -> x1
@@ -130,12 +130,7 @@ class PairCache:
         self.x1 = torch.cat([p["x1"] for p in parts]).float()
 
     def _load(self, entry: dict) -> dict[str, torch.Tensor]:
-        path = self.folder / entry["file"]
-        if not path.exists() or sha256_file(path) != entry["sha256"]:
-            raise CacheError(f"pair shard {path} is missing or corrupt (sha256 mismatch); "
-                             "rebuild it with `dvc repro cache_teacher --force` "
-                             "(or restore it with `dvc checkout`)")
-        return load_file(str(path))
+        return load_verified_shard(self.folder, entry, "pair shard")
 
     def __len__(self) -> int:
         return int(self.prompt.shape[0])
