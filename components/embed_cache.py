@@ -18,22 +18,20 @@ Distillation reads embeddings from here and never loads the text encoder.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from components.io import (
     CacheError,
     load_verified_shard,
+    publish_shards,
     read_json,
+    save_tensors,
     sha256_bytes,
-    sha256_file,
-    write_json,
+    write_resumable_shards,
 )
 from components.pair_cache import PairsConfig
 from components.teacher import TextConditioning
@@ -72,12 +70,8 @@ def _as_conditioning(x: TextConditioning | torch.Tensor) -> TextConditioning:
     return x if isinstance(x, TextConditioning) else TextConditioning(x)
 
 
-def _save(path: Path, cond: TextConditioning) -> str:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: getattr(cond, k).contiguous() for k in FIELDS if getattr(cond, k) is not None},
-              str(tmp))
-    os.replace(tmp, path)
-    return sha256_file(path)
+def _tensors(cond: TextConditioning) -> dict[str, torch.Tensor]:
+    return {k: getattr(cond, k) for k in FIELDS if getattr(cond, k) is not None}
 
 
 def _encode(encode: Encoder, prompts: Sequence[str], batch: int,
@@ -100,37 +94,24 @@ def write_cache(out_dir: str | Path, prompts: Sequence[str], encode: Encoder, cf
     """Encode every prompt into shards (resuming a killed run's shards), and the unconditional
     embedding: ``null`` if given (SDXL's zeros), else the encoded empty prompt."""
     out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, cfg.dtype)
     digest = prompts_hash(prompts)
-    progress_path = work / "progress.json"
-    progress = read_json(progress_path) if progress_path.exists() else {}
-    if progress.get("prompts_sha256") != digest or progress.get("dtype") != cfg.dtype:
-        progress = {"prompts_sha256": digest, "dtype": cfg.dtype, "shards": []}
-    done = {s["file"]: s for s in progress["shards"]
-            if (work / s["file"]).exists() and sha256_file(work / s["file"]) == s["sha256"]}
-    shards = []
-    for k, start in enumerate(range(0, len(prompts), cfg.shard_size)):
-        name = f"shard-{k:05d}.safetensors"
-        chunk = prompts[start:start + cfg.shard_size]
-        if name not in done:
-            emb = _encode(encode, chunk, cfg.batch_size, dtype)
-            done[name] = {"file": name, "start": start, "count": len(chunk),
-                          "sha256": _save(work / name, emb)}
-            progress["shards"] = list(done.values())
-            write_json(progress_path, progress)
-            log(f"cache_teacher: shard {k} ({start + len(chunk)}/{len(prompts)} prompts)")
-        shards.append(done[name])
+
+    def make(start: int, stop: int) -> dict[str, torch.Tensor]:
+        return _tensors(_encode(encode, prompts[start:stop], cfg.batch_size, dtype))
+
+    def progress(k: int, stop: int) -> None:
+        log(f"cache_teacher: shard {k} ({stop}/{len(prompts)} prompts)")
+
+    work, shards = write_resumable_shards(
+        out_dir, {"prompts_sha256": digest, "dtype": cfg.dtype}, len(prompts), cfg.shard_size,
+        "shard", make, progress)
     null = _cast(_as_conditioning(encode([""]) if null is None else null), dtype)
     index = {"prompts_sha256": digest, "count": len(prompts), "shape": list(null.text.shape[1:]),
              "dtype": cfg.dtype, "teacher": teacher, "shards": shards,
-             "null": {"file": "null.safetensors", "sha256": _save(work / "null.safetensors", null)}}
-    progress_path.unlink()
-    write_json(work / INDEX, index)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
+             "null": {"file": "null.safetensors",
+                      "sha256": save_tensors(work / "null.safetensors", _tensors(null))}}
+    publish_shards(work, out_dir, index)
     return index
 
 

@@ -17,17 +17,20 @@ last complete shard); the finished folder replaces ``<dir>`` by rename.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from components.generation import seeded_noise
-from components.io import CacheError, load_verified_shard, read_json, sha256_file, write_json
+from components.io import (
+    CacheError,
+    load_verified_shard,
+    publish_shards,
+    read_json,
+    write_resumable_shards,
+)
 
 INDEX = "index.json"
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (prompt ids, z) -> x1
@@ -63,38 +66,20 @@ def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
                 log: Callable[[str], None] = print) -> dict:
     """Sample ``cfg.count`` pairs shard by shard (resuming complete shards); return the index."""
     out_dir = Path(out_dir)
-    work = out_dir.with_name(out_dir.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
     key = {**meta, "count": cfg.count, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
            "seed": cfg.seed, "dtype": cfg.dtype, "latent_shape": list(latent_shape)}
-    progress_path = work / "progress.json"
-    progress = read_json(progress_path) if progress_path.exists() else {}
-    if progress.get("key") != key:
-        progress = {"key": key, "shards": []}
-    done = {s["file"]: s for s in progress["shards"]
-            if (work / s["file"]).exists() and sha256_file(work / s["file"]) == s["sha256"]}
     prompts = pair_prompts(cfg, num_prompts)
-    shards = []
-    for k, start in enumerate(range(0, cfg.count, cfg.shard_size)):
-        name = f"pairs-{k:05d}.safetensors"
-        stop = min(start + cfg.shard_size, cfg.count)
-        if name not in done:
-            tensors = _sample_shard(sample, prompts, start, stop, latent_shape, cfg)
-            tmp = work / (name + ".tmp")
-            save_file(tensors, str(tmp))
-            os.replace(tmp, work / name)
-            done[name] = {"file": name, "start": start, "count": stop - start,
-                          "sha256": sha256_file(work / name)}
-            progress["shards"] = list(done.values())
-            write_json(progress_path, progress)
-            log(f"cache_teacher: pairs shard {k} ({stop}/{cfg.count})")
-        shards.append(done[name])
+
+    def make(start: int, stop: int) -> dict[str, torch.Tensor]:
+        return _sample_shard(sample, prompts, start, stop, latent_shape, cfg)
+
+    def progress(k: int, stop: int) -> None:
+        log(f"cache_teacher: pairs shard {k} ({stop}/{cfg.count})")
+
+    work, shards = write_resumable_shards(out_dir, key, cfg.count, cfg.shard_size, "pairs", make,
+                                          progress)
     index = {**key, "shards": shards}
-    progress_path.unlink()
-    write_json(work / INDEX, index)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
+    publish_shards(work, out_dir, index)
     return index
 
 
