@@ -13,7 +13,6 @@ The Inception network is real (~0.25 s per image on the 2-core CPU), so image se
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -42,27 +41,12 @@ from components.evaluation.protocols import (
 )
 from components.evaluation.resize import Preprocess, center_crop_resize, clean_resize
 from components.evaluation.suite import Reference
+from tests.threads import one_thread  # noqa: F401
 from tests.tiny import build_tiny_student, build_tiny_teacher, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT.parent / "shared" / "data" / "coco"
 COCO_PREPROCESS = PROTOCOLS["coco2014_30k"].preprocess
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread and one BLAS thread (the machine's 2 cores are shared), restored after."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # only a speed-up
-        blas = contextlib.nullcontext()
-    else:
-        blas = threadpool_limits(limits=1)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with blas:
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
