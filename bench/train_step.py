@@ -93,7 +93,7 @@ def random_batch(arch: str, divisor: int, batch: int, latent: int, device: torch
 
 
 def make_optimizers(method, fused: bool) -> dict:
-    opts = {g.name: method.make_optimizer(g.name) for g in method.groups}
+    opts = {g.optimizer_name: method.make_optimizer(g.optimizer_name) for g in method.groups}
     if fused:  # the method builds its optimizers; switch their kernels, not their maths
         for opt in opts.values():
             for group in opt.param_groups:
@@ -106,7 +106,8 @@ def iteration(method, opts: dict, batch: Batch, autocast) -> None:
     scratch = [{}]
     with autocast():
         for group in method.groups:
-            update_group(method, group, opts[group.name], [batch], scratch, batch.z.shape[0])
+            update_group(method, group, opts[group.optimizer_name], [batch], scratch,
+                         batch.z.shape[0])
 
 
 def _sync(device: torch.device) -> None:

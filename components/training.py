@@ -1,9 +1,17 @@
 """The method-agnostic distillation loop.
 
-It owns optimizers (one per method group), the update ratio of each group, gradient accumulation,
-per-sample NaN filtering, gradient clipping, EMA of the student, checkpoint/resume and logging.
-All randomness of iteration ``k`` comes from a generator seeded with ``(seed, k)``, so a run
-resumed from a checkpoint continues exactly as the uninterrupted run would have.
+It owns optimizers (one per trained network), the update ratio and phases of each group, gradient
+accumulation, per-sample NaN filtering, gradient clipping, the student's EMA (``components.ema``),
+checkpoint/resume and logging. All randomness of iteration ``k`` comes from a generator seeded
+with ``(seed, k)``, so a run resumed from a checkpoint continues exactly as the uninterrupted run
+would have.
+
+Non-finite samples. A sample whose loss is not finite is left out of the loss, so it adds no
+gradient of its own. That does not isolate it: its NaN activations still meet a zero upstream
+gradient inside the shared backward (0 × NaN = NaN), so every gradient entry such a path reaches
+becomes NaN, and those entries are then zeroed for the whole batch (``nan_to_num``) before the
+step. The official SiD-LSG loop does exactly this (it drops NaN samples by indexing, then
+``nan_to_num``s the gradients); ``dropped_<group>`` counts the samples left out.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components import distributed
-from components.methods import Batch, Method
+from components.ema import EMA
+from components.methods import Batch, GroupSpec, Method
 
 LogFn = Callable[[dict, int], None]
 BatchSource = Callable[[int, torch.Generator, int], Batch]
@@ -27,12 +36,12 @@ BatchSource = Callable[[int, torch.Generator, int], Batch]
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """Loop settings shared by every method (part of ``params.yaml: distill``)."""
+    """Loop settings shared by every method (part of ``params.yaml: distill``); the student's EMA
+    schedule is a method setting (``distill.methods.<name>.ema``)."""
 
     steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
-    ema_decay: float = 0.9999
     seed: int = 0
     log_every: int = 10
     sample_every: int = 100
@@ -44,27 +53,6 @@ class LoopConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum "
                              f"{self.grad_accum}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError("ema_decay must be in [0, 1)")
-
-
-class EMA:
-    """Exponential moving average of a module's floating-point parameters."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v, 1.0 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, module: torch.nn.Module) -> None:
-        module.load_state_dict(self.shadow)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -90,34 +78,79 @@ def split_batch(batch: Batch, parts: int,
     return out
 
 
-def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[Batch],
-                 scratch: list[dict], batch_size: int) -> dict:
-    """Accumulate the group's loss over micro-batches, drop non-finite samples, clip, step."""
+def update_group(method: Method, group: GroupSpec, opt: torch.optim.Optimizer,
+                 micro: list[Batch], scratch: list[dict], batch_size: int) -> dict:
+    """Accumulate the group's loss over micro-batches, drop non-finite samples, clip, step.
+
+    Metrics stay tensors (no host sync here); the loop reads them at its logging cadence."""
     opt.zero_grad(set_to_none=True)
     metrics: dict = {}
     dropped = 0
     for mb, sc in zip(micro, scratch):
         per_sample, m = method.loss(group.name, mb, sc)
         finite = torch.isfinite(per_sample)
-        dropped += int((~finite).sum())
-        if finite.any():
-            (per_sample[finite].sum() / batch_size).backward()
+        dropped = dropped + (~finite).sum()
+        (torch.where(finite, per_sample, 0.0).sum() / batch_size).backward()
         for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+            metrics[k] = metrics.get(k, 0.0) + _detached(v) / len(micro)
     params = method.parameters(group.name)
     distributed.all_reduce_gradients(params)  # sum over processes: the global batch's gradient
     metrics[f"dropped_{group.name}"] = dropped
-    metrics = distributed.reduce_metrics(metrics, summed=[f"dropped_{group.name}"])
     for p in params:
         if p.grad is not None:
             torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
     if group.max_grad_norm:
         norm = torch.nn.utils.clip_grad_norm_(params, group.max_grad_norm)
-        metrics[f"grad_norm_{group.name}"] = float(norm)
+        metrics[f"grad_norm_{group.name}"] = norm.detach()
     for pg in opt.param_groups:
         pg["lr"] = pg.setdefault("initial_lr", pg["lr"]) * group.lr_factor(micro[0].step)
     opt.step()
     return metrics
+
+
+def _detached(v):
+    return v.detach() if torch.is_tensor(v) else v
+
+
+def student_updates(method: Method, step: int) -> int:
+    """How many times the student was updated in the current phase, in iterations before
+    ``step`` (what the EMA schedule counts)."""
+    start = max((b for b in method.phase_starts if b < step), default=0)
+    return sum(g.updates_before(step) - g.updates_before(start) for g in method.groups
+               if g.name in method.student_groups)
+
+
+class MetricWindow:
+    """Means of each metric over the iterations since the last log, so a group that did not run
+    in the logged iteration (DMD2's generator under TTUR) is still reported."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def flush(self) -> dict:
+        """The window's means as floats (one host sync per log), reduced over processes;
+        ``dropped_*`` counts are totals over the window and the processes."""
+        totals = [k for k in self.sums if k.startswith("dropped_")]
+        out = {k: float(v) / (1 if k in totals else self.counts[k]) for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        return distributed.reduce_metrics(out, summed=totals)
+
+
+def _begin_phase(method: Method, step: int, ema: EMA, opts: dict) -> None:
+    """A new phase: the student continues from its average, the method sets up the phase, the
+    average restarts and the student's optimizer starts fresh (see ``Method``)."""
+    student = method.student()
+    ema.copy_to(student)
+    method.begin_phase(step)
+    ema.reset(student)
+    for name in {g.optimizer_name for g in method.groups if g.name in method.student_groups}:
+        opts[name] = method.make_optimizer(name)
 
 
 def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path, log: LogFn,
@@ -126,32 +159,45 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
     """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA.
 
     ``batches(batch_size, generator, step)`` draws iteration ``step``'s batch (prompts, or teacher
-    pairs) from that iteration's generator (``components.batches``). Under torchrun/accelerate
-    the batch is global and each process takes its rows (``components.distributed``).
+    pairs) from that iteration's generator (``components.batches``); a group with
+    ``fresh_batch`` draws another one after it. Under torchrun/accelerate the batch is global and
+    each process takes its rows (``components.distributed``). ``on_sample`` gets the student with
+    its EMA weights (what is saved).
     """
     ctx = distributed.context()
     distributed.broadcast_modules(method.state_modules().values())
-    opts = {g.name: method.make_optimizer(g.name) for g in method.groups}
-    ema = EMA(method.student(), cfg.ema_decay)
+    opts = {name: method.make_optimizer(name)
+            for name in dict.fromkeys(g.optimizer_name for g in method.groups)}
+    ema = EMA(method.student(), method.ema, cfg.batch_size)
     start = load_checkpoint(ckpt_dir, method, opts, ema)
+    window = MetricWindow()
     for step in range(start, cfg.steps):
+        if step in method.phase_starts and step > 0:
+            _begin_phase(method, step, ema, opts)
         gen = step_generator(cfg.seed, step)
-        batch = batches(cfg.batch_size, gen, step)
-        micro = split_batch(batch, cfg.grad_accum, ctx)
+        micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
         scratch: list[dict] = [{} for _ in micro]
-        metrics: dict = {}
+        student_updated = False
         for group in method.groups:
-            if group.active(step):
-                metrics.update(update_group(method, group, opts[group.name], micro, scratch,
-                                            cfg.batch_size))
-        ema.update(method.student())
+            if not group.active(step):
+                continue
+            if group.fresh_batch:
+                micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
+            window.add(update_group(method, group, opts[group.optimizer_name], micro, scratch,
+                                    cfg.batch_size))
+            student_updated |= group.name in method.student_groups
+        if student_updated:
+            ema.update(method.student(), student_updates(method, step + 1))
         done = step + 1
-        if not ctx.is_main:  # rank 0 logs, samples and checkpoints for the job
-            continue
         if done % cfg.log_every == 0 or done == cfg.steps:
-            log(metrics, done)
+            metrics = window.flush()  # a collective: every process takes part
+            if ctx.is_main:
+                log(metrics, done)
+        if not ctx.is_main:  # rank 0 samples and checkpoints for the job
+            continue
         if done % cfg.sample_every == 0 or done == cfg.steps:
-            on_sample(method.student(), done)
+            with ema.applied(method.student()) as student:
+                on_sample(student, done)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(ckpt_dir, method, opts, ema, done)
         if progress:
@@ -185,7 +231,9 @@ def save_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA, step: 
     tmp.mkdir(parents=True)
     for name, module in method.state_modules().items():
         save_file(_trainable_state(module), str(tmp / f"{name}.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+    if ema.enabled:
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()},
+                  str(tmp / "ema.safetensors"))
     meta = {"step": step, "optimizers": {}}
     for name, opt in opts.items():
         tensors, scalars = _optimizer_tensors(opt)
@@ -209,7 +257,8 @@ def load_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA) -> int
     meta = json.loads((src / "state.json").read_text())
     for name, module in method.state_modules().items():
         module.load_state_dict(load_file(str(src / f"{name}.safetensors")), strict=False)
-    ema.shadow = load_file(str(src / "ema.safetensors"))
+    if ema.enabled:
+        ema.shadow = load_file(str(src / "ema.safetensors"))
     for name, opt in opts.items():
         tensors = load_file(str(src / f"optim-{name}.safetensors"))
         scalars = meta["optimizers"][name]

@@ -60,7 +60,7 @@ def main() -> None:
     method.make_optimizer = recording_optimizer
     logs: list = []
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      ema_decay=0.5, log_every=1, sample_every=1000, checkpoint_every=1000)
+                      log_every=1, sample_every=1000, checkpoint_every=1000)
     train(method, PromptBatches.from_cache(EmbeddingCache(args.cache), (4, 8, 8)), loop,
           args.out / f"ckpt-{ctx.rank}",
           lambda m, s: logs.append({"step": s, **m}), lambda module, s: None)

@@ -106,7 +106,7 @@ def distil(name: str, tmp_path: Path):
     batches = (PairBatches(table, null, pairs, (DIM,)) if pairs is not None
                else PromptBatches(table, null, (DIM,)))
     untrained = [student_samples(method.student(), method.spec, c) for c in range(K)]
-    loop = LoopConfig(steps=steps, batch_size=256, ema_decay=0.99, log_every=steps,
+    loop = LoopConfig(steps=steps, batch_size=256, log_every=steps,
                       sample_every=10**9, checkpoint_every=10**9)
     torch.manual_seed(0)
     ema = train(method, batches, loop, tmp_path, lambda m, k: None, lambda net, k: None)

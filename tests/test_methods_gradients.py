@@ -95,8 +95,7 @@ def test_sid_gradient_flows_through_both_scores():
     m.G_theta.zero_grad()
 
     b = batch(5)
-    z = torch.randn(b.z.shape, generator=b.generator)
-    x_g = one_step_x0(m.G_theta, z, b.cond, m.spec)
+    x_g = one_step_x0(m.G_theta, b.z, b.cond, m.spec)  # the generator step's own batch
     t = torch.randint(20, 980, (4,), generator=b.generator)
     eps = torch.randn(x_g.shape, generator=b.generator)
     means = MEANS[torch.tensor([0, 1, 2, 0])]
@@ -144,9 +143,13 @@ def test_instaflow_distillation_target_is_the_frozen_flows_euler_solution():
     """Phase 2 starts by freezing the 2-RF; its target is that flow's guided Euler solution."""
     m = build("instaflow", {"lpips_fraction": 0.0, "distill_ode_steps": 3,
                             "distill_guidance": 1.5, "reflow_fraction": 0.5}, steps=10)
+    assert m.phase_starts == (5,)
     b = batch(4, x1=torch.zeros(4, 2), step=5)
-    m._freeze_2rf(5)
-    assert int(m.rf2.frozen_at) == 5
+    with torch.no_grad():
+        m.v.head.bias.add_(0.1)  # the 2-RF differs from the teacher the frozen copy started as
+    m.begin_phase(5)
+    for k, v in m.v.state_dict().items():
+        torch.testing.assert_close(m.rf2.state_dict()[k], v)
     with torch.no_grad():
         x = b.z
         for i in range(3):
@@ -173,10 +176,11 @@ def test_meng_targets():
     torch.testing.assert_close(guided, posterior_x0(x_t, t, guided_mean((0, 1, 2, 0), 1 + w),
                                                     COV), rtol=1e-4, atol=1e-5)
 
-    m.round_teacher.load_state_dict({**m.eta.state_dict(), "round": torch.tensor(0)})
+    m.begin_phase(m.phase_starts[0])
     wv = torch.full((4,), w)
     z_t = torch.randn(4, 2)
-    x_tilde = m.two_step_target(z_t, 999, 749, 499, b.cond, wv)
+    full = torch.full((4,), 1, dtype=torch.long)
+    x_tilde = m.two_step_target(z_t, 999 * full, 749 * full, 499 * full, b.cond, wv)
     with torch.no_grad():
         z = z_t
         for t_from, t_to in ((999, 749), (749, 499)):

@@ -69,7 +69,7 @@ def _run(name, tmp_path, steps, ckpt, total=None):
     else:
         batches = PromptBatches.from_cache(cache, LATENT)
     logs = []
-    loop = LoopConfig(steps=steps, batch_size=4, grad_accum=2, ema_decay=0.5, log_every=1,
+    loop = LoopConfig(steps=steps, batch_size=4, grad_accum=2, log_every=1,
                       sample_every=100, checkpoint_every=2)
     ema = train(method, batches, loop, ckpt, lambda m, s: logs.append((s, m)),
                 lambda module, s: None)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from components.ema import EMAConfig
 from components.teacher import TextConditioning
 
 
@@ -57,9 +58,15 @@ class Teacher:
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """An optimizer group: its name, its update period (iterations), its grad-norm clip, the
+    """An update group: its name, its update period (iterations), its grad-norm clip, the
     iterations ``[start, stop)`` it is active in (methods with phases, e.g. reflow then distill)
-    and a linear learning-rate warm-up over its first ``warmup`` updates."""
+    and a linear learning-rate warm-up over its first ``warmup`` updates.
+
+    ``optimizer`` names the optimizer that steps it (default: the group's own); groups that train
+    the same network in different phases share one, so each trained network has one optimizer
+    state. ``fresh_batch``: the group draws its own batch (prompts and noise) of the iteration
+    instead of sharing the first group's (SiD-LSG's generator step does).
+    """
 
     name: str
     every: int = 1
@@ -67,6 +74,12 @@ class GroupSpec:
     start: int = 0
     stop: int | None = None
     warmup: int = 0
+    optimizer: str = ""
+    fresh_batch: bool = False
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer or self.name
 
     def updates_before(self, step: int) -> int:
         """How many updates this group made in iterations before ``step``."""
@@ -85,15 +98,31 @@ class GroupSpec:
 
 
 class Method(Protocol):
-    """What the training loop needs of a method."""
+    """What the training loop needs of a method.
+
+    Phases: at each iteration in ``phase_starts`` the loop loads the student's EMA weights into
+    the student, calls ``begin_phase(step)`` (where a method freezes the teacher of the new phase
+    from the student), restarts the EMA at those weights and gives the student's optimizer a
+    fresh state: each phase is a new run that starts where the previous one's average ended
+    (InstaFlow's distillation from the 2-RF, every halving round of progressive distillation).
+    """
 
     groups: tuple[GroupSpec, ...]  # in update order within an iteration
+    student_groups: tuple[str, ...]  # the groups that update the student (the EMA ticks on them)
+    phase_starts: tuple[int, ...]  # iterations where a new phase begins (empty: one phase)
+    ema: EMAConfig  # the student's EMA schedule
     spec: Any  # components.generation.GeneratorSpec: how the student generates
     needs_pairs: bool  # batches must carry the teacher's ODE sample x1 of each z
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]: ...
 
-    def make_optimizer(self, group: str) -> torch.optim.Optimizer: ...
+    def make_optimizer(self, name: str) -> torch.optim.Optimizer:
+        """A fresh optimizer of the groups whose ``optimizer_name`` is ``name``."""
+        ...
+
+    def begin_phase(self, step: int) -> None:
+        """Set up the phase starting at iteration ``step`` (after the EMA is in the student)."""
+        ...
 
     def loss(self, group: str, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         """Loss of ``group``; ``scratch`` carries values between groups of one iteration."""

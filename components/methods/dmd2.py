@@ -3,7 +3,8 @@
 Yin et al., "Improved Distribution Matching Distillation for Fast Image Synthesis", NeurIPS 2024,
 arXiv:2405.14867 (v2). Defaults follow the authors' SD1.5 recipe (``experiments/sdv1.5``): AdamW
 (0.9, 0.999), weight decay 0.01, lr 1e-5 for both networks with 500 warm-up steps, grad-norm
-clip 10, real-score CFG 1.75, fake-score updates 10 per generator update (TTUR), no EMA.
+clip 10, real-score CFG 1.75, fake-score updates 10 per generator update (TTUR), no EMA
+(``ema: {kind: none}``: the saved generator is the raw weights).
 
 Networks: generator G_θ and fake score μ_fake are full copies of the teacher; the real score
 μ_real is the frozen teacher.
@@ -13,8 +14,11 @@ Generator (one step): ``x = G_θ(z) = (z − σ_T ε_θ(z, T, y)) / α_T``, T = 
 Distribution-matching gradient (the paper's DMD gradient with the code's normalisation), t ~ U{20, …, 980}:
     x_t = α_t x + σ_t ε
     x̂_real = x0 of CFG(μ_real(x_t, t, y), s = 1.75),   x̂_fake = x0 of μ_fake(x_t, t, y)  (no CFG)
-    g = (x̂_fake − x̂_real) / mean|x − x̂_real|          (per sample, computed in float64)
+    g = (x̂_fake − x̂_real) / mean|x − x̂_real|          (per sample)
     L_G = ½ ‖x − sg[x − g]‖²                            so ∂L_G/∂x = g
+The x̂'s are computed by the networks in their own precision (fp32, or bf16 under the bf16 policy)
+and cast to float64 for the difference, the normalisation and the division, as the official code
+casts its predictions (``.double()``) before forming the gradient; g goes back to the latent dtype.
 Fake score (denoising score matching on generator samples, unweighted ε-MSE), t ~ U{0, …, 999}:
     L_fake = ‖ε_fake(x_t, t, y) − ε‖²,   x_t from sg[x]
 
@@ -30,12 +34,13 @@ small conv stack with global average pooling (size-agnostic), trained with the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from components.diffusion import guided, predict_eps, predict_x0
+from components.ema import EMAConfig
 from components.generation import GeneratorSpec, one_step_x0
 from components.methods import Batch, GroupSpec, Teacher, register
 
@@ -59,6 +64,8 @@ class DMD2Config:
     gan_weight: float = 0.0  # 0: data-free stage 1; 1e-3 in the paper's stage 2
     gan_head_weight: float = 1e-2
     real_latents: str | None = None  # safetensors file {"latents": (N, C, h, w)}, scaled
+    # the official code keeps no EMA
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(kind="none"))
 
     def validate(self) -> None:
         if self.fake_guidance_scale != 1.0:
@@ -94,9 +101,12 @@ class DMD2:
     """Distribution matching with a full-copy fake score and TTUR; see the module docstring."""
 
     needs_pairs = False
+    student_groups = ("generator",)
+    phase_starts: tuple[int, ...] = ()
 
     def __init__(self, cfg: DMD2Config, teacher: Teacher):
         self.cfg = cfg
+        self.ema = cfg.ema
         self.schedule = teacher.schedule
         self.spec = GeneratorSpec(t=cfg.generator_t, input_scale="unit")
         # DMD2's code updates the generator first in its iterations, then the fake score
@@ -142,6 +152,9 @@ class DMD2:
         lr = self.cfg.generator_lr if group == "generator" else self.cfg.fake_lr
         return torch.optim.AdamW(self.parameters(group), lr=lr, betas=tuple(self.cfg.adam_betas),
                                  weight_decay=self.cfg.weight_decay)
+
+    def begin_phase(self, step: int) -> None:
+        pass
 
     def student(self) -> torch.nn.Module:
         return self.G_theta
@@ -189,7 +202,7 @@ class DMD2:
             g = ((x_fake - x_real) / norm.view(-1, *[1] * (x.ndim - 1))).float()
             g = torch.nan_to_num(g)
         per_sample = 0.5 * ((x - (x - g).detach()) ** 2).flatten(1).mean(1)
-        metrics = {"loss_dm": per_sample.mean().item(), "grad_norm_g": g.norm().item()}
+        metrics = {"loss_dm": per_sample.mean(), "grad_norm_g": g.norm()}
         if self.head is not None:  # gradients reach x through the frozen fake score and head
             self.mu_fake.requires_grad_(False)
             self.head.requires_grad_(False)
@@ -197,7 +210,7 @@ class DMD2:
             self.mu_fake.requires_grad_(True)
             self.head.requires_grad_(True)
             per_sample = per_sample + self.cfg.gan_weight * gan
-            metrics["loss_gan_g"] = gan.mean().item()
+            metrics["loss_gan_g"] = gan.mean()
         return per_sample, metrics
 
     def fake_score_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
@@ -213,13 +226,13 @@ class DMD2:
         x_t = self.schedule.add_noise(x, eps, t)
         eps_fake = predict_eps(self.mu_fake, x_t, t, batch.cond)
         per_sample = ((eps_fake - eps) ** 2).flatten(1).mean(1)
-        metrics = {"loss_fake": per_sample.mean().item()}
+        metrics = {"loss_fake": per_sample.mean()}
         if self.head is not None:
             softplus = torch.nn.functional.softplus
             d_loss = (softplus(self._logits(x.detach(), batch))
                       + softplus(-self._logits(self._real_latents(batch), batch)))
             per_sample = per_sample + self.cfg.gan_head_weight * d_loss
-            metrics["loss_gan_d"] = d_loss.mean().item()
+            metrics["loss_gan_d"] = d_loss.mean()
         return per_sample, metrics
 
 

@@ -16,18 +16,22 @@ noise X0 its own ODE solution X1' (``distill_ode_steps`` Euler steps, CFG ``dist
 is the target of the one-step student (initialised from the 2-RF), the paper's distillation
 loss:
     L_distill = D(X1', X0 + v(X0, 0 | y)),   D = L2, then LPIPS for the last ``lpips_fraction``
-The paper generates a fixed set of new pairs for phase 2; we solve the 2-RF ODE for each batch
-instead (the same distribution, never a repeated pair). LPIPS compares decoded images and needs
-ImageNet backbone weights; without them the run stops before training, naming what to supply.
+The paper generates a fixed set of new pairs for phase 2; we draw a fresh X0 from the iteration's
+generator for every sample and solve the 2-RF ODE from it (the same distribution, never a
+repeated pair: the pair cache's noises are phase 1's only). The 2-RF is the EMA of phase 1, and
+the student starts from it with a fresh optimizer state and a fresh EMA (a new run, as in the
+paper; ``components.methods.Method``). LPIPS compares decoded images and needs ImageNet backbone
+weights; without them the run stops before training, naming what to supply.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from components.diffusion import apply_guidance_scale, concat_conditioning
+from components.ema import EMAConfig
 from components.generation import GeneratorSpec, rectified_flow_sample
 from components.methods import Batch, GroupSpec, Teacher, register
 
@@ -35,7 +39,9 @@ from components.methods import Batch, GroupSpec, Teacher, register
 @dataclass(frozen=True)
 class InstaFlowConfig:
     """Defaults from the paper (SD1.5): AdamW, lr 1e-6, clip 1, 1000 warm-up steps; reflow took
-    95K of 134.5K iterations (0.7); LPIPS took 18K of the 39.5K distillation ones (0.45)."""
+    95K of 134.5K iterations (0.7); LPIPS took 18K of the 39.5K distillation ones (0.45). EMA
+    0.9999 per a secondary summary (no training code was released); Distillery applies it with
+    diffusers' warm-up so that a phase's average does not keep its initial weights."""
 
     lr: float = 1e-6
     reflow_fraction: float = 0.7
@@ -52,6 +58,7 @@ class InstaFlowConfig:
     warmup_steps: int = 1000
     max_grad_norm: float = 1.0
     sample_steps: int = 1  # Euler steps of the saved student
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(kind="warmup", decay=0.9999))
 
     def validate(self) -> None:
         if not 0.0 <= self.reflow_fraction < 1.0:
@@ -84,19 +91,24 @@ class InstaFlow:
     """Reflow then one-step distillation; see the module docstring."""
 
     needs_pairs = True
+    student_groups = ("reflow", "distill")
 
     def __init__(self, cfg: InstaFlowConfig, teacher: Teacher, steps: int):
         self.cfg = cfg
+        self.ema = cfg.ema
         self.reflow_end = round(cfg.reflow_fraction * steps)
         self.lpips_start = steps - round(cfg.lpips_fraction * (steps - self.reflow_end))
+        self.phase_starts = (self.reflow_end,) if self.reflow_end > 0 else ()
         self.spec = GeneratorSpec(kind="rectified_flow", steps=cfg.sample_steps)
         clip, warm = cfg.max_grad_norm, cfg.warmup_steps
-        self.groups = (GroupSpec("reflow", max_grad_norm=clip, stop=self.reflow_end, warmup=warm),
+        self.groups = (GroupSpec("reflow", max_grad_norm=clip, stop=self.reflow_end, warmup=warm,
+                                 optimizer="student"),
                        GroupSpec("distill", max_grad_norm=clip, start=self.reflow_end,
-                                 warmup=warm))
+                                 warmup=warm, optimizer="student"))
         self.v = teacher.trainable_copy()  # 2-RF during phase 1, the one-step student after
-        self.rf2 = teacher.frozen_copy()  # the frozen 2-RF of phase 2 (copied at its start)
-        self.rf2.register_buffer("frozen_at", torch.tensor(-1))
+        # the frozen 2-RF of phase 2, set from phase 1's EMA when it begins (without reflow: the
+        # teacher itself)
+        self.rf2 = teacher.frozen_copy()
         self.decode = teacher.decode
         self.lpips = None
         if self.lpips_start < steps:
@@ -107,10 +119,15 @@ class InstaFlow:
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         return list(self.v.parameters())
 
-    def make_optimizer(self, group: str) -> torch.optim.Optimizer:
+    def make_optimizer(self, name: str) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.v.parameters(), lr=self.cfg.lr,
                                  betas=tuple(self.cfg.adam_betas),
                                  weight_decay=self.cfg.weight_decay)
+
+    @torch.no_grad()
+    def begin_phase(self, step: int) -> None:
+        """Distillation begins: freeze the 2-RF (the student holds phase 1's EMA now)."""
+        self.rf2.load_state_dict(self.v.state_dict())
 
     def student(self) -> torch.nn.Module:
         return self.v
@@ -133,12 +150,7 @@ class InstaFlow:
         X_tau = tau_ * X1 + (1.0 - tau_) * X0
         v = self.v(X_tau, 1000.0 * (1.0 - tau), cond)
         per_sample = (((X1 - X0) - v) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_reflow": per_sample.mean().item()}
-
-    @torch.no_grad()
-    def _freeze_2rf(self, step: int) -> None:
-        if int(self.rf2.frozen_at) < 0:  # first distillation step (or resumed before it)
-            self.rf2.load_state_dict({**self.v.state_dict(), "frozen_at": torch.tensor(step)})
+        return per_sample, {"loss_reflow": per_sample.mean()}
 
     @torch.no_grad()
     def _rf2_solution(self, X0: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -153,16 +165,17 @@ class InstaFlow:
         return x
 
     def distill_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Distillation per sample (B,): the one-step flow against the 2-RF's ODE solution."""
-        self._freeze_2rf(batch.step)
-        X0 = batch.z
+        """Distillation per sample (B,): the one-step flow against the 2-RF's ODE solution from
+        a fresh noise X0 (not the pair cache's)."""
+        z = batch.z
+        X0 = torch.randn(z.shape, generator=batch.generator).to(device=z.device, dtype=z.dtype)
         target = self._rf2_solution(X0, batch)
         x1 = rectified_flow_sample(self.v, X0, batch.cond, 1)
         if self.lpips is not None and batch.step >= self.lpips_start:
             per_sample = self.lpips(self.decode(x1), self.decode(target)).flatten(1).mean(1)
-            return per_sample, {"loss_lpips": per_sample.mean().item()}
+            return per_sample, {"loss_lpips": per_sample.mean()}
         per_sample = ((x1 - target) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_distill_l2": per_sample.mean().item()}
+        return per_sample, {"loss_distill_l2": per_sample.mean()}
 
 
 @register("instaflow", InstaFlowConfig)

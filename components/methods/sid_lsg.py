@@ -1,9 +1,11 @@
 """SiD-LSG: score identity distillation with long and short classifier-free guidance.
 
 Zhou, Wang, Zheng, Huang, "Guided Score identity Distillation for Data-Free One-Step
-Text-to-Image Generation", ICLR 2025, arXiv:2406.01561 (v3). Defaults follow the authors'
-``run_sid.sh`` for SD1.5: κ = 1.5 everywhere, α = 1, Adam with β1 = 0, lr 1e-6 for both networks,
-no warm-up, global batch 512, fp32.
+Text-to-Image Generation", ICLR 2025, arXiv:2406.01561 (v3). Defaults follow the authors' SD1.5
+recipe (``run_sid.sh``, ``sid_train.py``): α = 1, Adam with β1 = 0, lr 1e-6 for both networks, no
+warm-up, global batch 512, fp32, an EDM-style EMA of G with a 50 kimg half-life and ramp-up 0.05
+(``--ema 0.05``, in Mimg). κ = 1.5 everywhere is the README's best-FID setting (8.15); the example
+command in ``run_sid.sh`` uses κ = 2.0.
 
 Networks: the generator G_θ and the fake score f_ψ are full copies of the teacher f_φ.
 Generator (one step at t_init = 625, input scaled by σ):
@@ -14,12 +16,15 @@ The four guidance scales of the paper map to config keys by where they act:
     κ2 = κ3 = ``fake_eval_guidance``: CFG on f_ψ when evaluated in the generator loss,
     κ4 = ``real_eval_guidance``: CFG on the teacher f_φ in the generator loss.
 CFG is ``u + κ (c − u)``; with κ1 ≠ 1 or κ2 ≠ 1 each sample's prompt is replaced by the empty
-prompt with probability 0.1 during fake-score training, so f_ψ's unconditional branch learns the
-generator's marginal.
+prompt with probability 0.1 in the fake-score step *before* G is called, as the official loop
+does, so those samples are G(z, ∅) and f_ψ's unconditional branch learns G's own empty-prompt
+outputs. The generator step draws its own batch of prompts and noise (the official loop takes a
+second prompt batch), without dropout.
 
-Fake-score loss (first in each iteration), t ~ U{20, …, 979}, x_g = sg[G_θ(z)]:
+Fake-score loss (first in each iteration), t ~ U{20, …, 979}, x_g = sg[G_θ(z, y')] with y' the
+dropped-out prompts:
     L_ψ = ‖CFG(ε_ψ(x_t, t, ·), κ1) − ε‖²      (summed over dimensions)
-Generator loss (the score-identity loss with α; second), fresh z, ε and t ~ U{20, …, 979}:
+Generator loss (the score-identity loss with α; second), fresh prompts, z, ε, t ~ U{20, …, 979}:
     y_fake = x0 of CFG(f_ψ(x_t), κ2),  y_real = x0 of CFG(f_φ(x_t), κ4),  ω = 1 / mean|x_g − y_real|
     L_θ = ω (y_real − y_fake)ᵀ [(y_real − x_g) − α (y_real − y_fake)]
 No stop-gradient: L_θ back-propagates through f_φ and f_ψ (their weights frozen in this step)
@@ -30,12 +35,13 @@ passes in the backward instead of storing them, and ``frozen_autocast`` runs the
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from components.diffusion import guided
+from components.ema import EMAConfig
 from components.generation import GeneratorSpec, one_step_x0
 from components.methods import Batch, GroupSpec, Teacher, register
 from components.teacher import enable_gradient_checkpointing
@@ -60,6 +66,9 @@ class SiDLSGConfig:
     max_grad_norm: float | None = None  # the fp32 recipe does not clip
     gradient_checkpointing: bool = False
     frozen_autocast: str = "none"  # "bf16": the teacher and fake passes under bf16 autocast
+    # --ema 0.05 (Mimg) and the EDM ramp-up ratio 0.05 of sid_train.py
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(kind="halflife", halflife_kimg=50.0,
+                                                             rampup=0.05))
 
     def validate(self) -> None:
         if not 0 <= self.t_min < self.t_max <= 999 or not 0 < self.t_init <= 999:
@@ -74,14 +83,17 @@ class SiDLSG:
     """Score identity distillation with LSG; see the module docstring for the losses."""
 
     needs_pairs = False
+    student_groups = ("generator",)
+    phase_starts: tuple[int, ...] = ()
 
     def __init__(self, cfg: SiDLSGConfig, teacher: Teacher):
         self.cfg = cfg
+        self.ema = cfg.ema
         self.schedule = teacher.schedule
         self.spec = GeneratorSpec(t=cfg.t_init, input_scale="sigma")
         clip = cfg.max_grad_norm
         self.groups = (GroupSpec("fake", max_grad_norm=clip),
-                       GroupSpec("generator", max_grad_norm=clip))
+                       GroupSpec("generator", max_grad_norm=clip, fresh_batch=True))
         self.G_theta = teacher.trainable_copy()
         self.f_psi = teacher.trainable_copy()
         self.f_phi = teacher.network.requires_grad_(False)
@@ -96,6 +108,9 @@ class SiDLSG:
         lr = self.cfg.generator_lr if group == "generator" else self.cfg.fake_lr
         return torch.optim.Adam(self.parameters(group), lr=lr, betas=tuple(self.cfg.adam_betas),
                                 eps=self.cfg.adam_eps)
+
+    def begin_phase(self, step: int) -> None:
+        pass
 
     def student(self) -> torch.nn.Module:
         return self.G_theta
@@ -116,18 +131,18 @@ class SiDLSG:
     def fake_score_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The κ1-guided fake ε regressed on the noise, per sample (B,)."""
         cfg, gen = self.cfg, batch.generator
-        with torch.no_grad():
-            x_g = one_step_x0(self.G_theta, batch.z, batch.cond, self.spec)
-        t, eps = self._draw_t_eps(x_g, gen)
         cond = batch.cond
         if cfg.fake_train_guidance != 1.0 or cfg.fake_eval_guidance != 1.0:
-            drop = torch.rand(x_g.shape[0], generator=gen) < cfg.null_prompt_prob
-            cond = cond.where(drop.to(x_g.device), batch.uncond)
+            drop = torch.rand(batch.z.shape[0], generator=gen) < cfg.null_prompt_prob
+            cond = cond.where(drop.to(batch.z.device), batch.uncond)
+        with torch.no_grad():
+            x_g = one_step_x0(self.G_theta, batch.z, cond, self.spec)
+        t, eps = self._draw_t_eps(x_g, gen)
         x_t = self.schedule.add_noise(x_g, eps, t)
         self.f_psi.requires_grad_(True)
         eps_psi = guided(self.f_psi, x_t, t, cond, batch.uncond, cfg.fake_train_guidance)
         per_sample = ((eps_psi - eps) ** 2).flatten(1).sum(1)
-        return per_sample, {"loss_fake": per_sample.mean().item()}
+        return per_sample, {"loss_fake": per_sample.mean()}
 
     def _frozen_x0(self, net, x_t, t, batch: Batch, scale: float) -> torch.Tensor:
         """x0 of a CFG-guided frozen network, differentiable w.r.t. ``x_t``."""
@@ -142,10 +157,10 @@ class SiDLSG:
         return run(x_t)
 
     def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """The score-identity loss, per sample (B,), with gradients through f_φ and f_ψ."""
+        """The score-identity loss, per sample (B,), with gradients through f_φ and f_ψ; the
+        batch is the generator step's own (``fresh_batch``)."""
         cfg, gen = self.cfg, batch.generator
-        z = torch.randn(batch.z.shape, generator=gen).to(batch.z.device)  # fresh noise
-        x_g = one_step_x0(self.G_theta, z, batch.cond, self.spec)
+        x_g = one_step_x0(self.G_theta, batch.z, batch.cond, self.spec)
         t, eps = self._draw_t_eps(x_g, gen)
         x_t = self.schedule.add_noise(x_g, eps, t)
         self.f_psi.requires_grad_(False)  # frozen in this step; gradients flow through it
@@ -156,7 +171,7 @@ class SiDLSG:
         diff = y_real - y_fake
         inner = (diff * ((y_real - x_g) - cfg.alpha * diff)).flatten(1).sum(1)
         per_sample = omega * inner
-        return per_sample, {"loss_sid": per_sample.mean().item()}
+        return per_sample, {"loss_sid": per_sample.mean()}
 
 
 @register("sid_lsg", SiDLSGConfig)

@@ -21,18 +21,20 @@ Checked line by line against the authors' ``train_swiftbrush.py``: teacher and L
 one network; x̂_0 at t = 999 from the scheduler's ᾱ table (the code hard-codes 0.0047 = ᾱ_999);
 t ~ U{20, …, 980} for VSD and U{0, …, 999} for the LoRA loss; the same CFG on both; nan_to_num
 on g; grad-norm clip 1.0 on each network; separate Adam optimizers, constant lr, no warm-up.
-The loop-level settings of the release (16 per device, EMA 0.9999, 3 epochs over the prompts)
-are ``distill.loop`` keys, not method keys.
+The student's EMA is diffusers' ``EMAModel`` with its defaults (``--use_ema``): decay capped at
+0.9999 with the (1 + s)/(10 + s) warm-up (``ema: {kind: warmup}``). The other loop-level settings
+of the release (16 per device, 3 epochs over the prompts) are ``distill.loop`` keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from components.adapters import add_lora, set_adapters
 from components.diffusion import guided_eps, predict_eps
+from components.ema import EMAConfig
 from components.generation import GeneratorSpec, one_step_x0
 from components.methods import Batch, GroupSpec, Teacher, register
 
@@ -55,6 +57,8 @@ class SwiftBrushConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # diffusers EMAModel defaults
+    ema: EMAConfig = field(default_factory=lambda: EMAConfig(kind="warmup", decay=0.9999))
 
     def validate(self) -> None:
         if not 0 <= self.t_min < self.t_max <= 999:
@@ -67,9 +71,12 @@ class SwiftBrush:
     """VSD with a LoRA fake teacher; see the module docstring for the losses."""
 
     needs_pairs = False
+    student_groups = ("student",)
+    phase_starts: tuple[int, ...] = ()
 
     def __init__(self, cfg: SwiftBrushConfig, teacher: Teacher):
         self.cfg = cfg
+        self.ema = cfg.ema
         self.schedule = teacher.schedule
         self.spec = GeneratorSpec(t=cfg.generator_t, input_scale="unit")
         self.groups = (GroupSpec("student", max_grad_norm=cfg.max_grad_norm),
@@ -88,6 +95,9 @@ class SwiftBrush:
         lr = self.cfg.student_lr if group == "student" else self.cfg.lora_lr
         return torch.optim.Adam(self.parameters(group), lr=lr, betas=tuple(self.cfg.adam_betas),
                                 eps=self.cfg.adam_eps, weight_decay=self.cfg.weight_decay)
+
+    def begin_phase(self, step: int) -> None:
+        pass
 
     def student(self) -> torch.nn.Module:
         return self.f_theta
@@ -121,7 +131,7 @@ class SwiftBrush:
             g = torch.nan_to_num(sigma_t**2 * (eps_phi - eps_psi))
         target = (x0_hat - g).detach()
         per_sample = 0.5 * ((x0_hat - target) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_vsd": per_sample.mean().item(), "grad_norm_g": g.norm().item()}
+        return per_sample, {"loss_vsd": per_sample.mean(), "grad_norm_g": g.norm()}
 
     def fake_teacher_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         """Per-sample ᾱ_t-weighted ε-MSE of the LoRA teacher on the student's samples (B,)."""
@@ -136,7 +146,7 @@ class SwiftBrush:
         set_adapters(self.shared, True)
         eps_psi = predict_eps(self.shared, x_t, t, cond)
         per_sample = ((alpha_t * (eps_psi - eps)) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_lora": per_sample.mean().item()}
+        return per_sample, {"loss_lora": per_sample.mean()}
 
 
 @register("swiftbrush", SwiftBrushConfig)
