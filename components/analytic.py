@@ -8,8 +8,15 @@ Data: ``x_0 | c ~ N(μ_c, Σ)`` for classes ``c = 0 … K−1`` (the "prompts"),
 and because every prompt shares Σ, the CFG-guided ε with scale s is *also* the exact ε of a
 Gaussian family, ``N(μ̄ + s (μ_c − μ̄), Σ)``, at every t. Every method therefore has one exact
 target distribution per class, which the method tests compare against (means and covariances).
-The empty prompt is a Gaussian rather than the class mixture on purpose: with the mixture, the
-guided ε is not the ε of any distribution and the "guided target" would not be defined.
+The empty prompt is a Gaussian there on purpose: with the mixture, the guided ε is not the ε of
+any distribution and the "guided target" would not be defined.
+
+The *mixture* teacher (``GaussianMixtureTeacher``) is the consistent one, as a real text-to-image
+model is: the empty prompt is the marginal of the classes, ``x_0 | ∅ ~ (1/K) Σ_k N(μ_k, Σ)``, whose
+noised ε is also closed form, ``σ_t A_t⁻¹ (x_t − α_t Σ_k r_k(x_t) μ_k)`` with the posterior class
+responsibilities ``r_k ∝ N(x_t; α_t μ_k, A_t)``. It is where VSD's fixed point under CFG is
+measured (SwiftBrush), since there an unconditional branch that learns a student's marginal is
+compared with the teacher's true marginal.
 
 Conditioning is a ``TextConditioning`` whose ``text`` is a (B, 1, K + 1) one-hot over the classes
 and the empty prompt (last column), so methods handle it exactly like prompt embeddings.
@@ -50,12 +57,13 @@ class LinearFieldNet(nn.Module):
 
     def __init__(self, schedule: NoiseSchedule, means: torch.Tensor, cov: torch.Tensor,
                  prediction_type: PredictionType = "epsilon", hidden: int = 64,
-                 t_features: int = 16, w_dim: int = 0):
+                 t_features: int = 16, w_dim: int = 0, null_is_mixture: bool = False):
         super().__init__()
         dim = means.shape[1]
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.dim, self.t_features, self.w_dim = dim, t_features, w_dim
+        self.null_is_mixture = null_is_mixture  # the empty prompt: the mixture of the classes
         self.means = nn.Linear(means.shape[0], dim, bias=False)
         self.cov = nn.Linear(dim, dim, bias=False)
         with torch.no_grad():
@@ -73,7 +81,8 @@ class LinearFieldNet(nn.Module):
         table = self.means.weight.detach().T
         cov = self.cov.weight.detach() @ self.cov.weight.detach().T
         net = LinearFieldNet(self.schedule, table, cov, self.prediction_type,
-                             self.hyper[0].out_features, self.t_features, w_dim)
+                             self.hyper[0].out_features, self.t_features, w_dim,
+                             self.null_is_mixture)
         state = {k: v for k, v in self.state_dict().items() if k != "hyper.0.weight"}
         net.load_state_dict(state, strict=False)
         with torch.no_grad():
@@ -83,14 +92,27 @@ class LinearFieldNet(nn.Module):
         return net
 
     def closed_form(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The Gaussian part ``σ_t A_t⁻¹ (x − α_t μ(c))`` (B, d)."""
+        """The Gaussian part ``σ_t A_t⁻¹ (x − α_t μ(c))`` (B, d); with ``null_is_mixture`` the
+        empty prompt's μ is the posterior mean of the class means, Σ_k r_k(x_t) μ_k."""
         alpha, sigma = self.schedule.alpha_sigma(t, x_t)  # (B, 1)
         L = self.cov.weight
         Sigma = L @ L.T
-        eye = torch.eye(self.dim, device=x_t.device)
+        eye = torch.eye(self.dim, device=x_t.device, dtype=x_t.dtype)
         A = alpha[:, :, None] ** 2 * Sigma + sigma[:, :, None] ** 2 * eye  # (B, d, d)
-        r = (x_t - alpha * self.means(c))[..., None]
+        mu = self.means(c)
+        if self.null_is_mixture:
+            mu = torch.where(c[:, -1:] > 0.5, self._mixture_mean(x_t, alpha, A), mu)
+        r = (x_t - alpha * mu)[..., None]
         return sigma * torch.linalg.solve(A, r)[..., 0]
+
+    def _mixture_mean(self, x_t: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor):
+        """Σ_k r_k μ_k (B, d), r_k ∝ N(x_t; α μ_k, A) over the K classes (the table's rows but
+        the last, which is the empty prompt's)."""
+        mu_k = self.means.weight.T[:-1]  # (K, d)
+        diff = x_t[:, None, :] - alpha[:, :, None] * mu_k[None]  # (B, K, d)
+        A_inv = torch.linalg.inv(A)  # (B, d, d), shared by the classes
+        logits = -0.5 * torch.einsum("bkd,bde,bke->bk", diff, A_inv, diff)
+        return torch.softmax(logits, dim=1) @ mu_k
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning,
                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,6 +133,8 @@ class LinearFieldNet(nn.Module):
 class GaussianClassTeacher:
     """The exact teacher and its exact targets; ``network()`` gives it as a frozen module."""
 
+    null_is_mixture = False
+
     def __init__(self, means: torch.Tensor, cov: torch.Tensor,
                  schedule: NoiseSchedule | None = None, null_mean: torch.Tensor | None = None):
         self.class_means = means.float()  # (K, d)
@@ -129,7 +153,8 @@ class GaussianClassTeacher:
     def network(self, w_dim: int = 0) -> LinearFieldNet:
         """The teacher as a frozen ``LinearFieldNet`` (exact ε at initialisation)."""
         table = torch.cat([self.class_means, self.null_mean[None]])
-        net = LinearFieldNet(self.schedule, table, self.cov, w_dim=w_dim)
+        net = LinearFieldNet(self.schedule, table, self.cov, w_dim=w_dim,
+                             null_is_mixture=self.null_is_mixture)
         return net.eval().requires_grad_(False)
 
     def guided_mean(self, c: int, guidance_scale: float) -> torch.Tensor:
@@ -149,3 +174,15 @@ def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = x.mean(0)
     centred = x - mean
     return mean, centred.T @ centred / (x.shape[0] - 1)
+
+
+class GaussianMixtureTeacher(GaussianClassTeacher):
+    """The classes of ``GaussianClassTeacher`` with the empty prompt as their equal-weight mixture
+    (its ε exact too; see the module docstring). The CFG target is then no distribution, so
+    ``guided_mean`` is only the mean of the guided *means* a student could be compared with."""
+
+    null_is_mixture = True
+
+    def sample_unconditional(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        labels = torch.randint(0, self.num_classes, (n,), generator=generator)
+        return self.sample(labels, 1.0, generator)

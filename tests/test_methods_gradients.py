@@ -191,3 +191,91 @@ def test_meng_targets():
         a, s = SCHEDULE.alpha_sigma(torch.full((4,), 999), z_t)
         one_step = ddim_step(z_t, x_tilde, (z_t - a * x_tilde) / s, 499, SCHEDULE)
     torch.testing.assert_close(one_step, z, rtol=1e-4, atol=1e-5)
+
+
+def _first_call_inputs(module: torch.nn.Module) -> list:
+    """The positional inputs of ``module``'s calls, recorded by a forward pre-hook."""
+    calls: list = []
+    module.register_forward_pre_hook(lambda _m, args: calls.append(args))
+    return calls
+
+
+def test_sid_fake_step_generates_the_dropped_samples_from_the_empty_prompt():
+    """The official loop replaces the prompt before G runs: dropped samples are G(z, ∅)."""
+    m = build("sid_lsg", {"fake_train_guidance": 2.0, "null_prompt_prob": 1.0})
+    calls = _first_call_inputs(m.G_theta)
+    b = batch(3)
+    m.fake_score_loss(b)
+    torch.testing.assert_close(calls[0][2].text, b.uncond.text)
+
+
+def test_sid_generator_step_has_its_own_batch():
+    m = build("sid_lsg", {})
+    assert [g.fresh_batch for g in m.groups] == [False, True]
+
+
+def test_instaflow_distillation_starts_from_fresh_noise():
+    """Phase 2 draws X0 from the iteration's generator, never the pair cache's noise z."""
+    m = build("instaflow", {"lpips_fraction": 0.0, "distill_ode_steps": 2,
+                            "reflow_fraction": 0.5}, steps=10)
+    m.begin_phase(5)
+    calls = _first_call_inputs(m.rf2)
+    b = batch(7, x1=torch.zeros(4, 2), step=5)
+    m.distill_loss(b)
+    x0 = calls[0][0][:4]
+    expected = torch.randn(b.z.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(x0, expected)
+    assert not torch.allclose(x0, b.z)
+
+
+def test_instaflow_freezes_the_ema_of_reflow_as_its_2rf(tmp_path):
+    """Through the loop: at the phase boundary the frozen 2-RF is phase 1's EMA, not the raw
+    weights."""
+    from components.batches import PairBatches
+    from components.training import LoopConfig, train
+
+    m = build("instaflow", {"lpips_fraction": 0.0, "distill_ode_steps": 2, "lr": 1e-2,
+                            "warmup_steps": 0, "reflow_fraction": 0.5}, steps=8)
+
+    class Pairs:
+        prompt = torch.tensor([0, 1, 2, 0])
+        x1 = torch.randn(4, 2, generator=torch.Generator().manual_seed(3)) + 2.0
+
+        def __len__(self):
+            return 4
+
+        def noise(self, idx):
+            return torch.randn(len(idx), 2, generator=torch.Generator().manual_seed(4))
+
+    table, null = class_conditioning(torch.arange(K), K), null_conditioning(1, K)
+    at_boundary = {}
+
+    def on_sample(net, step):
+        if step == 4:
+            at_boundary.update({k: v.clone() for k, v in net.state_dict().items()})
+
+    raw_at_boundary = {}
+    begin_phase = m.begin_phase
+
+    def recording_begin_phase(step):
+        raw_at_boundary.update({k: v.clone() for k, v in m.v.state_dict().items()})
+        begin_phase(step)
+    m.begin_phase = recording_begin_phase
+    loop = LoopConfig(steps=8, batch_size=4, log_every=100, sample_every=4, checkpoint_every=100)
+    train(m, PairBatches(table, null, Pairs(), (2,)), loop, tmp_path, lambda *a: None, on_sample)
+    for k, v in at_boundary.items():
+        torch.testing.assert_close(m.rf2.state_dict()[k], v)
+        torch.testing.assert_close(raw_at_boundary[k], v)  # the student restarted there too
+
+
+def test_meng_draws_a_grid_step_per_sample_and_restarts_every_round():
+    m = build("meng", {"w_dim": 8, "start_steps": 8, "stage1_fraction": 0.25}, steps=40)
+    assert m.phase_starts == (10, 20, 30)  # stage 2 begins, then each halving round
+    assert {g.optimizer_name for g in m.groups} == {"student"}
+    m.begin_phase(10)
+    calls = _first_call_inputs(m.round_teacher)
+    b = batch(11, labels=tuple(range(3)) * 6, x1=torch.zeros(18, 2), step=10)
+    m.progressive_loss(b)
+    t = calls[0][1]
+    assert len(t.unique()) > 1  # Alg. 2 draws t per example
+    assert set(t.tolist()) <= {999, 749, 499, 249}  # the 4-step grid of round 0
