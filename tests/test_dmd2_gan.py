@@ -208,3 +208,30 @@ def test_real_latents_command_encodes_images_with_their_own_captions(tmp_path):
     loss, metrics = method.loss("fake", PromptBatches.from_cache(
         _cache(tmp_path, pipe), (4, 8, 8))(2, torch.Generator().manual_seed(0)), {})
     assert torch.isfinite(loss).all() and "loss_gan_d" in metrics
+
+
+def test_sdxl_real_latents_carry_pooled_embeddings_and_each_images_size(tmp_path):
+    """SDXL: the real branch gets each image's pooled embedding and its own micro-conditioning
+    (original size, crop top-left, target size), as SDXL was trained."""
+    from components.real_latents import encode_images
+    from tests.tiny import tiny_sdxl_pipeline
+
+    pipe = tiny_sdxl_pipeline()
+    _image_folder(tmp_path / "images", [(40, 24), (16, 16)])
+    files = [tmp_path / "images" / f"img{i}.png" for i in range(2)]
+    real = encode_images(pipe, files, PROMPTS[:2], (8, 8))
+    assert real.cond.pooled.shape == (2, 32)
+    # 40×24 → scaled to 27×16 (shorter side 16), centre crop 16×16 from left 5
+    assert real.cond.time_ids.tolist() == [[24, 40, 0, 5, 16, 16], [16, 16, 0, 0, 16, 16]]
+    save_real_latents(tmp_path / "real.st", real)
+    # the generator batches: cached SDXL text, pooled embeddings and time ids
+    write_cache(tmp_path / "cache", PROMPTS, lambda p: encode_prompts(pipe, p),
+                CacheConfig(shard_size=3), "tiny", log=lambda _: None)
+    batches = PromptBatches.from_cache(EmbeddingCache(tmp_path / "cache"), (4, 8, 8))
+    method = _build(pipe, gan_weight=1e-3, real_latents=str(tmp_path / "real.st"))
+    seen = []
+    method.mu_fake.unet.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
+    loss, _ = method.loss("fake", batches(2, torch.Generator().manual_seed(0)), {})
+    assert torch.isfinite(loss).all()
+    assert all(row in real.cond.time_ids.tolist() for row in seen[-1].tolist())
