@@ -32,8 +32,8 @@ score.
 
 Two stages (paper appendix, tianweiy/DMD2#30; ``experiments/sdv1.5/*_resume*.sh``): stage 1 is
 data-free (``gan_weight: 0``, lr 1e-5); stage 2 resumes its generator and fake score with
-``init_from`` (a stage-1 checkpoint folder; optimizer state and step start afresh, D starts at
-random) and adds the GAN term at SD1.5's published values ``gan_weight: 1e-3``,
+``init_from`` (a stage-1 checkpoint folder; optimizer state and step start afresh, D at random
+unless the checkpoint holds one) and adds the GAN term at SD1.5's published values ``gan_weight: 1e-3``,
 ``gan_head_weight: 1e-2``, ``generator_lr: 5e-7``, ``fake_lr: 5e-7`` (SDXL: ``gan_weight: 5e-3``).
 """
 
