@@ -12,6 +12,9 @@ from components.methods import Batch, GroupSpec
 from components.training import LoopConfig, student_updates, train
 
 
+HALF = EMAConfig("constant", 0.5)
+
+
 class Toy:
     """A student ``net`` (one weight, pulled towards 1) and a second network ``other``; every
     student update's resulting weight is recorded, and so is every batch each group saw."""
@@ -19,7 +22,7 @@ class Toy:
     needs_pairs = False
     spec = None
 
-    def __init__(self, groups, student_groups, phase_starts=(), ema=EMAConfig("constant", 0.5)):
+    def __init__(self, groups, student_groups, phase_starts=(), ema=HALF):
         self.groups, self.student_groups = tuple(groups), tuple(student_groups)
         self.phase_starts, self.ema = tuple(phase_starts), ema
         self.net, self.other = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
