@@ -11,7 +11,6 @@ from components.ema import EMAConfig
 from components.methods import Batch, GroupSpec
 from components.training import LoopConfig, student_updates, train
 
-
 HALF = EMAConfig("constant", 0.5)
 
 
