@@ -12,10 +12,12 @@ from components.teacher import TextConditioning
 
 
 class PairSource(Protocol):
-    """Teacher pairs: prompt index (P,), teacher samples x1 (P, ...), and the noise of each pair."""
+    """Teacher pairs: prompt index (P,), teacher samples x1 (P, ...), the noise of each pair and,
+    for caches sampled over a range of CFG scales, each pair's scale (P,) (else ``None``)."""
 
     prompt: torch.Tensor
     x1: torch.Tensor
+    guidance: torch.Tensor | None
 
     def __len__(self) -> int: ...
 
@@ -62,6 +64,8 @@ class PairBatches(PromptBatches):
     def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0) -> Batch:
         idx = torch.randint(0, len(self.pairs), (batch_size,), generator=gen)
         cond = self.table.rows(self.pairs.prompt[idx])
+        scales = getattr(self.pairs, "guidance", None)
         return Batch(cond.to(self.device), self.null_row.expand(batch_size).to(self.device),
                      self.pairs.noise(idx).to(self.device), gen, step,
-                     self.pairs.x1[idx].to(self.device))
+                     self.pairs.x1[idx].to(self.device),
+                     None if scales is None else scales[idx].to(self.device))

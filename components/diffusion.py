@@ -173,11 +173,12 @@ def predict_x0(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any
 
 
 def guided(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
-           guidance_scale: float, kind: str = "eps") -> torch.Tensor:
+           guidance_scale: float | torch.Tensor, kind: str = "eps") -> torch.Tensor:
     """CFG prediction (``kind`` "eps" or "x0") with scale s, cond and uncond batched in one call
-    as [uncond; cond]. CFG is linear, so guiding x0 equals converting the guided ε."""
+    as [uncond; cond]. CFG is linear, so guiding x0 equals converting the guided ε. ``s`` may be
+    a tensor of per-sample scales shaped to broadcast against ``x_t`` (e.g. (B, 1, 1, 1))."""
     predict = predict_eps if kind == "eps" else predict_x0
-    if guidance_scale == 1.0:
+    if not torch.is_tensor(guidance_scale) and guidance_scale == 1.0:
         return predict(denoiser, x_t, t, cond)
     both = predict(denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]),
                    concat_conditioning(uncond, cond))

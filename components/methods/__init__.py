@@ -20,7 +20,8 @@ from components.teacher import TextConditioning
 @dataclass
 class Batch:
     """One training batch: prompt embeddings, generator noise and, for pair methods, the teacher's
-    sample ``x1`` of each noise ``z`` (same prompt)."""
+    sample ``x1`` of each noise ``z`` (same prompt), with the CFG scale each ``x1`` was sampled
+    at when the pair cache drew one per pair."""
 
     cond: TextConditioning  # (B, L, D)
     uncond: TextConditioning  # (B, L, D), the empty prompt
@@ -28,11 +29,14 @@ class Batch:
     generator: torch.Generator  # per-step randomness, so a resumed run repeats exactly
     step: int = 0  # the iteration this batch belongs to (methods with phases read it)
     x1: torch.Tensor | None = None  # (B, C, h, w) teacher ODE sample from z, pair methods only
+    x1_guidance: torch.Tensor | None = None  # (B,) the CFG scale of each x1 (per-pair caches)
 
     def rows(self, sl: slice) -> Batch:
         """A micro-batch: the rows ``sl`` of every per-sample field."""
+        def part(x):
+            return None if x is None else x[sl]
         return Batch(self.cond.rows(sl), self.uncond.rows(sl), self.z[sl], self.generator,
-                     self.step, None if self.x1 is None else self.x1[sl])
+                     self.step, part(self.x1), part(self.x1_guidance))
 
 
 @dataclass

@@ -20,7 +20,13 @@ new student's one DDIM step t → t'' must match the teacher's two DDIM steps t 
     L_2 = ω(λ_t) ‖x̂_η(z_t, w) − x̃‖²
 Data-free deviation: the paper draws z_t from real training images; here z_t noises the
 *teacher's own samples* X1 from the teacher pair cache (``cache_teacher``),
-``z_t = α_t X1 + σ_t ε``, so no image is needed.
+``z_t = α_t X1 + σ_t ε``, so no image is needed. Each X1 is the teacher's sample at its own CFG
+scale s_i = 1 + w_i, w_i ~ U[w_min, w_max] (``cache.pairs.guidance_range``), and a sample trains
+the student at that w_i: the student learns its w-dependence on the noised w-guided distribution
+that its own sampler visits at w. Noising samples of one fixed scale instead leaves the student
+right near that scale only (on the analytic problem: effective guidance 1.16 for the teacher's
+0.97 at w = 0, 3.1 for 2.9 at w = 2, with pairs at s = 2). A cache without per-pair scales falls
+back to w ~ U[w_min, w_max].
 
 Why ``start_steps`` is 64: progressive distillation reproduces its first teacher's N-step DDIM
 sampler, halving after halving, so the one-step student can at best reach the stage-1 model's
@@ -37,7 +43,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from components.diffusion import apply_guidance_weight, guidance_embedding, predict_x0
+from components.diffusion import (
+    apply_guidance_weight,
+    guidance_embedding,
+    guidance_scale_to_weight,
+    guidance_weight_to_scale,
+    predict_x0,
+)
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, trailing_timesteps
 from components.methods import Batch, GroupSpec, Teacher, register
@@ -61,6 +73,10 @@ class MengConfig:
     adam_betas: tuple[float, ...] = (0.9, 0.999)
     max_grad_norm: float = 1.0
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(kind="warmup", decay=0.9999))
+
+    def pair_guidance_range(self) -> tuple[float, float]:
+        """The CFG scales the pair cache samples its pairs over, one per pair: s = 1 + w."""
+        return (guidance_weight_to_scale(self.w_min), guidance_weight_to_scale(self.w_max))
 
     def validate(self) -> None:
         if not 0.0 <= self.w_min <= self.w_max:
@@ -136,7 +152,10 @@ class MengGuidedDistillation:
         return alpha * batch.x1 + sigma * eps, alpha, sigma
 
     def _draw_w(self, batch: Batch) -> torch.Tensor:
+        """w per sample (B,): each pair's own, w = s − 1, else uniform on [w_min, w_max]."""
         u = torch.rand(batch.z.shape[0], generator=batch.generator).to(batch.z.device)
+        if batch.x1_guidance is not None:
+            return guidance_scale_to_weight(batch.x1_guidance.to(u))
         return self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * u
 
     def _student_x0(self, net, z_t, t, cond, w) -> torch.Tensor:
