@@ -203,6 +203,15 @@ def save_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA, step: 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The step of the newest complete checkpoint in ``ckpt_dir`` (0 if none)."""
+    pointer = ckpt_dir / "latest"
+    if not pointer.exists():
+        return 0
+    return int(json.loads((ckpt_dir / pointer.read_text().strip() / "state.json").read_text())[
+        "step"])
+
+
 def load_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA) -> int:
     """Restore the newest complete checkpoint; return the step to continue from (0 if none)."""
     pointer = ckpt_dir / "latest"

@@ -88,7 +88,6 @@ class RunRecord:
         path = folder / ROWS_FILE
         self.rows = ([json.loads(line) for line in path.read_text().splitlines() if line]
                      if path.exists() else [])
-        self._earlier = len(self.rows)  # rows of earlier segments, until the resume step is known
         clock = read_json(folder / CLOCK_FILE) if (folder / CLOCK_FILE).exists() else {}
         self.before = clock.get("earlier_s", 0.0) + clock.get("segment_s", 0.0)
         self.started = time.perf_counter()
@@ -100,9 +99,8 @@ class RunRecord:
 
     def resume_from(self, step: int) -> None:
         """Forget what earlier segments logged after ``step`` (it is about to be redone)."""
-        earlier = [r for r in self.rows[:self._earlier] if r["step"] <= step]
-        self.rows = earlier + self.rows[self._earlier:]
-        self._earlier = 0
+        earlier = [r for r in self.rows if r["step"] <= step]
+        self.rows = earlier
         atomic_write_text(self.folder / ROWS_FILE,
                           "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
 

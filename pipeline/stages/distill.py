@@ -38,7 +38,7 @@ from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write
 from components.methods import Teacher, get_method
 from components.pair_cache import PairCache
 from components.teacher import load_pipeline, resolve_model, teacher_denoiser
-from components.training import train
+from components.training import checkpoint_step, train
 from pipeline import paths
 from pipeline.checkpoints import RunRecord, code_hash, prune_runs, run_key
 from pipeline.params import load_stage
@@ -138,30 +138,37 @@ def _resolved(root: Path, teacher_cfg, cfg, method_cfg, cache, method) -> dict:
     return resolved
 
 
+def _resume(ckpt_dir: Path, steps: int, record: RunRecord) -> None:
+    """Say where the run resumes and drop what the killed segment logged after that step."""
+    done = checkpoint_step(ckpt_dir)
+    if done > steps:
+        raise ValueError(f"{paths.CHECKPOINTS / ckpt_dir.name} holds this run trained to step "
+                         f"{done}, beyond distill.loop.steps {steps}: set loop.steps to at least "
+                         f"{done}, or delete that folder to train {steps} steps afresh")
+    if done:
+        log(f"distill: resuming from step {done} of {steps}"
+            + (": already trained" if done == steps else ""))
+    record.resume_from(done)
+
+
 def _progress(root: Path, cfg, record: RunRecord, run: str, is_main: bool):
-    """The loop's progress callback: the bar, the resume message, the wall clock, and once this
-    run holds a checkpoint, retention of the other runs' folders (rank 0 only)."""
+    """The loop's progress callback: the bar, the wall clock, and once this run holds a
+    checkpoint, retention of the other runs' folders (rank 0 only)."""
     bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step",
                disable=not is_main)
-    state = {"first": True, "pruned": False}
+    pruned = []
 
     def progress(done: int, total: int) -> None:
-        if state["first"]:
-            state["first"] = False
-            if done > 1:
-                log(f"distill: resuming from step {done - 1} of {total}")
-            record.resume_from(done - 1)
         bar.n = done
         bar.refresh()
         record.tick()
         checkpointed = done % cfg.loop.checkpoint_every == 0 or done == total
-        if checkpointed and is_main and not state["pruned"]:
-            state["pruned"] = True
-            gone = prune_runs(root / paths.CHECKPOINTS, cfg.keep_runs, run)
-            if gone:
-                log(f"distill: removed the checkpoints of older runs {', '.join(gone)} "
+        if checkpointed and is_main and not pruned:
+            pruned.append(prune_runs(root / paths.CHECKPOINTS, cfg.keep_runs, run))
+            if pruned[0]:
+                log(f"distill: removed the checkpoints of older runs {', '.join(pruned[0])} "
                     f"(distill.keep_runs: {cfg.keep_runs})")
-    return progress, state, bar
+    return progress, bar
 
 
 def run(root: Path) -> None:
@@ -183,12 +190,11 @@ def run(root: Path) -> None:
     key = run_key(resolved, cfg.method)
     ckpt_dir = root / paths.CHECKPOINTS / key
     record = RunRecord(ckpt_dir)
-    progress, state, bar = _progress(root, cfg, record, key, is_main)
+    _resume(ckpt_dir, cfg.loop.steps, record)
+    progress, bar = _progress(root, cfg, record, key, is_main)
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
                 _sampler(root, pipe, cache, method.spec, local, record), progress)
     bar.close()
-    if state["first"] and is_main:
-        log(f"distill: resuming from step {cfg.loop.steps} of {cfg.loop.steps}: already trained")
     if is_main:
         _save(root, teacher_cfg, method, ema, cfg, record, resolved)
     distributed.finish()
