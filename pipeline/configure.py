@@ -2,7 +2,12 @@
 written into ``params.yaml`` before the stages run (what ``dvc exp run -S`` does).
 
 The new params are validated before anything is written, so a bad choice leaves ``params.yaml``
-as it was and fails with the valid names.
+as it was and fails with the valid names::
+
+    uv run python -m pipeline.configure --preset sd15 --method dmd2 --set distill.loop.steps=500
+
+The recipe presets (sd15, sd21, sdxl) also bring the chosen method's loop and pair settings
+(``pipeline.recipes``).
 """
 
 from __future__ import annotations
