@@ -101,7 +101,7 @@ def test_corrupt_cache_shard_is_one_line_without_traceback(tmp_path):
     from components.teacher import TextConditioning
 
     prompts = ["a red circle", "a blue square", "a green triangle"]
-    encode = lambda ps: TextConditioning(torch.ones(len(ps), 3, 2))  # noqa: E731
+    encode = lambda ps: TextConditioning(torch.ones(len(ps), 3, 2))
     index = write_cache(tmp_path / "data/cache", prompts, encode, CacheConfig(shard_size=2), "t",
                         log=lambda _: None)
     write_json(tmp_path / "data/prompts/manifest.json", {"train_sha256": index["prompts_sha256"]})

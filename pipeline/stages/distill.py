@@ -42,6 +42,7 @@ from components.training import checkpoint_step, train
 from pipeline import paths
 from pipeline.checkpoints import RunRecord, code_hash, prune_runs, run_key
 from pipeline.params import load_stage
+from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
 
 
@@ -177,6 +178,9 @@ def run(root: Path) -> None:
     # under torchrun / accelerate launch: join the job; "cuda" becomes this process's GPU
     local = replace(cfg, device=distributed.init_from_env(cfg.device))
     is_main = distributed.context().is_main
+    if is_main and (warning := recipe_warning(teacher_unet_config(teacher_cfg, root), cfg,
+                                              teacher_cfg.model)):
+        log(warning)  # a real teacher with another preset's settings
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
