@@ -115,3 +115,32 @@ def test_every_cadence_and_size_is_checked_up_front(key):
         from_dict(LoopConfig, {key: 0}, "distill.loop")
     with pytest.raises(ConfigError, match=rf"{key} must be at least 1, got -4$"):
         from_dict(LoopConfig, {key: -4}, "distill.loop")
+
+
+# Imported by the distill stage but captured by value in the run key (configs and their loading)
+# or naming paths only: editing them neither re-runs distillation nor restarts its checkpoints.
+CONFIG_ONLY = {"components/config.py", "components/prompts.py",
+               "components/evaluation/protocols.py", "pipeline/params.py", "pipeline/env.py",
+               "pipeline/paths.py", "pipeline/stages/__init__.py"}
+PACKAGE_MARKERS = {"components/__init__.py", "components/evaluation/__init__.py",
+                   "pipeline/__init__.py"}
+
+
+def test_distill_code_deps_cover_every_module_the_stage_runs():
+    """Every project module the distill stage imports (and the one ``save_student`` imports
+    when it runs) is a dvc.yaml dependency of the stage, hence in its run key's code hash."""
+    import subprocess
+    import sys
+
+    script = ("import sys, pipeline.stages.distill, components.stock_scheduler\n"
+              "from components.methods import method_names; method_names()\n"
+              "print('\\n'.join(m.__file__ for n, m in sys.modules.items()\n"
+              "      if n.split('.')[0] in ('components', 'pipeline')))")
+    listing = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["distill"]["deps"]
+    for file in listing:
+        rel = Path(file).resolve().relative_to(ROOT).as_posix()
+        if rel in CONFIG_ONLY or rel in PACKAGE_MARKERS:
+            continue
+        assert any(rel == d or rel.startswith(d + "/") for d in deps), f"{rel} not in deps"
