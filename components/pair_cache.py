@@ -6,10 +6,15 @@ probability-flow ODE: for noise ``x0 = seeded_noise(seed)`` the teacher's guided
 
 Layout::
 
-    index.json              {"prompts_sha256", "teacher", "steps", "guidance_scale", "count",
-                             "latent_shape", "dtype", "shards": [{"file", "start", "count",
-                             "sha256"}]}
-    pairs-00000.safetensors {"prompt": (n,) int64, "seed": (n,) int64, "x1": (n, C, h, w)}
+    index.json              {"prompts_sha256", "teacher", "steps", "guidance_scale",
+                             "guidance_range", "count", "latent_shape", "dtype",
+                             "shards": [{"file", "start", "count", "sha256"}]}
+    pairs-00000.safetensors {"prompt": (n,) int64, "seed": (n,) int64, "x1": (n, C, h, w),
+                             "guidance": (n,) float32, only with a guidance range}
+
+With a ``guidance_range`` [lo, hi] (Meng et al.: one CFG scale per pair, s = 1 + w over the
+method's w range) pair i is sampled at its own scale drawn uniformly from the range by a generator
+seeded with ``seed``; without one every pair uses ``guidance_scale`` (InstaFlow's coupling).
 
 Shards are written into ``<dir>.partial`` and survive a killed run (the re-run resumes after the
 last complete shard); the finished folder replaces ``<dir>`` by rename.
@@ -33,7 +38,8 @@ from components.io import (
 )
 
 INDEX = "index.json"
-Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (prompt ids, z) -> x1
+# (prompt ids (n,), z (n, C, h, w), CFG scales (n,) or None for the fixed scale) -> x1
+Sampler = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,17 +67,30 @@ def pair_prompts(cfg: PairsConfig, num_prompts: int) -> torch.Tensor:
                          generator=torch.Generator().manual_seed(cfg.seed))
 
 
+def pair_guidance(cfg: PairsConfig, scale_range: tuple[float, float] | None):
+    """Each pair's CFG scale (count,) drawn uniformly from ``scale_range``, or ``None``."""
+    if scale_range is None:
+        return None
+    lo, hi = scale_range
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    return lo + (hi - lo) * torch.rand(cfg.count, generator=g)
+
+
 def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
                 latent_shape: tuple[int, ...], cfg: PairsConfig, meta: dict,
-                log: Callable[[str], None] = print) -> dict:
-    """Sample ``cfg.count`` pairs shard by shard (resuming complete shards); return the index."""
+                log: Callable[[str], None] = print,
+                scale_range: tuple[float, float] | None = None) -> dict:
+    """Sample ``cfg.count`` pairs shard by shard (resuming complete shards); return the index.
+    ``scale_range``: sample each pair at its own CFG scale from that range."""
     out_dir = Path(out_dir)
     key = {**meta, "count": cfg.count, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
+           "guidance_range": None if scale_range is None else list(scale_range),
            "seed": cfg.seed, "dtype": cfg.dtype, "latent_shape": list(latent_shape)}
     prompts = pair_prompts(cfg, num_prompts)
+    scales = pair_guidance(cfg, scale_range)
 
     def make(start: int, stop: int) -> dict[str, torch.Tensor]:
-        return _sample_shard(sample, prompts, start, stop, latent_shape, cfg)
+        return _sample_shard(sample, prompts, scales, start, stop, latent_shape, cfg)
 
     def progress(k: int, stop: int) -> None:
         log(f"cache_teacher: pairs shard {k} ({stop}/{cfg.count})")
@@ -83,16 +102,21 @@ def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
     return index
 
 
-def _sample_shard(sample: Sampler, prompts: torch.Tensor, start: int, stop: int,
-                  latent_shape: tuple[int, ...], cfg: PairsConfig) -> dict[str, torch.Tensor]:
+def _sample_shard(sample: Sampler, prompts: torch.Tensor, scales: torch.Tensor | None,
+                  start: int, stop: int, latent_shape: tuple[int, ...],
+                  cfg: PairsConfig) -> dict[str, torch.Tensor]:
     ids = torch.arange(start, stop)
     x1 = []
     for lo in range(start, stop, cfg.batch_size):
         hi = min(lo + cfg.batch_size, stop)
         z = seeded_noise([cfg.seed + i for i in range(lo, hi)], latent_shape)
-        x1.append(sample(prompts[lo:hi], z).to("cpu", getattr(torch, cfg.dtype)))
-    return {"prompt": prompts[start:stop].clone(), "seed": (cfg.seed + ids).long(),
-            "x1": torch.cat(x1).contiguous()}
+        s = None if scales is None else scales[lo:hi]
+        x1.append(sample(prompts[lo:hi], z, s).to("cpu", getattr(torch, cfg.dtype)))
+    shard = {"prompt": prompts[start:stop].clone(), "seed": (cfg.seed + ids).long(),
+             "x1": torch.cat(x1).contiguous()}
+    if scales is not None:
+        shard["guidance"] = scales[start:stop].float().contiguous()
+    return shard
 
 
 class PairCache:
@@ -113,6 +137,9 @@ class PairCache:
         self.prompt = torch.cat([p["prompt"] for p in parts])
         self.seed = torch.cat([p["seed"] for p in parts])
         self.x1 = torch.cat([p["x1"] for p in parts]).float()
+        # each pair's CFG scale, for caches sampled over a guidance range (else None)
+        self.guidance = (torch.cat([p["guidance"] for p in parts])
+                         if parts and "guidance" in parts[0] else None)
 
     def _load(self, entry: dict) -> dict[str, torch.Tensor]:
         return load_verified_shard(self.folder, entry, "pair shard")

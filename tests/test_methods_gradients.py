@@ -279,3 +279,28 @@ def test_meng_draws_a_grid_step_per_sample_and_restarts_every_round():
     t = calls[0][1]
     assert len(t.unique()) > 1  # Alg. 2 draws t per example
     assert set(t.tolist()) <= {999, 749, 499, 249}  # the 4-step grid of round 0
+
+
+def test_meng_trains_each_pair_at_the_guidance_it_was_sampled_with():
+    """A pair sampled at CFG scale s trains the student at w = s − 1; the cache's scales reach
+    the batch (and its micro-batches) row by row."""
+    from components.batches import PairBatches
+
+    class Pairs:
+        prompt = torch.tensor([0, 1, 2, 0, 1])
+        x1 = torch.zeros(5, 2)
+        guidance = torch.tensor([1.0, 2.0, 3.5, 1.25, 2.75])
+
+        def __len__(self):
+            return 5
+
+        def noise(self, idx):
+            return torch.zeros(len(idx), 2)
+
+    m = build("meng", {"w_dim": 8})
+    assert m.cfg.pair_guidance_range() == (1 + m.cfg.w_min, 1 + m.cfg.w_max)
+    table, null = class_conditioning(torch.arange(K), K), null_conditioning(1, K)
+    b = PairBatches(table, null, Pairs(), (2,))(8, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(m._draw_w(b), b.x1_guidance - 1.0)
+    assert set(b.x1_guidance.tolist()) <= set(Pairs.guidance.tolist())
+    torch.testing.assert_close(b.rows(slice(2, 5)).x1_guidance, b.x1_guidance[2:5])

@@ -13,9 +13,10 @@ SHAPE = (4, 2, 2)
 
 
 def sampler(calls: list):
-    def sample(prompt_ids, z):
+    def sample(prompt_ids, z, scales=None):
         calls.append(len(prompt_ids))
-        return z * 2 + prompt_ids.view(-1, 1, 1, 1).float()  # a stand-in "teacher ODE"
+        s = 2.0 if scales is None else scales.view(-1, 1, 1, 1)
+        return z * s + prompt_ids.view(-1, 1, 1, 1).float()  # a stand-in "teacher ODE"
     return sample
 
 
@@ -30,16 +31,35 @@ def test_round_trip_regenerates_the_exact_noise(tmp_path):
     z = cache.noise(torch.arange(10))
     torch.testing.assert_close(z, seeded_noise(range(7, 17), SHAPE))
     torch.testing.assert_close(cache.x1, z * 2 + cache.prompt.view(-1, 1, 1, 1).float())
+    assert cache.guidance is None and index["guidance_range"] is None
+
+
+def test_a_guidance_range_samples_each_pair_at_its_own_scale(tmp_path):
+    """Meng et al.'s cache: pair i at its own CFG scale, stored with it and seeded."""
+    cfg = PairsConfig(count=10, batch_size=3, shard_size=4, seed=7)
+    index = write_pairs(tmp_path / "pairs", sampler([]), 5, SHAPE, cfg, {}, log=lambda _: None,
+                        scale_range=(1.0, 3.0))
+    cache = PairCache(tmp_path / "pairs")
+    assert index["guidance_range"] == [1.0, 3.0]
+    assert cache.guidance.shape == (10,) and len(cache.guidance.unique()) == 10
+    assert float(cache.guidance.min()) >= 1.0 and float(cache.guidance.max()) <= 3.0
+    z = cache.noise(torch.arange(10))
+    torch.testing.assert_close(
+        cache.x1, z * cache.guidance.view(-1, 1, 1, 1) + cache.prompt.view(-1, 1, 1, 1).float())
+    again = write_pairs(tmp_path / "again", sampler([]), 5, SHAPE, cfg, {}, log=lambda _: None,
+                        scale_range=(1.0, 3.0))
+    torch.testing.assert_close(PairCache(tmp_path / "again").guidance, cache.guidance)
+    assert again["shards"] == index["shards"]
 
 
 def test_a_killed_run_resumes_after_its_last_complete_shard(tmp_path):
     cfg = PairsConfig(count=10, batch_size=4, shard_size=4)
     calls: list = []
 
-    def dying(prompt_ids, z):
+    def dying(prompt_ids, z, scales):
         if len(calls) == 2:  # killed while sampling the third shard
             raise KeyboardInterrupt
-        return sampler(calls)(prompt_ids, z)
+        return sampler(calls)(prompt_ids, z, scales)
     with pytest.raises(KeyboardInterrupt):
         write_pairs(tmp_path / "pairs", dying, 5, SHAPE, cfg, {}, log=lambda _: None)
     assert not (tmp_path / "pairs").exists() and (tmp_path / "pairs.partial").exists()

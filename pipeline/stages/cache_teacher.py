@@ -21,10 +21,11 @@ def _pair_sampler(pipe, cache: EmbeddingCache, steps: int, guidance_scale: float
     denoiser = teacher_denoiser(pipe)
     device = pipe.unet.device
 
-    def sample(prompt_ids: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def sample(prompt_ids: torch.Tensor, z: torch.Tensor, scales) -> torch.Tensor:
         cond = cache.conditioning(prompt_ids).to(device)
+        s = guidance_scale if scales is None else scales.to(device).view(-1, 1, 1, 1)
         return ddim_sample(denoiser, z.to(device), cond, cache.null(len(prompt_ids)).to(device),
-                           steps, guidance_scale)
+                           steps, s)
     return sample
 
 
