@@ -102,7 +102,7 @@ def test_ema_ticks_only_when_the_student_updated(tmp_path):
 def test_sampler_sees_the_ema_weights_and_the_student_keeps_its_own(tmp_path):
     seen = []
     m = Toy([GroupSpec("student")], ["student"])
-    run(m, tmp_path, steps=4, on_sample=lambda net, k: seen.append(float(net.weight)))
+    run(m, tmp_path, steps=4, on_sample=lambda net, k: seen.append(float(net.weight.detach())))
     assert seen == [pytest.approx(ema_of(m.after_update, 0.0, m.ema))]
     assert float(m.net.weight) == pytest.approx(m.after_update[-1])
     assert seen[0] != pytest.approx(m.after_update[-1])
