@@ -46,6 +46,20 @@ def run_experiment(root: Path, method: str) -> dict:
     return {"method": method, "eval": ev, "distill": dist, "proxy_fid": curve}
 
 
+# What the analytic tier establishes about the methods (tests/test_methods_analytic.py and the
+# tests named below); part of every report so that world numbers are read with it.
+ANALYTIC = """## On exact teachers (the analytic tier)
+
+Every method reaches its exact target on two Gaussian problems (2-D and anisotropic 3-D) from
+three training seeds, each student starting four tolerances away (`tests/test_methods_analytic.py`).
+Meng et al.'s stage-1 student follows the teacher's guidance at w = 0, 0.5, 1 and 2 within 0.1
+(`tests/test_meng_stage1.py`). SwiftBrush at its published CFG 4.5, on a teacher whose empty prompt
+is the mixture of its classes (as a text-to-image model's is), converges to the teacher's
+*conditional* distribution, not to the CFG target: with the same guidance on the teacher and on the
+LoRA teacher, q_c = p_c is VSD's fixed point whatever the scale, and the scale only changes the path
+(`tests/test_swiftbrush_guidance.py`; the SwiftBrush module docstring has the argument)."""
+
+
 def report(results: list[dict], out: Path) -> str:
     """The markdown report (and its plot) from the experiments' results."""
     first = results[0]["eval"]
@@ -74,7 +88,7 @@ def report(results: list[dict], out: Path) -> str:
         note = ("The curve is the distill stage's proxy FID (student images of training "
                 "prompts against the same reference statistics), not the evaluation protocol.")
         lines += ["", "![proxy FID over iterations](methods_fid.png)", "", note]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", ANALYTIC]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
