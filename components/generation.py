@@ -25,6 +25,16 @@ from components.diffusion import (
 )
 from components.teacher import TextConditioning, teacher_denoiser
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_dtype(name: str) -> torch.dtype:
+    """The dtype networks of a stage run in, from its ``precision`` setting."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; valid precisions are: "
+                         f"{', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
 
 @dataclass(frozen=True)
 class GeneratorSpec:

@@ -156,11 +156,16 @@ def read_params(root: str | Path) -> dict:
 
 
 def load_stage(root: str | Path, stage: str) -> dict[str, Any]:
-    """Validate the whole params file; return only the sections ``stage`` declares in dvc.yaml."""
+    """Validate the whole params file; return only the sections ``stage`` declares in dvc.yaml
+    (a ``"section.key"`` entry is that key's value)."""
     from pipeline.stages import STAGE_SECTIONS
 
     configs = load_all(root)
-    return {name: configs[name] for name in STAGE_SECTIONS[stage]}
+    out = {}
+    for name in STAGE_SECTIONS[stage]:
+        section, _, key = name.partition(".")
+        out[name] = getattr(configs[section], key) if key else configs[section]
+    return out
 
 
 def load_all(root: str | Path) -> dict[str, Any]:

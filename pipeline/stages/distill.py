@@ -106,8 +106,7 @@ def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: 
         raise CacheError(f"method {cfg.method!r} trains on teacher ODE pairs but the pair cache "
                          "is empty: set `cache.pairs.count` > 0 in params.yaml and run "
                          "`dvc repro cache_teacher`")
-    return PairBatches(cache.table(), cache.null(1), pairs, latent_shape(pipe),
-                       cfg.device)
+    return PairBatches(cache, cache.null(1), pairs, latent_shape(pipe), cfg.device)
 
 
 def _loss_logger(rows: list[dict]):
