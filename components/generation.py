@@ -186,10 +186,42 @@ def unconditional(pipe: Any) -> TextConditioning:
     return null
 
 
+DECODE_CHUNK = 8  # latents per VAE call: a 512-px fp32 decode holds ~0.75 GiB per image
+TILE_SIZE = 64  # latent side above which the VAE decodes in tiles (SDXL's 128 -> 64-wide tiles)
+
+
 @torch.no_grad()
-def decode_latents(pipe: Any, latents: torch.Tensor) -> np.ndarray:
-    """Latents (B, C, h, w) → uint8 images (B, H, W, 3) through the pipeline's VAE."""
+def decode_latents(pipe: Any, latents: torch.Tensor, chunk_size: int = DECODE_CHUNK,
+                   tile_size: int | None = TILE_SIZE) -> np.ndarray:
+    """Latents (B, C, h, w) → uint8 images (B, H, W, 3) through the pipeline's VAE.
+
+    At most ``chunk_size`` latents go through the VAE at a time, so its activation memory is
+    bounded by the chunk, not the batch, and each chunk's images leave the device at once.
+    Latents wider than ``tile_size`` (SDXL-size) use diffusers' tiled decode: overlapping tiles
+    of ``tile_size`` latents with blended seams (None: never tiled).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vae = pipe.vae
+    tiled = tile_size is not None and max(latents.shape[-2:]) > tile_size
+    saved = _set_tiling(vae, tile_size) if tiled else None
+    try:
+        return np.concatenate([_decode_chunk(vae, part) for part in latents.split(chunk_size)])
+    finally:
+        if saved is not None:
+            vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size = saved
+
+
+def _set_tiling(vae: Any, tile_size: int) -> tuple:
+    """Turn on the VAE's tiled decode with tiles of ``tile_size`` latents; return what it was."""
+    saved = (vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.use_tiling, vae.tile_latent_min_size = True, tile_size
+    vae.tile_sample_min_size = tile_size * factor
+    return saved
+
+
+def _decode_chunk(vae: Any, latents: torch.Tensor) -> np.ndarray:
     x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
