@@ -290,8 +290,9 @@ def save_student(pipe: Any, spec: GeneratorSpec, folder: str | Path, extra: dict
                                                   sort_keys=True) + "\n")
 
 
-def load_student(folder: str | Path, device: str = "cpu") -> Student:
-    """Load a student folder written by ``save_student`` (fp32, on ``device``)."""
+def load_student(folder: str | Path, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Student:
+    """Load a student folder written by ``save_student`` (in ``dtype``, on ``device``)."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
@@ -300,6 +301,6 @@ def load_student(folder: str | Path, device: str = "cpu") -> Student:
         raise FileNotFoundError(f"{folder} is not a Distillery student (no {STUDENT_FILE}); "
                                 "produce one with the distill stage (`dvc repro distill`).")
     meta = json.loads(meta_path.read_text())
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32).to(device)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Student(pipe, GeneratorSpec(**meta["generator"]))

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from components.config import ConfigError, from_dict
 from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
+from components.generation import precision_dtype
 from components.methods import get_method, method_names
 from components.prompts import PromptsConfig
 from components.teacher import TeacherConfig
@@ -102,8 +104,10 @@ class EvaluateConfig:
     kid: bool = True
     precision_recall: bool = True
     device: str = "cpu"
+    precision: str = "fp32"  # the generating networks (fp32 or bf16); Inception and CLIP: fp32
 
     def validate(self) -> None:
+        precision_dtype(self.precision)
         protocol = get_protocol(self.protocol)
         if self.num_images is not None and self.num_images < 2:
             raise ValueError("num_images must be at least 2 (FID needs a covariance)")
@@ -119,6 +123,10 @@ class EvaluateConfig:
                              "`evaluate.scorer` (the world's: models/scorer)")
         if self.latency_repeats < 1 or self.latency_warmup < 0:
             raise ValueError("latency_repeats must be >= 1 and latency_warmup >= 0")
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the teacher and the student generate in (``precision``)."""
+        return precision_dtype(self.precision)
 
     def scorer_spec(self) -> str:
         """The CLIP scorer to load: the configured one, else the protocol's published model."""
