@@ -75,6 +75,7 @@ class ReferenceConfig:
     feature_weights: str = "fid-helper"
     batch_size: int = 64
     keep_features: int = 10000
+    device: str = "cpu"  # where Inception runs (fp32: the FID features are defined in fp32)
 
     def validate(self) -> None:
         if self.feature_weights not in ("fid-helper", "torch-fidelity"):

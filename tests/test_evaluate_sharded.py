@@ -70,6 +70,11 @@ def _set_precision(root: Path, precision: str) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+def _run(*args: str) -> None:
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, capture_output=True,
+                   timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_two_gloo_processes_equal_one_exactly_and_bf16_is_recorded(tmp_path):
     """5 images in batches of 2: rank 0 makes images 0, 1, 4 and rank 1 images 2, 3. Both runs
     use one thread per process (as torchrun sets): kernels' summation order follows threads."""
@@ -77,11 +82,8 @@ def test_two_gloo_processes_equal_one_exactly_and_bf16_is_recorded(tmp_path):
     two, half = tmp_path / "two", tmp_path / "half"
     shutil.copytree(one, two)
     shutil.copytree(one, half)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = dict(cwd=ROOT, check=True, env=env, capture_output=True, timeout=900)
-    subprocess.run([sys.executable, *STAGE, str(one)], **run)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node", "2", *STAGE, str(two)], **run)
+    _run(*STAGE, str(one))
+    _run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *STAGE, str(two))
     rows_one, card_one = _results(one)
     rows_two, card_two = _results(two)
     assert rows_one == rows_two  # FID, KID, precision/recall, CLIP score: bit for bit
@@ -89,7 +91,7 @@ def test_two_gloo_processes_equal_one_exactly_and_bf16_is_recorded(tmp_path):
     grid = "outputs/eval/grid.png"
     assert (one / grid).read_bytes() == (two / grid).read_bytes()
     _set_precision(half, "bf16")
-    subprocess.run([sys.executable, *STAGE, str(half)], **run)
+    _run(*STAGE, str(half))
     rows_half, card_half = _results(half)
     assert card_one["precision"] == "fp32" and card_half["precision"] == "bf16"
     assert all(np.isfinite(rows_half[name]["fid"]) for name in rows_half)
