@@ -168,7 +168,8 @@ def encode_prompts(pipe: Any, prompts: Sequence[str]) -> TextConditioning:
                                                 device=pipe.text_encoder_2.device,
                                                 do_classifier_free_guidance=False)
         size = pipe.default_sample_size * pipe.vae_scale_factor
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32,
+                                device=text.device)  # with the embeddings: the UNet mixes them
         return TextConditioning(text.float(), pooled.float(), time_ids.expand(len(prompts), 6))
     tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
