@@ -148,6 +148,10 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return int(self.index["count"])
 
+    def verify(self) -> None:
+        """Check every shard's hash now (once: reads do not check it again)."""
+        self._table.verify()
+
     @property
     def opened(self) -> list[str]:
         """The shard files read so far (each hash-checked once, when first opened)."""

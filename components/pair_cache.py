@@ -110,6 +110,10 @@ class PairCache:
     def __len__(self) -> int:
         return len(self._table)
 
+    def verify(self) -> None:
+        """Check every shard's hash now (once: reads do not check it again)."""
+        self._table.verify()
+
     @property
     def opened(self) -> list[str]:
         """The shard files read so far (each hash-checked once, when first opened)."""

@@ -162,6 +162,7 @@ class ShardedTable:
         self._starts = [int(s["start"]) for s in self.shards]
         self._count = sum(int(s["count"]) for s in self.shards)
         self._files: dict[int, object] = {}
+        self._verified: set[int] = set()
 
     def __len__(self) -> int:
         return self._count
@@ -171,12 +172,24 @@ class ShardedTable:
         """File names of the shards opened so far (each hash-checked once)."""
         return [self.shards[k]["file"] for k in sorted(self._files)]
 
+    def verify(self) -> None:
+        """Check every shard's hash now (each is checked once, here or when first read), so a
+        corrupt cache stops a run before it starts rather than at the step that reads it."""
+        for k in range(len(self.shards)):
+            self._check(k)
+
+    def _check(self, k: int) -> Path:
+        path = self.folder / self.shards[k]["file"]
+        if k not in self._verified:
+            verify(self.folder, self.shards[k], self.what)
+            self._verified.add(k)
+        return path
+
     def _file(self, k: int):
         if k not in self._files:
             from safetensors import safe_open
 
-            path = verify(self.folder, self.shards[k], self.what)
-            self._files[k] = safe_open(str(path), framework="pt")
+            self._files[k] = safe_open(str(self._check(k)), framework="pt")
         return self._files[k]
 
     def _locate(self, i: int) -> tuple[int, int]:

@@ -58,6 +58,23 @@ def test_only_the_shards_of_the_requested_rows_are_opened(tmp_path):
     assert table.rows("text", []).shape == (0, 5, 3) and len(table) == 40
 
 
+def test_each_shard_is_hash_checked_once(tmp_path, monkeypatch):
+    from components import shards
+
+    write_cache(tmp_path / "c", [f"p{i}" for i in range(12)], _encode, CacheConfig(shard_size=4),
+                "t", log=lambda _: None)
+    cache = EmbeddingCache(tmp_path / "c")
+    checked: list = []
+    real = shards.verify
+    monkeypatch.setattr(shards, "verify", lambda f, e, w: checked.append(e["file"]) or real(f, e, w))
+    for _ in range(3):
+        cache.conditioning(torch.tensor([0, 5]))
+    assert checked == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    cache.verify()
+    cache.conditioning(torch.tensor([11, 1]))
+    assert checked == [f"shard-0000{k}.safetensors" for k in range(3)]
+
+
 READER = """
 import json, re, sys, torch
 from components.batches import PromptBatches
