@@ -28,11 +28,11 @@ from pipeline.lineage import TAG_EXPERIMENT, TAG_EXPERIMENT_REV
 
 # (label, where in a version record, format) of the side-by-side rows
 ROWS = (("version", ("version",), "{}"), ("aliases", ("aliases",), "{}"),
-        ("FID ↓", ("metrics", "fid"), "{:.3f}"),
-        ("CLIP score ↑", ("metrics", "clip_score"), "{:.4f}"),
+        ("FID ↓", ("metrics", "fid"), "± {:.3f}"),
+        ("CLIP score ↑", ("metrics", "clip_score"), "± {:.4f}"),
         ("latency, batch 1 (s)", ("metrics", "latency_s"), "{:.4f}"),
-        ("teacher FID", ("metrics", "teacher.fid"), "{:.3f}"),
-        ("teacher CLIP score", ("metrics", "teacher.clip_score"), "{:.4f}"),
+        ("teacher FID", ("metrics", "teacher.fid"), "± {:.3f}"),
+        ("teacher CLIP score", ("metrics", "teacher.clip_score"), "± {:.4f}"),
         ("distillation steps", ("params", "distill.loop.steps"), "{}"),
         ("method", ("tags", "method"), "{}"), ("teacher", ("tags", "teacher"), "{}"),
         ("eval protocol", ("tags", TAG_PROTOCOL), "{}"),
@@ -74,6 +74,10 @@ def _cell(record: dict[str, Any] | None, where: tuple[str, ...], fmt: str) -> st
         return datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
     if isinstance(value, list):
         return ", ".join(value) or "—"
+    if fmt.startswith("± "):  # a metric, with its standard error when it was measured
+        std = record["metrics"].get(f"{where[-1]}_std")
+        text = fmt[2:].format(value)
+        return text if std is None else f"{text} ± {fmt[2:].format(std)}"
     return fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
 
@@ -85,8 +89,9 @@ def side_by_side(cfg: RegisterConfig, candidate: dict | None, champion: dict | N
               for label, where, fmt in ROWS]
     if candidate and candidate.get("run_url"):
         lines.append(f"\ncandidate run: {candidate['run_url']}")
-    rule = (f"FID lower by ≥ {cfg.fid_margin:g}, CLIP score lower by ≤ {cfg.clip_tolerance:g}, "
-            "same protocol")
+    k = f"{cfg.noise_multiple:g} x noise"
+    rule = (f"FID lower by ≥ max({cfg.fid_margin:g}, {k}), CLIP score lower by ≤ "
+            f"max({cfg.clip_tolerance:g}, {k}), same protocol")
     lines += ["", f"gate ({rule}): {verdict(cfg, candidate, champion)}"]
     return "\n".join(lines) + "\n"
 

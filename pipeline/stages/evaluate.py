@@ -25,6 +25,7 @@ from components.evaluation.plots import fid_bars, fid_clip_curve
 from components.evaluation.protocols import captions_in_training, get_protocol, read_captions
 from components.evaluation.run_cache import RunCache
 from components.evaluation.suite import Evaluator, Reference
+from components.evaluation.uncertainty import HalfSampling
 from components.generation import load_student, sample_teacher
 from components.io import atomic_dir, read_json, sha256_tree, write_json
 from components.prompts import read_text_prompts
@@ -113,7 +114,7 @@ def run(root: Path) -> None:
     scorer = load_scorer(str(_in_root(root, spec)) if _in_root(root, spec).exists() else spec,
                          cfg.device)
     evaluator = Evaluator(protocol, ref, net, scorer, cfg.batch_size, cfg.kid,
-                          cfg.precision_recall, cfg.seed)
+                          cfg.precision_recall, cfg.seed, HalfSampling(seed=cfg.seed))
 
     def score(name, generate):
         """Generate every image in chunks and score them; return the row and the grid images."""
@@ -131,7 +132,8 @@ def run(root: Path) -> None:
                 "captions": caption_list_hash(captions), "seed": cfg.seed, "protocol": cfg.protocol,
                 "scorer": scorer.weights, "ref": ref.meta["key"], "kid": cfg.kid,
                 "precision_recall": cfg.precision_recall, "grid_images": cfg.grid_images,
-                "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device}
+                "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device,
+                "uncertainty": evaluator.noise.describe()}
     results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
     student = load_student(require(root / paths.STUDENT, "distill"), cfg.device)
     row, grid = score("student", lambda c, s: student.generate(c, s, cfg.batch_size))
@@ -140,10 +142,10 @@ def run(root: Path) -> None:
     row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
     results["student"] = ({"row": row, "latency": latency}, grid)
     _write(root, cfg, teacher_cfg, results, _cards(cfg, protocol, results, captions, ref, net,
-                                                   scorer))
+                                                   scorer, evaluator.noise))
 
 
-def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
+def _cards(cfg, protocol, results, captions, ref, net, scorer, noise) -> dict:
     common = {
         "protocol": protocol.name, "caption_list_sha256": caption_list_hash(captions),
         "caption_file": Path(cfg.captions).name, "n_images": len(captions),
@@ -153,7 +155,7 @@ def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
         "feature_network": net.name, "feature_weights_sha256": net.weights_sha256,
         "clip_model": cfg.scorer_spec(), "clip_weights": scorer.weights,
         "clip_prefix": protocol.clip_prefix, "base_seed": cfg.seed, "precision": "fp32",
-        "device": cfg.device}
+        "device": cfg.device, "uncertainty": noise.describe()}
     return result_cards(common, {name: result for name, (result, _) in results.items()})
 
 
