@@ -37,6 +37,7 @@ from pipeline.stages.common import entry, log, require, write_resolved
 from pipeline.stages.reference_stats import META_FILE, STATS_FILE
 
 ORDER = ("student", "teacher", "teacher_1step")
+GRID_ROWS = ("student", "teacher", "teacher, 1 step")
 CHUNK = 1024  # images generated and scored at a time
 
 
@@ -141,8 +142,8 @@ def run(root: Path) -> None:
                               cfg.latency_repeats, cfg.latency_warmup, device_sync(cfg.device))
     row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
     results["student"] = ({"row": row, "latency": latency}, grid)
-    _write(root, cfg, teacher_cfg, results, _cards(cfg, protocol, results, captions, ref, net,
-                                                   scorer, evaluator.noise))
+    cards = _cards(cfg, protocol, results, captions, ref, net, scorer, evaluator.noise)
+    _write(root, cfg, teacher_cfg, results, cards, captions)
 
 
 def _cards(cfg, protocol, results, captions, ref, net, scorer, noise) -> dict:
@@ -159,7 +160,7 @@ def _cards(cfg, protocol, results, captions, ref, net, scorer, noise) -> dict:
     return result_cards(common, {name: result for name, (result, _) in results.items()})
 
 
-def _write(root, cfg, teacher_cfg, results, cards) -> None:
+def _write(root, cfg, teacher_cfg, results, cards, captions) -> None:
     rows = {name: results[name][0]["row"] for name in ORDER}
     curve = curve_points([r["row"] for r, _ in results.values()], cfg.curve_guidance_scales)
     grids = np.concatenate([results[name][1] for name in ORDER])
@@ -168,7 +169,9 @@ def _write(root, cfg, teacher_cfg, results, cards) -> None:
                "student_ms": rows["student"]["latency_s"] * 1e3, "speedup": speedup}
     with atomic_dir(root / paths.EVAL_OUT) as out:
         upscale = max(1, 96 // grids.shape[1])
-        save_png(image_grid(grids, cols=len(results["student"][1]), upscale=upscale),
+        cols = len(results["student"][1])
+        save_png(image_grid(grids, cols=cols, upscale=upscale, caption_lines=4,
+                            column_captions=captions[:cols], row_labels=GRID_ROWS),
                  out / "grid.png")
         fid_bars({k: rows[k]["fid"] for k in ORDER}, out / "fid_bars.png")
         if curve:
