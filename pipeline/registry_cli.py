@@ -1,7 +1,8 @@
 """The morning review: the registry's models, the new candidate next to the champion, promotion.
 
     uv run python -m pipeline.registry_cli list                # models, versions, aliases
-    uv run python -m pipeline.registry_cli compare             # candidate | champion, gate verdict
+    uv run python -m pipeline.registry_cli compare             # candidate | champion, gate verdict,
+                                                               # where the review page is
     uv run python -m pipeline.registry_cli promote             # candidate → champion if the gate agrees
     uv run python -m pipeline.registry_cli promote --version 3 --force   # overrule the gate
     uv run python -m pipeline.registry_cli show --version 3 [--tag dvc_exp_rev]   # one version
@@ -93,6 +94,13 @@ def side_by_side(cfg: RegisterConfig, candidate: dict | None, champion: dict | N
     rule = (f"FID lower by ≥ max({cfg.fid_margin:g}, {k}), CLIP score lower by ≤ "
             f"max({cfg.clip_tolerance:g}, {k}), same protocol")
     lines += ["", f"gate ({rule}): {verdict(cfg, candidate, champion)}"]
+    if candidate is not None:
+        from components.registry.review_store import review_location
+
+        where = review_location(candidate)
+        lines.append(f"review page: {where}" if where else
+                     f"review page: none (version {candidate['version']} was registered "
+                     "without one; re-run `dvc repro register`)")
     return "\n".join(lines) + "\n"
 
 

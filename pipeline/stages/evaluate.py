@@ -24,6 +24,7 @@ from components.evaluation.latency import device_sync, measure_latency
 from components.evaluation.plots import fid_bars, fid_clip_curve
 from components.evaluation.protocols import captions_in_training, get_protocol, read_captions
 from components.evaluation.run_cache import RunCache
+from components.evaluation.samples import write_samples
 from components.evaluation.suite import Evaluator, Reference
 from components.evaluation.uncertainty import HalfSampling
 from components.generation import load_student, sample_teacher
@@ -173,6 +174,8 @@ def _write(root, cfg, teacher_cfg, results, cards, captions) -> None:
         save_png(image_grid(grids, cols=cols, upscale=upscale, caption_lines=4,
                             column_captions=captions[:cols], row_labels=GRID_ROWS),
                  out / "grid.png")
+        write_samples(out, captions[:cols], [cfg.seed + i for i in range(cols)],
+                      {name: results[name][1] for name in ORDER})
         fid_bars({k: rows[k]["fid"] for k in ORDER}, out / "fid_bars.png")
         if curve:
             fid_clip_curve(curve, out / "fid_clip_curve.png", {"student": rows["student"]})
