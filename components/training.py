@@ -200,6 +200,20 @@ def save_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA, step: 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_weights(path: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The weights of state module ``name`` in a checkpoint (``None`` if it holds none), to
+    start another run from: ``path`` is a ``step-N`` folder or a run's checkpoint directory
+    (its ``latest``)."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json): give a "
+                                "run's checkpoint directory or one of its step-N folders")
+    file = path / f"{name}.safetensors"
+    return load_file(str(file)) if file.is_file() else None
+
+
 def load_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA) -> int:
     """Restore the newest complete checkpoint; return the step to continue from (0 if none)."""
     pointer = ckpt_dir / "latest"
