@@ -1,5 +1,6 @@
 """The review page in the registry: gather what the page shows from MLflow (the champion's
-samples, curves, metrics and lineage), write the page, and log it with the model version.
+samples, curves, metrics and lineage), write the page, and log it with the model version. Every
+MLflow call goes through ``store``'s client.
 
 The page is logged to the version's run under ``review/review.html`` (the MLflow UI shows HTML
 artifacts on the run's page) and the version's tag ``review_page`` holds its artifact URI.
@@ -12,15 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow.exceptions import MlflowException
-
 from components.evaluation.samples import FOLDER as SAMPLES_FOLDER
 from components.evaluation.samples import INDEX_FILE, read_samples
 from components.io import atomic_write_text
 from components.registry.gate import RegisterConfig
 from components.registry.review import PAGE_FILE, Side, curves_from_csv, review_page
-from components.registry.store import client_for, version_record
+from components.registry.store import RegistryError, client_for, version_record
 
 REVIEW_ARTIFACTS = "review"
 TAG_REVIEW = "review_page"
@@ -33,7 +31,7 @@ def current_champion(uri: str, cfg: RegisterConfig) -> dict[str, Any] | None:
     client = client_for(uri)
     try:
         version = client.get_registered_model(cfg.model_name).aliases.get(cfg.champion_alias)
-    except MlflowException as err:
+    except RegistryError as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
@@ -55,13 +53,13 @@ def side_of_record(uri: str, record: Mapping[str, Any], scratch: Path) -> Side:
     folder = scratch / f"v{record['version']}"
     wanted = [f"{EVAL_ARTIFACTS}/{INDEX_FILE}", f"{EVAL_ARTIFACTS}/{SAMPLES_FOLDER}",
               *CURVE_FILES]
+    client = client_for(uri)
     for path in wanted:
         dest = (folder / path).parent  # MLflow keeps only the last part of the path
         dest.mkdir(parents=True, exist_ok=True)
         try:
-            mlflow.artifacts.download_artifacts(run_id=record["run_id"], artifact_path=path,
-                                                dst_path=str(dest), tracking_uri=uri)
-        except (MlflowException, OSError):  # not logged by this version
+            client.download_artifacts(record["run_id"], path, str(dest))
+        except (RegistryError, OSError):  # not logged by this version
             continue
     return Side(record["version"], record["metrics"], record["tags"],
                 read_samples(folder / EVAL_ARTIFACTS),
