@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed
 
+from components import distributed
 from components.io import CacheError, read_json, sha256_file, write_json
 
 REBUILD = ("rebuild it with `dvc repro cache_teacher --force` (or restore it with "
@@ -117,18 +119,13 @@ def publish_shards(work: Path, out_dir: Path, index: dict) -> None:
 
 def processes() -> tuple[int, int]:
     """(rank, world size) of the running ``torch.distributed`` job; (0, 1) when there is none."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    ctx = distributed.context()
+    return ctx.rank, ctx.world_size
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if processes()[1] > 1:
-        dist.barrier()
+        torch.distributed.barrier()
 
 
 def write_table(out_dir: Path, key: dict, count: int, shard_size: int, prefix: str,

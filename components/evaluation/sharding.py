@@ -13,16 +13,15 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from components import distributed
+
 Generate = Callable[[list[str], list[int]], np.ndarray]  # (captions, seeds) -> uint8 images
 
 
 def processes() -> tuple[int, int]:
     """(rank, world size) of the running ``torch.distributed`` job; (0, 1) without one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    ctx = distributed.context()
+    return ctx.rank, ctx.world_size
 
 
 def shard_indices(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[int]:
