@@ -17,7 +17,8 @@ method's w range) pair i is sampled at its own scale drawn uniformly from the ra
 seeded with ``seed``; without one every pair uses ``guidance_scale`` (InstaFlow's coupling).
 
 Shards are written into ``<dir>.partial`` and survive a killed run (the re-run resumes after the
-last complete shard); the finished folder replaces ``<dir>`` by rename.
+last complete shard); the finished folder replaces ``<dir>`` by rename (``components.shards``).
+Readers get a batch's rows at a time from memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -29,13 +30,8 @@ from pathlib import Path
 import torch
 
 from components.generation import seeded_noise
-from components.io import (
-    CacheError,
-    load_verified_shard,
-    publish_shards,
-    read_json,
-    write_resumable_shards,
-)
+from components.io import CacheError, read_json
+from components.shards import ShardedTable, write_table
 
 INDEX = "index.json"
 # (prompt ids (n,), z (n, C, h, w), CFG scales (n,) or None for the fixed scale) -> x1
@@ -49,6 +45,9 @@ class PairsConfig:
     count: int = 0  # 0: no pairs (methods that need them stop with a clear error)
     steps: int = 25  # teacher DDIM steps
     guidance_scale: float = 5.0  # InstaFlow's SD1.5 setting
+    # [lo, hi]: one scale per pair, for methods that train each pair at its own guidance
+    # (Meng et al.: 1 + w over its w range); other methods always get ``guidance_scale``
+    guidance_range: tuple[float, ...] = ()
     seed: int = 0  # pair i uses noise seed ``seed + i``; prompts drawn with this seed
     batch_size: int = 64
     shard_size: int = 4096
@@ -59,6 +58,10 @@ class PairsConfig:
             raise ValueError("pairs: count >= 0, steps, batch_size, shard_size >= 1")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"pairs.dtype {self.dtype!r} is not float32, float16 or bfloat16")
+        r = self.guidance_range
+        if r and (len(r) != 2 or not 0 <= r[0] <= r[1]):
+            raise ValueError(f"pairs.guidance_range must be [] or [lo, hi] with 0 <= lo <= hi, "
+                             f"got {list(r)}")
 
 
 def pair_prompts(cfg: PairsConfig, num_prompts: int) -> torch.Tensor:
@@ -80,8 +83,9 @@ def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
                 latent_shape: tuple[int, ...], cfg: PairsConfig, meta: dict,
                 log: Callable[[str], None] = print,
                 scale_range: tuple[float, float] | None = None) -> dict:
-    """Sample ``cfg.count`` pairs shard by shard (resuming complete shards); return the index.
-    ``scale_range``: sample each pair at its own CFG scale from that range."""
+    """Sample ``cfg.count`` pairs shard by shard (resuming complete shards; split over the
+    processes of a ``torch.distributed`` job: pair i is seeded ``cfg.seed + i`` wherever it is
+    made); return the index. ``scale_range``: sample each pair at its own CFG scale from it."""
     out_dir = Path(out_dir)
     key = {**meta, "count": cfg.count, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
            "guidance_range": None if scale_range is None else list(scale_range),
@@ -95,11 +99,8 @@ def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
     def progress(k: int, stop: int) -> None:
         log(f"cache_teacher: pairs shard {k} ({stop}/{cfg.count})")
 
-    work, shards = write_resumable_shards(out_dir, key, cfg.count, cfg.shard_size, "pairs", make,
-                                          progress)
-    index = {**key, "shards": shards}
-    publish_shards(work, out_dir, index)
-    return index
+    return write_table(out_dir, key, cfg.count, cfg.shard_size, "pairs", make, progress,
+                       lambda work, shards: {**key, "shards": shards})
 
 
 def _sample_shard(sample: Sampler, prompts: torch.Tensor, scales: torch.Tensor | None,
@@ -120,7 +121,8 @@ def _sample_shard(sample: Sampler, prompts: torch.Tensor, scales: torch.Tensor |
 
 
 class PairCache:
-    """Read access to a pair cache; every shard's hash is checked when it is opened."""
+    """Lazy read access to a pair cache: rows come from memory-mapped shards when asked for, each
+    shard's hash checked the first time it is opened; nothing is loaded whole."""
 
     def __init__(self, folder: str | Path, expected_prompts_sha256: str | None = None):
         self.folder = Path(folder)
@@ -133,20 +135,36 @@ class PairCache:
         if expected_prompts_sha256 and self.index.get("prompts_sha256") != expected_prompts_sha256:
             raise CacheError(f"pair cache {self.folder} was built for other prompts; re-run "
                              "`dvc repro cache_teacher`")
-        parts = [self._load(s) for s in self.index["shards"]]
-        self.prompt = torch.cat([p["prompt"] for p in parts])
-        self.seed = torch.cat([p["seed"] for p in parts])
-        self.x1 = torch.cat([p["x1"] for p in parts]).float()
-        # each pair's CFG scale, for caches sampled over a guidance range (else None)
-        self.guidance = (torch.cat([p["guidance"] for p in parts])
-                         if parts and "guidance" in parts[0] else None)
-
-    def _load(self, entry: dict) -> dict[str, torch.Tensor]:
-        return load_verified_shard(self.folder, entry, "pair shard")
+        self._table = ShardedTable(self.folder, self.index["shards"], "pair shard")
 
     def __len__(self) -> int:
-        return int(self.prompt.shape[0])
+        return len(self._table)
+
+    def verify(self) -> None:
+        """Check every shard's hash now (once: reads do not check it again)."""
+        self._table.verify()
+
+    @property
+    def opened(self) -> list[str]:
+        """The shard files read so far (each hash-checked once, when first opened)."""
+        return self._table.opened
+
+    def prompts(self, indices: torch.Tensor) -> torch.Tensor:
+        """The prompt index of pairs ``indices`` (B,) int64."""
+        return self._table.rows("prompt", indices)
+
+    def samples(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The teacher's ODE samples x1 of pairs ``indices`` (B, C, h, w) in ``dtype``."""
+        return self._table.rows("x1", indices).to(dtype)
+
+    def guidance(self, indices: torch.Tensor) -> torch.Tensor | None:
+        """The CFG scale each pair ``indices`` was sampled at (B,), for caches sampled over a
+        guidance range; ``None`` when every pair has the index's ``guidance_scale``."""
+        if self.index.get("guidance_range") is None:
+            return None
+        return self._table.rows("guidance", indices)
 
     def noise(self, indices: torch.Tensor) -> torch.Tensor:
         """The exact noise x0 of pairs ``indices`` (B, C, h, w), regenerated from the seeds."""
-        return seeded_noise(self.seed[indices].tolist(), tuple(self.index["latent_shape"]))
+        seeds = self._table.rows("seed", indices).tolist()
+        return seeded_noise(seeds, tuple(self.index["latent_shape"]))

@@ -98,12 +98,12 @@ class TeacherPairs:
         self.dim = problem.dim
         self.prompt = torch.randint(0, K, (n,), generator=g)
         self.seed = torch.arange(n) + 10_000
-        self.guidance = None
+        self.scale = None
         scale = guidance_scale
         if scale_range is not None:
             lo, hi = scale_range
-            self.guidance = lo + (hi - lo) * torch.rand(n, generator=g)
-            scale = self.guidance[:, None]
+            self.scale = lo + (hi - lo) * torch.rand(n, generator=g)
+            scale = self.scale[:, None]
         with torch.no_grad():
             self.x1 = ddim_sample(problem.teacher().network(), self.noise(torch.arange(n)),
                                   class_conditioning(self.prompt, K), null_conditioning(n, K),
@@ -114,6 +114,15 @@ class TeacherPairs:
 
     def noise(self, idx: torch.Tensor) -> torch.Tensor:
         return seeded_noise(self.seed[idx].tolist(), (self.dim,))
+
+    def prompts(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.prompt[idx]
+
+    def samples(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.x1[idx].to(dtype)
+
+    def guidance(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return None if self.scale is None else self.scale[idx]
 
 
 @functools.cache

@@ -93,6 +93,6 @@ def test_student_matches_the_guided_target(name, problem, seed, tmp_path):
                              f"{name} on {problem}, seed {seed}, class {c} vs exact target")
         if sampler_reference:
             pairs = batches.pairs
-            pm, pC = moments(pairs.x1[pairs.prompt == c])
+            pm, pC = moments(pairs.x1[pairs.prompt == c])  # the pair cache's own samples
             assert_close_moments(x, pm, pC, MEAN_TOL, COV_TOL,
                                  f"{name} on {problem}, seed {seed}, class {c} vs pairs")

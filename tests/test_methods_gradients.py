@@ -238,11 +238,19 @@ def test_instaflow_freezes_the_ema_of_reflow_as_its_2rf(tmp_path):
                             "warmup_steps": 0, "reflow_fraction": 0.5}, steps=8)
 
     class Pairs:
-        prompt = torch.tensor([0, 1, 2, 0])
         x1 = torch.randn(4, 2, generator=torch.Generator().manual_seed(3)) + 2.0
 
         def __len__(self):
             return 4
+
+        def prompts(self, idx):
+            return torch.tensor([0, 1, 2, 0])[idx]
+
+        def samples(self, idx, dtype=torch.float32):
+            return self.x1[idx].to(dtype)
+
+        def guidance(self, idx):
+            return None
 
         def noise(self, idx):
             return torch.randn(len(idx), 2, generator=torch.Generator().manual_seed(4))
@@ -286,13 +294,20 @@ def test_meng_trains_each_pair_at_the_guidance_it_was_sampled_with():
     the batch (and its micro-batches) row by row."""
     from components.batches import PairBatches
 
-    class Pairs:
-        prompt = torch.tensor([0, 1, 2, 0, 1])
-        x1 = torch.zeros(5, 2)
-        guidance = torch.tensor([1.0, 2.0, 3.5, 1.25, 2.75])
+    scales = torch.tensor([1.0, 2.0, 3.5, 1.25, 2.75])
 
+    class Pairs:
         def __len__(self):
             return 5
+
+        def prompts(self, idx):
+            return torch.tensor([0, 1, 2, 0, 1])[idx]
+
+        def samples(self, idx, dtype=torch.float32):
+            return torch.zeros(len(idx), 2, dtype=dtype)
+
+        def guidance(self, idx):
+            return scales[idx]
 
         def noise(self, idx):
             return torch.zeros(len(idx), 2)
@@ -302,5 +317,5 @@ def test_meng_trains_each_pair_at_the_guidance_it_was_sampled_with():
     table, null = class_conditioning(torch.arange(K), K), null_conditioning(1, K)
     b = PairBatches(table, null, Pairs(), (2,))(8, torch.Generator().manual_seed(0))
     torch.testing.assert_close(m._draw_w(b), b.x1_guidance - 1.0)
-    assert set(b.x1_guidance.tolist()) <= set(Pairs.guidance.tolist())
+    assert set(b.x1_guidance.tolist()) <= set(scales.tolist())
     torch.testing.assert_close(b.rows(slice(2, 5)).x1_guidance, b.x1_guidance[2:5])

@@ -27,11 +27,16 @@ def test_round_trip_regenerates_the_exact_noise(tmp_path):
     assert [s["count"] for s in index["shards"]] == [4, 4, 2]
     cache = PairCache(tmp_path / "pairs", expected_prompts_sha256="abc")
     assert len(cache) == 10
-    torch.testing.assert_close(cache.prompt, pair_prompts(cfg, 5))
-    z = cache.noise(torch.arange(10))
+    every = torch.arange(10)
+    torch.testing.assert_close(cache.prompts(every), pair_prompts(cfg, 5))
+    z = cache.noise(every)
     torch.testing.assert_close(z, seeded_noise(range(7, 17), SHAPE))
-    torch.testing.assert_close(cache.x1, z * 2 + cache.prompt.view(-1, 1, 1, 1).float())
-    assert cache.guidance is None and index["guidance_range"] is None
+    torch.testing.assert_close(cache.samples(every),
+                               z * 2 + cache.prompts(every).view(-1, 1, 1, 1).float())
+    lazy = PairCache(tmp_path / "pairs")
+    torch.testing.assert_close(lazy.samples(torch.tensor([9, 8])), cache.samples(every)[[9, 8]])
+    assert lazy.opened == ["pairs-00002.safetensors"]  # only the shard holding rows 8 and 9
+    assert cache.guidance(every) is None and index["guidance_range"] is None
 
 
 def test_a_guidance_range_samples_each_pair_at_its_own_scale(tmp_path):
@@ -40,15 +45,16 @@ def test_a_guidance_range_samples_each_pair_at_its_own_scale(tmp_path):
     index = write_pairs(tmp_path / "pairs", sampler([]), 5, SHAPE, cfg, {}, log=lambda _: None,
                         scale_range=(1.0, 3.0))
     cache = PairCache(tmp_path / "pairs")
+    every = torch.arange(10)
+    scales = cache.guidance(every)
     assert index["guidance_range"] == [1.0, 3.0]
-    assert cache.guidance.shape == (10,) and len(cache.guidance.unique()) == 10
-    assert float(cache.guidance.min()) >= 1.0 and float(cache.guidance.max()) <= 3.0
-    z = cache.noise(torch.arange(10))
-    torch.testing.assert_close(
-        cache.x1, z * cache.guidance.view(-1, 1, 1, 1) + cache.prompt.view(-1, 1, 1, 1).float())
+    assert scales.shape == (10,) and len(scales.unique()) == 10
+    assert float(scales.min()) >= 1.0 and float(scales.max()) <= 3.0
+    torch.testing.assert_close(cache.samples(every), cache.noise(every) * scales.view(-1, 1, 1, 1)
+                               + cache.prompts(every).view(-1, 1, 1, 1).float())
     again = write_pairs(tmp_path / "again", sampler([]), 5, SHAPE, cfg, {}, log=lambda _: None,
                         scale_range=(1.0, 3.0))
-    torch.testing.assert_close(PairCache(tmp_path / "again").guidance, cache.guidance)
+    torch.testing.assert_close(PairCache(tmp_path / "again").guidance(every), scales)
     assert again["shards"] == index["shards"]
 
 
@@ -68,7 +74,9 @@ def test_a_killed_run_resumes_after_its_last_complete_shard(tmp_path):
     assert calls == [2]  # shards 0 and 1 were kept; only shard 2 is sampled now
     full = tmp_path / "full"
     write_pairs(full, sampler([]), 5, SHAPE, cfg, {}, log=lambda _: None)
-    torch.testing.assert_close(PairCache(tmp_path / "pairs").x1, PairCache(full).x1)
+    every = torch.arange(10)
+    torch.testing.assert_close(PairCache(tmp_path / "pairs").samples(every),
+                               PairCache(full).samples(every))
 
 
 def test_corrupt_or_stale_caches_fail_with_the_fix(tmp_path):
@@ -79,7 +87,32 @@ def test_corrupt_or_stale_caches_fail_with_the_fix(tmp_path):
         PairCache(tmp_path / "pairs", expected_prompts_sha256="xyz")
     shard = tmp_path / "pairs" / "pairs-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-3] + b"abc")
-    with pytest.raises(CacheError, match="corrupt.*dvc repro cache_teacher"):
-        PairCache(tmp_path / "pairs")
+    cache = PairCache(tmp_path / "pairs")  # shards are checked when first read
+    cache.samples(torch.tensor([0, 1]))
+    with pytest.raises(CacheError, match="pairs-00001.*corrupt.*dvc repro cache_teacher"):
+        cache.samples(torch.tensor([3]))
     with pytest.raises(CacheError, match="cache.pairs.count"):
         PairCache(tmp_path / "missing")
+
+
+def test_distill_checks_the_pairs_guidance_against_the_methods_range(capsys):
+    """Meng et al. needs pairs sampled over 1 + its w range; InstaFlow does not care."""
+    from pathlib import Path
+
+    import yaml
+
+    from components.config import from_dict
+    from pipeline.params import DistillConfig
+    from pipeline.stages.distill import _check_pair_guidance
+
+    root = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((root / "pipeline/presets/micro.yaml").read_text())["distill"]
+    meng = from_dict(DistillConfig, {**data, "method": "meng"}, "distill")
+    want = list(meng.method_config().pair_guidance_range())
+    _check_pair_guidance(want, meng)  # the range it wants: nothing to say
+    _check_pair_guidance(None, meng)  # one scale: it still trains, with a warning
+    assert "cache.pairs.guidance_range" in capsys.readouterr().err
+    with pytest.raises(CacheError, match="guidance_range"):
+        _check_pair_guidance([1.0, 1.5], meng)
+    _check_pair_guidance(None, from_dict(DistillConfig, {**data, "method": "instaflow"},
+                                         "distill"))

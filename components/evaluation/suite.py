@@ -9,7 +9,7 @@ features FID uses; they need the reference features, which the statistics file k
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from components.evaluation.fid import feature_subset, fid_against_statistics, in
 from components.evaluation.inception import FeatureNetwork
 from components.evaluation.protocols import Protocol
 from components.evaluation.resize import Preprocess
+from components.evaluation.uncertainty import HalfSampling, subsample_fid, subsample_mean
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -58,14 +59,21 @@ class Evaluator:
     kid: bool = False
     precision_recall: bool = False
     seed: int = 0
+    noise: HalfSampling = field(default_factory=HalfSampling)
 
     def score(self, images: np.ndarray, captions: Sequence[str]) -> dict:
         """Metrics of uint8 images ``(N, H, W, 3)`` generated for ``captions`` (in order)."""
         return self.score_stream([(images, captions)])
 
     def score_stream(self, chunks: Iterable[tuple[np.ndarray, Sequence[str]]]) -> dict:
-        """Metrics of images that arrive in chunks ``(images (n, H, W, 3), captions (n,))``; only
-        their features and CLIP similarities are kept (30K images at 512 px would be 24 GB)."""
+        """Metrics of images that arrive in chunks ``(images (n, H, W, 3), captions (n,))``."""
+        return self.metrics(**self.measure(chunks))
+
+    def measure(self, chunks: Iterable[tuple[np.ndarray, Sequence[str]]]) -> dict:
+        """Per-image measurements of chunks of images: Inception ``features`` (N, D) and CLIP
+        similarities ``sims`` (N,). Only these are kept (30K images at 512 px would be 24 GB);
+        each image's row depends on its batch alone, so they can be measured by several
+        processes and gathered (``components.evaluation.sharding``)."""
         features, sims = [], []
         resize_only = Preprocess(None, self.protocol.preprocess.to_299)
         for images, captions in chunks:
@@ -74,12 +82,28 @@ class Evaluator:
                                                resize_only))
             sims.append(clip_similarities(cropped, captions, self.scorer,
                                           self.protocol.clip_prefix, self.batch_size))
-        features = np.concatenate(features)
+        return {"features": np.concatenate(features), "sims": np.concatenate(sims)}
+
+    def metrics(self, features: np.ndarray, sims: np.ndarray) -> dict:
+        """FID and CLIP score with their standard errors (and KID, precision/recall when on) of
+        every image's features ``(N, D)`` and CLIP similarities ``(N,)``, in image order."""
+        sims = np.asarray(sims)
         row = {"fid": fid_against_statistics(self.reference.mu, self.reference.sigma, features),
-               "clip_score": float(np.concatenate(sims).mean())}
+               "clip_score": float(sims.mean()), **self.standard_errors(features, sims)}
         if self.kid or self.precision_recall:
             row.update(self.feature_metrics(features))
         return row
+
+    def standard_errors(self, features: np.ndarray, sims: np.ndarray) -> dict:
+        """``fid_std`` and ``clip_score_std`` of features ``(N, D)`` and similarities ``(N,)``
+        (``components.evaluation.uncertainty``); both use the same subsamples."""
+        n = len(features)
+        if n < 4:
+            return {}
+        kept = self.noise.indices(n)
+        fids = subsample_fid(self.reference.mu, self.reference.sigma, features, kept)
+        return {"fid_std": self.noise.standard_error(fids, n),
+                "clip_score_std": self.noise.standard_error(subsample_mean(sims, kept), n)}
 
     def feature_metrics(self, features: np.ndarray) -> dict:
         """KID and/or precision, recall, F-score of generated features ``(N, D)``."""

@@ -167,6 +167,24 @@ def get_method(name: str) -> tuple[type, MethodFactory]:
     return METHODS[name]
 
 
+def needs_pairs(name: str) -> bool:
+    """Whether method ``name`` trains on teacher ODE pairs (its class says; nothing is built)."""
+    import typing
+
+    _, build = get_method(name)
+    return bool(typing.get_type_hints(build)["return"].needs_pairs)
+
+
+def pair_guidance_range(name: str, cfg: Any = None) -> tuple[float, float] | None:
+    """The CFG scales over which method ``name`` wants its pairs sampled, one scale per pair
+    (its config's ``pair_guidance_range()``), or ``None`` for pairs at one fixed scale."""
+    cfg_cls, _ = get_method(name)
+    wants = getattr(cfg_cls, "pair_guidance_range", None)
+    if wants is None:
+        return None
+    return wants(cfg if cfg is not None else cfg_cls())
+
+
 def _load_all() -> None:
     from components.methods import (  # noqa: F401
         dmd2,

@@ -35,7 +35,7 @@ from components.generation import (
     seeded_noise,
 )
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
-from components.methods import Teacher, get_method
+from components.methods import Teacher, get_method, pair_guidance_range
 from components.pair_cache import PairCache
 from components.teacher import load_pipeline, resolve_model, teacher_denoiser
 from components.training import checkpoint_step, train
@@ -104,12 +104,28 @@ def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: 
     if not method.needs_pairs:
         return PromptBatches.from_cache(cache, latent_shape(pipe), cfg.device)
     pairs = PairCache(root / paths.PAIRS, expected_prompts_sha256=prompts_sha)
+    pairs.verify()
     if len(pairs) == 0:
         raise CacheError(f"method {cfg.method!r} trains on teacher ODE pairs but the pair cache "
                          "is empty: set `cache.pairs.count` > 0 in params.yaml and run "
                          "`dvc repro cache_teacher`")
-    return PairBatches(cache.table(), cache.null(1), pairs, latent_shape(pipe),
-                       cfg.device)
+    _check_pair_guidance(pairs.index.get("guidance_range"), cfg)
+    return PairBatches(cache, cache.null(1), pairs, latent_shape(pipe), cfg.device)
+
+
+def _check_pair_guidance(have, cfg) -> None:
+    """A method that trains each pair at its own guidance needs pairs sampled over its range."""
+    want = pair_guidance_range(cfg.method, cfg.method_config())
+    if want is None or (have is not None and tuple(have) == tuple(want)):
+        return
+    fix = (f"set `cache.pairs.guidance_range: [{want[0]}, {want[1]}]` in params.yaml and run "
+           "`dvc repro cache_teacher`")
+    if have is None:
+        log(f"distill: warning: the teacher pairs were sampled at one CFG scale, so {cfg.method} "
+            f"draws w uniformly and learns the w-dependence right only near that scale; {fix}")
+        return
+    raise CacheError(f"method {cfg.method!r} trains at CFG scales {list(want)} but the teacher "
+                     f"pairs were sampled over {list(have)}: {fix}")
 
 
 def _loss_logger(record: RunRecord):
@@ -186,6 +202,7 @@ def run(root: Path) -> None:
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
         "train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
+    cache.verify()  # a corrupt shard stops the run here, before any weight is loaded
     pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
     _, build = get_method(cfg.method)
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
