@@ -10,6 +10,7 @@ from components.analytic import class_conditioning, null_conditioning
 from components.ema import EMAConfig
 from components.methods import Batch, GroupSpec
 from components.training import LoopConfig, student_updates, train
+from tests.threads import one_thread  # noqa: F401  (one torch thread for this module)
 
 HALF = EMAConfig("constant", 0.5)
 

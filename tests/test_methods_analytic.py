@@ -41,6 +41,7 @@ from tests.analytic_cases import (
     run,
     student_samples,
 )
+from tests.threads import one_thread  # noqa: F401  (one torch thread for this module)
 
 
 def assert_close_moments(x, mean, cov, mean_tol, cov_tol, what):

@@ -34,6 +34,7 @@ from tests.analytic_cases import (
     run,
     student_samples,
 )
+from tests.threads import one_thread  # noqa: F401  (one torch thread for this module)
 
 
 def test_mixture_teachers_empty_prompt_is_the_exact_marginal():
