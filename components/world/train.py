@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from components.training import EMA
+from components.ema import EMA, EMAConfig
 from components.world.config import UNetConfig, VaeConfig
 from components.world.models import train_scheduler
 
@@ -159,7 +159,7 @@ def train_unet(
     params = [p for m in (unet, text_encoder) for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     both = torch.nn.ModuleList([unet, text_encoder])
-    ema = EMA(both, cfg.ema) if cfg.ema > 0 else None
+    ema = EMA(both, EMAConfig("constant", cfg.ema), cfg.batch) if cfg.ema > 0 else None
     budget, ema_loss = Budget(cfg.steps, cfg.max_seconds), None
     unet.train(), text_encoder.train()
     while not budget.done():
@@ -174,7 +174,7 @@ def train_unet(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema is not None:
-            ema.update(both)
+            ema.update(both, budget.step + 1)
         ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
         budget.step += 1
         if budget.step % 50 == 0:
