@@ -36,9 +36,11 @@ from components.generation import (
 from components.io import atomic_dir, read_json, sha256_bytes, sha256_file, write_json
 from components.methods import Teacher, get_method
 from components.pair_cache import PairCache
+from components.policy import TrainingPolicy
 from components.teacher import load_pipeline, teacher_denoiser
 from components.training import train
 from pipeline import paths
+from pipeline.launch import torchrun
 from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, require, write_resolved
 
@@ -128,9 +130,14 @@ def _write_losses(path: Path, rows: list[dict]) -> None:
 def run(root: Path) -> None:
     configs = load_stage(root, "distill")
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
-    # under torchrun / accelerate launch: join the job; "cuda" becomes this process's GPU
+    distributed.check_processes(cfg.processes, cfg.device)
+    if cfg.processes > 1 and not distributed.launched():
+        torchrun("pipeline.stages.distill", root, cfg.processes)  # this stage, N processes
+        return
+    # under torchrun: join the job; "cuda" becomes this process's GPU
     local = replace(cfg, device=distributed.init_from_env(cfg.device))
     is_main = distributed.context().is_main
+    policy = TrainingPolicy(cfg.policy)
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
@@ -163,21 +170,21 @@ def run(root: Path) -> None:
             write_json(ckpt_dir / "losses.json", rows)
 
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(rows),
-                _sampler(root, pipe, cache, method.spec, local, rows), progress)
+                _sampler(root, pipe, cache, method.spec, local, rows), progress, policy)
     bar.close()
     wall = time.perf_counter() - start
+    ema.copy_to(method.student())
+    student = policy.full_module(method.student())  # every process gathers; rank 0 keeps it
     if is_main:
-        _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
+        _save(root, teacher_cfg, method.spec, student, policy, cfg, rows, wall, resolved)
     distributed.finish()
 
 
-def _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved) -> None:
-    student = method.student()
-    ema.copy_to(student)
+def _save(root, teacher_cfg, spec, student, policy, cfg, rows, wall, resolved) -> None:
     full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
     with atomic_dir(root / paths.STUDENT) as out:
-        save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
-                                              "steps": cfg.loop.steps})
+        save_student(full, spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
+                                       "steps": cfg.loop.steps, "policy": policy.describe()})
     write_resolved(root / paths.DISTILL_OUT / "resolved_config.json", **{
         k: v for k, v in resolved.items() if k not in ("cache", "pairs")})
     losses = [r for r in rows if "proxy_fid" not in r]
