@@ -6,7 +6,7 @@ The loop sees a method's networks in two kinds, found without asking the method:
   whose weights change during the run (a phase's frozen copy); they are checkpointed. Under more
   than one process each is sharded with FSDP2 (``fully_shard`` per UNet / transformer block, then
   the root): parameters, gradients and optimizer state are split over the processes, and the
-  gradient of the global batch is reduce-scattered during the backward (summed, in fp32).
+  gradients are reduce-scattered (averaged over processes, in fp32) during the backward.
 - *frozen denoisers*: the method's other ``Denoiser`` modules (the teacher); replicated.
 
 Precision ``fp32`` is the published SiD / SwiftBrush recipe (TF32 off unless ``tf32``).
@@ -64,14 +64,16 @@ def frozen_denoisers(method) -> dict[str, torch.nn.Module]:
 
 
 def blocks(network: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The UNet / transformer blocks of every diffusers model inside ``network``."""
-    for module in network.modules():
-        if not hasattr(module, "config"):
-            continue
+    """The UNet / transformer blocks of the outermost diffusers models inside ``network`` (the
+    sharding units; models nested inside a block, e.g. a UNet's transformers, stay in it)."""
+    if hasattr(network, "config"):
         for name in _BLOCK_LISTS:
-            yield from getattr(module, name, None) or ()
-        if getattr(module, "mid_block", None) is not None:
-            yield module.mid_block
+            yield from getattr(network, name, None) or ()
+        if getattr(network, "mid_block", None) is not None:
+            yield network.mid_block
+        return
+    for child in network.children():
+        yield from blocks(child)
 
 
 class TrainingPolicy:
@@ -123,7 +125,7 @@ class TrainingPolicy:
         return opts
 
     def _shard(self, module: torch.nn.Module, mesh) -> None:
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if self.bf16 else None,
                                   reduce_dtype=torch.float32)
@@ -132,9 +134,6 @@ class TrainingPolicy:
         for block in list(blocks(module)):
             fully_shard(block, **kw)
         fully_shard(module, **kw)
-        for sub in module.modules():
-            if isinstance(sub, FSDPModule):  # the loss is already a global-batch mean: sum
-                sub.set_gradient_divide_factor(1.0)
 
     def autocast(self, device: torch.device):
         """bf16 compute for fp32 weights in one process (FSDP2 casts when sharded)."""

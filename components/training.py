@@ -95,11 +95,13 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
                  policy: TrainingPolicy | None = None) -> dict:
     """Accumulate the group's loss over micro-batches, drop non-finite samples, clip, step.
 
-    The loss is a sum over the global batch divided by its size, so the gradients summed over
-    micro-batches and processes (FSDP2's reduce-scatter) are the global batch's. Metrics stay
-    tensors (no host sync); the loop converts them when it logs.
+    Each process's loss is its samples' sum over its share of the global batch; FSDP2 averages
+    the gradients over processes, so micro-batches and processes together give the gradient of
+    the global batch's mean. Metrics stay tensors (no host sync); the loop converts them when it
+    logs.
     """
     opt.zero_grad(set_to_none=True)
+    share = batch_size / distributed.context().world_size
     metrics: dict = {}
     dropped = 0
     for k, (mb, sc) in enumerate(zip(micro, scratch)):
@@ -112,7 +114,7 @@ def update_group(method: Method, group, opt: torch.optim.Optimizer, micro: list[
         dropped = dropped + (~finite).sum()
         # every process always runs the backward (no data-dependent branch): a dropped sample
         # contributes zero, and gradient reduction is joined by every process
-        (torch.where(finite, per_sample, 0.0).sum() / batch_size).backward()
+        (torch.where(finite, per_sample, 0.0).sum() / share).backward()
         for key, v in m.items():
             metrics[key] = metrics.get(key, 0.0) + v / len(micro)
     params = method.parameters(group.name)
