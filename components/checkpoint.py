@@ -151,3 +151,32 @@ def load_checkpoint(ckpt_dir: Path, method, opts: dict, ema) -> int:
     for name, opt in opts.items():
         _restore_optimizer(opt, name, targets[name], meta["optimizers"][name], names)
     return int(meta["step"])
+
+
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The step of the newest complete checkpoint in ``ckpt_dir`` (0 if none)."""
+    pointer = ckpt_dir / "latest"
+    if not pointer.exists():
+        return 0
+    return int(json.loads((ckpt_dir / pointer.read_text().strip() / "state.json").read_text())[
+        "step"])
+
+
+def checkpoint_weights(path: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The full weights of state module ``name`` in a checkpoint, on the CPU (``None`` if it
+    holds none), to start another run from: ``path`` is a ``step-N`` folder or a run's
+    checkpoint directory (its ``latest``)."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json): give a "
+                                "run's checkpoint directory or one of its step-N folders")
+    prefix = f"model/{name}/"
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in saved.items()
+             if k.startswith(prefix)}
+    if not state:
+        return None
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return {k[len(prefix):]: v for k, v in state.items()}

@@ -17,7 +17,12 @@ from pathlib import Path
 import torch
 
 from components import distributed
-from components.checkpoint import load_checkpoint, save_checkpoint
+from components.checkpoint import (  # noqa: F401  (re-exported for the stage and methods)
+    checkpoint_step,
+    checkpoint_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 from components.methods import Batch, Method
 from components.policy import TrainingPolicy
 
@@ -39,8 +44,11 @@ class LoopConfig:
     checkpoint_every: int = 100
 
     def validate(self) -> None:
-        if min(self.steps, self.batch_size, self.grad_accum) < 1:
-            raise ValueError("steps, batch_size and grad_accum must be positive")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "sample_every",
+                    "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got "
+                                 f"{getattr(self, key)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum "
                              f"{self.grad_accum}")
