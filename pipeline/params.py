@@ -1,11 +1,16 @@
 """Strict loading of ``params.yaml``: one frozen config per stage, built from its sections.
 
 Unknown top-level sections, unknown keys and wrong types fail at load time with the valid keys
-named; the method name is checked against the method registry.
+named; the method name is checked against the method registry. Check the whole file before a
+``dvc repro`` (DVC deletes a stage's outputs before the stage can reject its params):
+
+    uv run python -m pipeline.params --check
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,3 +192,27 @@ def _register_late_sections() -> None:
     from components.world.config import WorldConfig
 
     SECTIONS.update(world=WorldConfig, scorer=ScorerConfig, register=RegisterConfig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.params --check``: validate every section; one line, exit code 2 on
+    the first problem."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.params",
+        description="Validate params.yaml (every section, key, type and method name) before any "
+                    "stage runs: under `dvc repro`, DVC deletes a stage's outputs before the "
+                    "stage itself can reject bad params.")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    parser.add_argument("--check", action="store_true", required=True,
+                        help="validate every section of params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        configs = load_all(args.root)
+    except ConfigError as err:
+        print(f"params: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"{Path(args.root) / PARAMS_FILE}: valid ({', '.join(configs)})")
+
+
+if __name__ == "__main__":
+    main()

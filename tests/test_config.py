@@ -111,3 +111,21 @@ def test_stage_modules_read_only_their_sections():
         assert "load_all(" not in source, f"{name} loads every section"
         read = re.findall(r'(?:configs|load_stage\(root, "\w+"\))\["(\w+)"\]', source)
         assert read and set(read) <= set(sections), f"{name} reads {read}, declares {sections}"
+
+
+def test_params_check_cli_validates_every_section(tmp_path):
+    import subprocess
+    import sys
+
+    def check(root):
+        return subprocess.run([sys.executable, "-m", "pipeline.params", "--check", "--root",
+                               str(root)], capture_output=True, text=True, cwd=ROOT, check=False)
+
+    shutil.copy(ROOT / "pipeline/presets/micro.yaml", tmp_path / "params.yaml")
+    ok = check(tmp_path)
+    assert ok.returncode == 0 and "valid (prompts, teacher, cache, distill" in ok.stdout
+    text = (tmp_path / "params.yaml").read_text().replace("grid_images:", "grid_imagez:")
+    (tmp_path / "params.yaml").write_text(text)
+    bad = check(tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("params: error: evaluate: unknown key(s) 'grid_imagez'")
