@@ -188,9 +188,11 @@ def _configure(root: str, preset: str | None, teacher: str | None, method: str |
 def _check_params(root: str) -> None:
     """Validate the whole params file before any stage runs (with ``use_dvc``, DVC would delete
     a stage's outputs before the stage itself rejects its params)."""
-    from pipeline.params import load_all  # imports torch: only when a run needs it
+    from pipeline.params import input_errors, load_all  # imports torch: only when a run needs it
 
-    load_all(root)
+    errors = input_errors(root, load_all(root))
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def _record(root: str, prefix: str, registered: bool) -> dict[str, str]:

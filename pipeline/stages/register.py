@@ -4,9 +4,10 @@ champion under the same eval protocol (the protocol's name plus a hash of its ev
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from components.io import read_json, sha256_file, write_json
+from components.io import read_json, sha256_bytes, sha256_file, sha256_tree, write_json
 from components.registry.card import GRID_FILE, model_card
 from components.registry.gate import Lineage, protocol_id
 from components.registry.store import artifact_location, register_student, tracking_uri
@@ -37,11 +38,21 @@ def run(root: Path) -> None:
     result = register_student(cfg, root / paths.STUDENT, metrics, lineage, uri=uri,
                               artifact_root=artifact_location(root, uri),
                               params=read_params(root), artifacts=artifacts, model_card=card,
-                              card_files=[grid] if grid.exists() else [])
+                              card_files=[grid] if grid.exists() else [],
+                              identity=identity(root / paths.STUDENT, cards["student"]["card"]))
     write_json(root / paths.REGISTER_OUT, result)
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
-    log(f"register: {cfg.model_name} version {result['version']} is candidate; {verdict} "
+    same = " (the same student and eval card as before: reused)" if result["reused"] else ""
+    log(f"register: {cfg.model_name} version {result['version']}{same} is candidate; {verdict} "
         f"({result['reason']})")
+
+
+def identity(student: Path, card: dict) -> dict[str, str]:
+    """What makes two registrations the same: the student folder's content hash and its eval
+    card's, the measured latency left out (it varies from run to run)."""
+    settings = {k: v for k, v in card.items() if k != "latency"}
+    return {"student_sha256": sha256_tree(student),
+            "eval_card_sha256": sha256_bytes(json.dumps(settings, sort_keys=True).encode())}
 
 
 def main() -> None:
