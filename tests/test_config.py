@@ -122,6 +122,7 @@ def test_params_check_cli_validates_every_section(tmp_path):
                                str(root)], capture_output=True, text=True, cwd=ROOT, check=False)
 
     shutil.copy(ROOT / "pipeline/presets/micro.yaml", tmp_path / "params.yaml")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # what the stages produce
     ok = check(tmp_path)
     assert ok.returncode == 0 and "valid (prompts, teacher, cache, distill" in ok.stdout
     text = (tmp_path / "params.yaml").read_text().replace("grid_images:", "grid_imagez:")
