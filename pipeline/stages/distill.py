@@ -219,7 +219,10 @@ def _save(root, teacher_cfg, method, ema, cfg, record: RunRecord, resolved) -> N
         save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
                                               "steps": cfg.loop.steps})
     with atomic_dir(root / paths.DISTILL_OUT) as out:
-        shutil.copytree(record.samples, out / "samples")
+        (out / "samples").mkdir()
+        for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
+            if int(grid.stem.split("-")[1]) <= cfg.loop.steps:
+                shutil.copy2(grid, out / "samples" / grid.name)
         write_resolved(out / "resolved_config.json", **{
             k: v for k, v in resolved.items() if k in ("teacher", "distill", "method_config")})
     rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]
