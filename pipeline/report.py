@@ -21,7 +21,7 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "background")
 def results_table(root: Path) -> str:
     """Markdown: FID, CLIP score, attribute accuracy and latency per model, then run facts."""
     ev = read_json(root / paths.EVAL_METRICS)
-    lines = [("| model | steps | FID ↓ | CLIP score ↑ | attribute accuracy "
+    lines = [("| model | steps | FID ↓ ± s.e. | CLIP score ↑ ± s.e. | attribute accuracy "
              f"({' / '.join(ATTRIBUTES)}) | latency, batch 1 |"),
              "| --- | --- | --- | --- | --- | --- |"]
     for key, label in ROWS:
@@ -29,10 +29,13 @@ def results_table(root: Path) -> str:
         acc = row.get("attribute_accuracy", {})
         accs = " / ".join(f"{acc[a]:.2f}" for a in ATTRIBUTES) if acc else "n/a"
         guide = f", s = {row['guidance_scale']:g}" if row.get("guidance_scale", 1.0) != 1.0 else ""
-        lines.append(f"| {label} | {row['steps']}{guide} | {row['fid']:.1f} | "
-                     f"{row['clip_score']:.3f} | {accs} | {row['latency_s'] * 1000:.1f} ms |")
+        lines.append(f"| {label} | {row['steps']}{guide} | {_pm(row, 'fid', '.1f')} | "
+                     f"{_pm(row, 'clip_score', '.3f')} | {accs} | "
+                     f"{row['latency_s'] * 1000:.1f} ms |")
     lines.append("")
     lines += _facts(root, ev)
+    lines.append("- ± one standard error: delete-half jackknife over the generated images "
+                 "(`components/evaluation/uncertainty.py`)")
     return "\n".join(lines) + "\n"
 
 
@@ -45,10 +48,18 @@ def run_summary(root: Path, registered: dict, recorded: dict[str, str] | None = 
              f"- MLflow run {link} at `{registered['tracking_uri']}`",
              (f"- alias `candidate`; {verdict}: {registered['reason']}; champion: "
               + (f"version {registered['champion']}" if registered["champion"] else "none"))]
+    if registered.get("review_page"):
+        lines.append(f"- review page `{registered['review_page']}` (MLflow artifact "
+                     f"`{registered.get('review_artifact')}`)")
     if recorded:
         lines.append(f"- DVC experiment `{recorded.get('dvc_experiment')}` "
                      f"(rev `{recorded.get('dvc_exp_rev')}`)")
     return "\n".join(lines) + "\n\n" + results_table(root)
+
+
+def _pm(row: dict, key: str, fmt: str) -> str:
+    std = row.get(f"{key}_std")
+    return format(row[key], fmt) + ("" if std is None else f" ± {std:{fmt}}")
 
 
 def _facts(root: Path, ev: dict) -> list[str]:
