@@ -1,20 +1,27 @@
 """Strict loading of ``params.yaml``: one frozen config per stage, built from its sections.
 
 Unknown top-level sections, unknown keys and wrong types fail at load time with the valid keys
-named; the method name is checked against the method registry.
+named; the method name is checked against the method registry. Check the whole file before a
+``dvc repro`` (DVC deletes a stage's outputs before the stage can reject its params):
+
+    uv run python -m pipeline.params --check
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from components.config import ConfigError, from_dict
 from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
+from components.generation import precision_dtype
 from components.methods import get_method, method_names
 from components.policy import PolicyConfig
 from components.prompts import PromptsConfig
@@ -87,6 +94,7 @@ class ReferenceConfig:
     feature_weights: str = "fid-helper"
     batch_size: int = 64
     keep_features: int = 10000
+    device: str = "cpu"  # where Inception runs (fp32: the FID features are defined in fp32)
 
     def validate(self) -> None:
         if self.feature_weights not in ("fid-helper", "torch-fidelity"):
@@ -123,8 +131,10 @@ class EvaluateConfig:
     kid: bool = True
     precision_recall: bool = True
     device: str = "cpu"
+    precision: str = "fp32"  # the generating networks (fp32 or bf16); Inception and CLIP: fp32
 
     def validate(self) -> None:
+        precision_dtype(self.precision)
         protocol = get_protocol(self.protocol)
         if self.num_images is not None and self.num_images < 2:
             raise ValueError("num_images must be at least 2 (FID needs a covariance)")
@@ -140,6 +150,10 @@ class EvaluateConfig:
                              "`evaluate.scorer` (the world's: models/scorer)")
         if self.latency_repeats < 1 or self.latency_warmup < 0:
             raise ValueError("latency_repeats must be >= 1 and latency_warmup >= 0")
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the teacher and the student generate in (``precision``)."""
+        return precision_dtype(self.precision)
 
     def scorer_spec(self) -> str:
         """The CLIP scorer to load: the configured one, else the protocol's published model."""
@@ -177,11 +191,16 @@ def read_params(root: str | Path) -> dict:
 
 
 def load_stage(root: str | Path, stage: str) -> dict[str, Any]:
-    """Validate the whole params file; return only the sections ``stage`` declares in dvc.yaml."""
+    """Validate the whole params file; return only the sections ``stage`` declares in dvc.yaml
+    (a ``"section.key"`` entry is that key's value)."""
     from pipeline.stages import STAGE_SECTIONS
 
     configs = load_all(root)
-    return {name: configs[name] for name in STAGE_SECTIONS[stage]}
+    out = {}
+    for name in STAGE_SECTIONS[stage]:
+        section, _, key = name.partition(".")
+        out[name] = getattr(configs[section], key) if key else configs[section]
+    return out
 
 
 def load_all(root: str | Path) -> dict[str, Any]:
@@ -201,3 +220,57 @@ def _register_late_sections() -> None:
     from components.world.config import WorldConfig
 
     SECTIONS.update(world=WorldConfig, scorer=ScorerConfig, register=RegisterConfig)
+
+
+def input_errors(root: str | Path, configs: dict[str, Any]) -> list[str]:
+    """The input paths params name (FID reference images, evaluation captions, prompt files)
+    that do not exist and that no stage of ``root/dvc.yaml`` produces: under ``dvc repro`` DVC
+    would stop with a bare "No such file" before the stage could say what to set."""
+    root = Path(root)
+    dvc_file = root / "dvc.yaml"
+    stages = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"] if (
+        dvc_file.exists()) else {}
+    produced = [(root / next(iter(o)) if isinstance(o, dict) else root / o).resolve()
+                for stage in stages.values() for o in stage.get("outs", [])]
+    prompts, reference, evaluate = configs["prompts"], configs["reference"], configs["evaluate"]
+    named = [("reference.images", reference.images,
+              "a folder of FID reference images (COCO: val2014/ or val2017/)"),
+             ("evaluate.captions", evaluate.captions, "the protocol's caption file"),
+             *((f"prompts.train_sources[{i}].path", s.path, "a prompt file")
+               for i, s in enumerate(prompts.train_sources)),
+             ("prompts.eval_source.path", prompts.eval_source.path, "a caption file")]
+    errors = []
+    for key, value, what in named:
+        path = (root / value).resolve()
+        if not path.exists() and not any(p == path or p in path.parents for p in produced):
+            errors.append(f"{key}: {value} does not exist and no stage produces it; set it to "
+                          f"{what}")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.params --check``: validate every section and the input paths; a line
+    per problem, exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.params",
+        description="Validate params.yaml (every section, key, type and method name) before any "
+                    "stage runs: under `dvc repro`, DVC deletes a stage's outputs before the "
+                    "stage itself can reject bad params.")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    parser.add_argument("--check", action="store_true", required=True,
+                        help="validate every section of params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        configs = load_all(args.root)
+        errors = input_errors(args.root, configs)
+    except ConfigError as err:
+        errors = [str(err)]
+    for error in errors:
+        print(f"params: error: {error}", file=sys.stderr)
+    if errors:
+        raise SystemExit(2)
+    print(f"{Path(args.root) / PARAMS_FILE}: valid ({', '.join(configs)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -106,12 +106,12 @@ def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: 
     if not method.needs_pairs:
         return PromptBatches.from_cache(cache, latent_shape(pipe), cfg.device)
     pairs = PairCache(root / paths.PAIRS, expected_prompts_sha256=prompts_sha)
+    pairs.verify()
     if len(pairs) == 0:
         raise CacheError(f"method {cfg.method!r} trains on teacher ODE pairs but the pair cache "
                          "is empty: set `cache.pairs.count` > 0 in params.yaml and run "
                          "`dvc repro cache_teacher`")
-    return PairBatches(cache.table(), cache.null(1), pairs, latent_shape(pipe),
-                       cfg.device)
+    return PairBatches(cache, cache.null(1), pairs, latent_shape(pipe), cfg.device)
 
 
 def _loss_logger(record: RunRecord):
@@ -141,13 +141,21 @@ def _resolved(root: Path, teacher_cfg, cfg, method_cfg, cache, method) -> dict:
     return resolved
 
 
+def _run_folder(root: Path, key: str, steps: int) -> Path:
+    """The run's checkpoint folder: ``<key>``, or ``<key>-steps<N>`` when ``<key>`` is trained
+    beyond ``steps`` (a shorter run of the same training: its state at ``steps`` is gone)."""
+    folder = root / paths.CHECKPOINTS / key
+    done = checkpoint_step(folder)
+    if done <= steps:
+        return folder
+    log(f"distill: run {key} is trained to step {done}, beyond distill.loop.steps {steps}: "
+        f"training {steps} steps in {key}-steps{steps}")
+    return folder.with_name(f"{key}-steps{steps}")
+
+
 def _resume(ckpt_dir: Path, steps: int, record: RunRecord) -> None:
-    """Say where the run resumes and drop what the killed segment logged after that step."""
+    """Say where the run resumes and drop what a killed segment logged after that step."""
     done = checkpoint_step(ckpt_dir)
-    if done > steps:
-        raise ValueError(f"{paths.CHECKPOINTS / ckpt_dir.name} holds this run trained to step "
-                         f"{done}, beyond distill.loop.steps {steps}: set loop.steps to at least "
-                         f"{done}, or delete that folder to train {steps} steps afresh")
     if done:
         log(f"distill: resuming from step {done} of {steps}"
             + (": already trained" if done == steps else ""))
@@ -193,16 +201,16 @@ def run(root: Path) -> None:
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
         "train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
+    cache.verify()  # a corrupt shard stops the run here, before any weight is loaded
     pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
     _, build = get_method(cfg.method)
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
     batches = _batches(root, cache, pipe, method, local, prompts_sha)
     resolved = _resolved(root, teacher_cfg, cfg, method_cfg, cache, method)
-    key = run_key(resolved, cfg.method)
-    ckpt_dir = root / paths.CHECKPOINTS / key
+    ckpt_dir = _run_folder(root, run_key(resolved, cfg.method), cfg.loop.steps)
     record = RunRecord(ckpt_dir)
     _resume(ckpt_dir, cfg.loop.steps, record)
-    progress, bar = _progress(root, cfg, record, key, is_main)
+    progress, bar = _progress(root, cfg, record, ckpt_dir.name, is_main)
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
                 _sampler(root, pipe, cache, method.spec, local, record), progress, policy)
     bar.close()
@@ -219,7 +227,10 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
         save_student(full, spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
                                        "steps": cfg.loop.steps, "policy": policy.describe()})
     with atomic_dir(root / paths.DISTILL_OUT) as out:
-        shutil.copytree(record.samples, out / "samples")
+        (out / "samples").mkdir()
+        for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
+            if int(grid.stem.split("-")[1]) <= cfg.loop.steps:
+                shutil.copy2(grid, out / "samples" / grid.name)
         write_resolved(out / "resolved_config.json", **{
             k: v for k, v in resolved.items() if k in ("teacher", "distill", "method_config")})
     rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]
