@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file
 
 from components.evaluation.card import caption_list_hash, curve_points, result_cards
@@ -29,7 +30,9 @@ from components.generation import load_student, sample_teacher
 from components.io import atomic_dir, read_json, sha256_tree, write_json
 from components.prompts import read_text_prompts
 from components.teacher import load_pipeline, resolve_model
+from components.world.floors import FLOORS, renders_of
 from components.world.render import attribute_accuracy
+from components.world.train import reconstruct
 from pipeline import paths
 from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, require, write_resolved
@@ -99,6 +102,30 @@ def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> d
     return out
 
 
+def _floor_runs(root, teacher_cfg, cfg, settings, score) -> dict:
+    """The world's floors (``components.world.floors``): real renders of the evaluation captions
+    and the teacher VAE's reconstructions of them, scored like a model and cached."""
+    from diffusers import AutoencoderKL
+
+    real = renders_of(root / paths.WORLD / "eval",
+                      read_json(_in_root(root, cfg.captions))[: cfg.num_images])
+    cache, out = RunCache(root / paths.TOOL_CACHE / "eval"), {}
+    for name in FLOORS:
+        key = {**settings, "floor": name}
+        hit = cache.get(key)
+        if hit is None:
+            images = real
+            if name == "vae_reconstruction":
+                source = resolve_model(teacher_cfg.model, root)
+                vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(cfg.device)
+                images = reconstruct(vae, torch.from_numpy(real).to(cfg.device)).cpu().numpy()
+            row, grid = score(name, lambda c, s, x=images: x[s[0] - cfg.seed:][: len(c)])
+            hit = ({"row": {**row, "steps": 0}}, grid)
+            cache.put(key, *hit)
+        out[name] = hit
+    return out
+
+
 def run(root: Path) -> None:
     configs = load_stage(root, "evaluate")
     teacher_cfg, cfg = configs["teacher"], configs["evaluate"]
@@ -133,6 +160,8 @@ def run(root: Path) -> None:
                 "precision_recall": cfg.precision_recall, "grid_images": cfg.grid_images,
                 "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device}
     results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
+    if protocol.name == "world" and protocol.caption_format == "prepared":
+        results.update(_floor_runs(root, teacher_cfg, cfg, settings, score))
     student = load_student(require(root / paths.STUDENT, "distill"), cfg.device)
     row, grid = score("student", lambda c, s: student.generate(c, s, cfg.batch_size))
     latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
@@ -158,7 +187,7 @@ def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
 
 
 def _write(root, cfg, teacher_cfg, results, cards) -> None:
-    rows = {name: results[name][0]["row"] for name in ORDER}
+    rows = {name: results[name][0]["row"] for name in ORDER + FLOORS if name in results}
     curve = curve_points([r["row"] for r, _ in results.values()], cfg.curve_guidance_scales)
     grids = np.concatenate([results[name][1] for name in ORDER])
     speedup = rows["teacher"]["latency_s"] / rows["student"]["latency_s"]
@@ -171,7 +200,7 @@ def _write(root, cfg, teacher_cfg, results, cards) -> None:
         fid_bars({k: rows[k]["fid"] for k in ORDER}, out / "fid_bars.png")
         if curve:
             fid_clip_curve(curve, out / "fid_clip_curve.png", {"student": rows["student"]})
-        doc = {name: {"card": cards[name], "metrics": rows[name]} for name in ORDER}
+        doc = {name: {"card": cards[name], "metrics": rows[name]} for name in rows}
         doc["teacher_curve"] = {"card": {**cards["teacher"], "guidance_scale": None},
                                 "points": curve}
         doc["latency"] = latency
