@@ -57,6 +57,10 @@ def build_denoiser(cfg: WorldConfig, latents: torch.Tensor, captions: list[str])
     and of the empty prompt (L,), for latents (N, C, h, w)."""
     tokenizer = build_tokenizer(cfg.text.max_length)
     unique = sorted(set(captions))
+    longest = max(len(ids) for ids in tokenizer(unique).input_ids)
+    if longest > cfg.text.max_length:
+        raise ValueError(f"captions need {longest} tokens but world.text.max_length is "
+                         f"{cfg.text.max_length}; raise it to at least {longest}")
     unique_ids = tokenize(tokenizer, unique)
     index = {c: i for i, c in enumerate(unique)}
     torch.manual_seed(cfg.seed + 1)

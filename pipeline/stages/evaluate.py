@@ -120,9 +120,11 @@ def _floor_runs(root, teacher_cfg, cfg, settings, score) -> dict:
                 vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(cfg.device)
                 images = reconstruct(vae, torch.from_numpy(real).to(cfg.device)).cpu().numpy()
             row, grid = score(name, lambda c, s, x=images: x[s[0] - cfg.seed:][: len(c)])
-            hit = ({"row": {**row, "steps": 0}}, grid)
-            cache.put(key, *hit)
-        out[name] = hit
+            row = {**row, "steps": 0}
+            cache.put(key, row, grid)
+        else:
+            row = hit[0]
+        out[name] = row
     return out
 
 
@@ -160,8 +162,9 @@ def run(root: Path) -> None:
                 "precision_recall": cfg.precision_recall, "grid_images": cfg.grid_images,
                 "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device}
     results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
+    floors = {}
     if protocol.name == "world" and protocol.caption_format == "prepared":
-        results.update(_floor_runs(root, teacher_cfg, cfg, settings, score))
+        floors = _floor_runs(root, teacher_cfg, cfg, settings, score)
     student = load_student(require(root / paths.STUDENT, "distill"), cfg.device)
     row, grid = score("student", lambda c, s: student.generate(c, s, cfg.batch_size))
     latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
@@ -169,7 +172,7 @@ def run(root: Path) -> None:
     row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
     results["student"] = ({"row": row, "latency": latency}, grid)
     _write(root, cfg, teacher_cfg, results, _cards(cfg, protocol, results, captions, ref, net,
-                                                   scorer))
+                                                   scorer), floors)
 
 
 def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
@@ -186,8 +189,8 @@ def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
     return result_cards(common, {name: result for name, (result, _) in results.items()})
 
 
-def _write(root, cfg, teacher_cfg, results, cards) -> None:
-    rows = {name: results[name][0]["row"] for name in ORDER + FLOORS if name in results}
+def _write(root, cfg, teacher_cfg, results, cards, floors) -> None:
+    rows = {name: results[name][0]["row"] for name in ORDER}
     curve = curve_points([r["row"] for r, _ in results.values()], cfg.curve_guidance_scales)
     grids = np.concatenate([results[name][1] for name in ORDER])
     speedup = rows["teacher"]["latency_s"] / rows["student"]["latency_s"]
@@ -200,14 +203,16 @@ def _write(root, cfg, teacher_cfg, results, cards) -> None:
         fid_bars({k: rows[k]["fid"] for k in ORDER}, out / "fid_bars.png")
         if curve:
             fid_clip_curve(curve, out / "fid_clip_curve.png", {"student": rows["student"]})
-        doc = {name: {"card": cards[name], "metrics": rows[name]} for name in rows}
+        doc = {name: {"card": cards[name], "metrics": rows[name]} for name in ORDER}
+        if floors:  # scored under the students' card settings; nothing is sampled (steps 0)
+            doc["floors"] = floors
         doc["teacher_curve"] = {"card": {**cards["teacher"], "guidance_scale": None},
                                 "points": curve}
         doc["latency"] = latency
         write_json(out / "eval_card.json", doc)
         write_resolved(out / "resolved_config.json", teacher=teacher_cfg, evaluate=cfg)
     curve_metrics = {f"s{p['guidance_scale']:g}".replace(".", "_"): p for p in curve}
-    write_json(root / paths.EVAL_METRICS, {"protocol": cfg.protocol, **rows,
+    write_json(root / paths.EVAL_METRICS, {"protocol": cfg.protocol, **rows, **floors,
                                            "teacher_curve": curve_metrics, "latency": latency})
 
 
