@@ -11,6 +11,7 @@ diffusers pipelines for benchmarks and tests; tokenizers come from open_clip's b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -54,6 +55,30 @@ def unet_config(arch: str, divisor: int = 1) -> dict[str, Any]:
                 cross_attention_dim=(768 + 1280) // d, use_linear_projection=True,
                 addition_embed_type="text_time", addition_time_embed_dim=time_dim,
                 projection_class_embeddings_input_dim=6 * time_dim + 1280 // d)
+
+
+# What tells the families apart (diffusers' defaults where a config leaves a key out). The
+# sample size is left out: SD2.1 (768 px) and SD2.1-base (512 px) differ only there.
+_TOPOLOGY_DEFAULTS = {"transformer_layers_per_block": 1, "use_linear_projection": False,
+                      "addition_embed_type": None, "in_channels": 4, "out_channels": 4}
+_TOPOLOGY = ("in_channels", "out_channels", "layers_per_block", "down_block_types",
+             "up_block_types", "block_out_channels", "attention_head_dim", "cross_attention_dim",
+             "transformer_layers_per_block", "use_linear_projection", "addition_embed_type")
+
+
+def identify(unet: Mapping[str, Any]) -> str | None:
+    """The architecture (``sd15``, ``sd21``, ``sdxl``) whose UNet topology the UNet config
+    ``unet`` has, at full width or divided by one of ``DIVISORS``; None for any other UNet."""
+    def value(config: Mapping[str, Any], key: str) -> Any:
+        v = config.get(key, _TOPOLOGY_DEFAULTS.get(key))
+        return tuple(v) if isinstance(v, list | tuple) else v
+
+    for arch in ARCHS:
+        for divisor in DIVISORS:
+            ref = unet_config(arch, divisor)
+            if all(value(unet, k) == value(ref, k) for k in _TOPOLOGY):
+                return arch
+    return None
 
 
 def vae_config(arch: str, divisor: int = 1) -> dict[str, Any]:

@@ -3,11 +3,15 @@ metrics, grouped into variants by the params that differ, as a markdown table an
 FID and CLIP score over training steps (one line per variant).
 
 A row is a plain dict: ``name``, ``rev`` (git rev or MLflow run id), ``params`` (flat, dotted
-keys), ``metrics`` (flat: at least ``fid`` and ``clip_score``) and ``protocol``.
+keys), ``metrics`` (flat: at least ``fid`` and ``clip_score``, and their standard errors
+``fid_std`` and ``clip_score_std`` when measured) and ``protocol``. A value is shown with its
+standard error; a run whose difference from the best is within ``noise_multiple`` standard errors
+of that difference is marked ``≈``: inside the noise, not a loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ METRICS = (("fid", "FID ↓", "{:.2f}"), ("clip_score", "CLIP score ↑", "{:.4f
 # Params that say how a number was measured, not what was trained: when they differ between rows,
 # FID and CLIP score are not comparable.
 PROTOCOL_SECTIONS = ("evaluate.", "reference.")
+NOISE_MULTIPLE = 2.0  # the promotion gate's default (register.noise_multiple)
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -60,9 +65,11 @@ def steps_of(row: Mapping[str, Any]) -> float:
         return float("nan")
 
 
-def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one line per run (variant, steps, FID, CLIP score, protocol), the best marked,
-    then which run won and the params that differ."""
+def comparison_table(rows: Sequence[Mapping[str, Any]],
+                     noise_multiple: float = NOISE_MULTIPLE) -> str:
+    """Markdown: one line per run (variant, steps, FID, CLIP score, protocol), the best in bold
+    and runs inside its noise marked ``≈``, then which run won, which are tied with it within the
+    noise, and the params that differ."""
     varying = varying_params(rows)
     shown = [k for k in varying if k not in (STEPS, METHOD)]
     head = ["run", "rev", "method", *shown, "steps", *(m[1] for m in METRICS), "protocol"]
@@ -73,18 +80,57 @@ def comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells += [_text(row["params"].get(k, "")) for k in shown]
         cells.append(_text(row["params"].get(STEPS, "")))
         for key, _, fmt in METRICS:
-            value = fmt.format(row["metrics"][key])
-            cells.append(f"**{value}**" if row is best[key] else value)
+            value = with_noise(row["metrics"], key, fmt)
+            if row is best[key]:
+                value = f"**{value}**"
+            elif inside_noise(row["metrics"], best[key]["metrics"], key, noise_multiple):
+                value = f"≈ {value}"
+            cells.append(value)
         cells.append(str(row.get("protocol") or ""))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"- lowest FID: {_describe(best['fid'], varying)}",
-              f"- highest CLIP score: {_describe(best['clip_score'], varying)}",
+    lines += [f"- {title}: {_describe(best[key], varying)}"
+              f"{_ties(rows, best[key], key, noise_multiple)}"
+              for key, title in (("fid", "lowest FID"), ("clip_score", "highest CLIP score"))]
+    lines += [(f"- ≈: within {noise_multiple:g} standard errors of the best (the difference is "
+              "inside the noise); ± is one standard error"),
               f"- params that differ: {', '.join(varying) or 'none'}"]
     protocols = {row.get("protocol") for row in rows}
     if len(protocols) > 1 or any(k.startswith(PROTOCOL_SECTIONS) for k in varying):
         lines.append("- WARNING: the runs were evaluated under different protocols; their FID "
                      "and CLIP scores are not comparable")
     return "\n".join(lines) + "\n"
+
+
+def with_noise(metrics: Mapping[str, Any], key: str, fmt: str) -> str:
+    """``value ± std`` (``fmt`` for both) or the value alone when its noise is not measured."""
+    std = _number(metrics.get(f"{key}_std"))
+    value = fmt.format(metrics[key])
+    return value if std is None else f"{value} ± {fmt.format(std)}"
+
+
+def inside_noise(a: Mapping[str, Any], b: Mapping[str, Any], key: str,
+                 noise_multiple: float = NOISE_MULTIPLE) -> bool:
+    """Whether ``a[key] - b[key]`` is within ``noise_multiple`` standard errors of the
+    difference; False when neither side measured its noise."""
+    stds = [_number(m.get(f"{key}_std")) for m in (a, b)]
+    known = [s for s in stds if s is not None]
+    if not known:
+        return False
+    noise = math.hypot(*(s if s is not None else known[0] for s in stds))
+    return abs(a[key] - b[key]) <= noise_multiple * noise
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _ties(rows: Sequence[Mapping[str, Any]], best: Mapping[str, Any], key: str,
+          noise_multiple: float) -> str:
+    tied = [r["name"] for r in rows
+            if r is not best and inside_noise(r["metrics"], best["metrics"], key, noise_multiple)]
+    return f"; inside its noise: {', '.join(tied)}" if tied else ""
 
 
 def _best(rows: Sequence[Mapping[str, Any]], key: str, lower: bool) -> Mapping[str, Any]:

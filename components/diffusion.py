@@ -147,9 +147,17 @@ def sinusoidal_embedding(x: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """Embedding (B, dim) of a guidance weight w (B,) for a w-conditioned network, fed as
-    ``timestep_cond`` (diffusers' ``time_cond_proj_dim`` path): features of 1000 w, the scaling
-    LCM uses so that w ∈ [0, 15] spans the frequencies as timesteps do."""
-    return sinusoidal_embedding(1000.0 * w, dim)
+    ``timestep_cond`` (diffusers' ``time_cond_proj_dim`` path): [sin | cos] of 1000 w over the
+    frequencies 10000^(−k / (dim/2 − 1)), zero-padded to an odd ``dim``. These are the features
+    diffusers' own pipelines compute for such a UNet (LCM's ``get_guidance_scale_embedding``, from
+    w = s − 1), so a plain ``StableDiffusionPipeline`` feeds a w-conditioned student what it
+    was trained on."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w * 1000.0).float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
 def _predict(convert, denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,

@@ -7,6 +7,7 @@ same seeds give the same images whatever the batch size or device.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -241,11 +242,34 @@ STUDENT_FILE = "student.json"
 
 
 def save_student(pipe: Any, spec: GeneratorSpec, folder: str | Path, extra: dict) -> None:
-    """Write the student as a diffusers pipeline folder plus ``student.json`` (its generator)."""
+    """Write the student as a diffusers pipeline folder plus ``student.json`` (its generator).
+
+    The folder's scheduler is the stock one with which diffusers' own pipeline reproduces
+    ``Student.generate`` (``components.stock_scheduler``; ``student.json: diffusers`` says how to
+    call it, or why no stock scheduler can), and no config holds a machine path: the same
+    weights give the same files in every clone.
+    """
+    from components.stock_scheduler import stock_call
+
     folder = Path(folder)
+    call = stock_call(pipe.scheduler, spec)
+    if call.scheduler is not None:
+        pipe = copy.copy(pipe)  # the caller's pipeline keeps its scheduler
+        pipe.scheduler = call.scheduler  # diffusers records the new class in model_index.json
     pipe.save_pretrained(folder, safe_serialization=True)
-    (folder / STUDENT_FILE).write_text(json.dumps({"generator": asdict(spec), **extra}, indent=2,
-                                                  sort_keys=True) + "\n")
+    _drop_machine_paths(folder)
+    meta = {"generator": asdict(spec), "diffusers": call.describe(), **extra}
+    (folder / STUDENT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _drop_machine_paths(folder: Path) -> None:
+    """Remove diffusers' ``_name_or_path`` (the folder the pipeline was loaded from) from every
+    saved config; loading sets it again from wherever the folder then is."""
+    for path in sorted(folder.rglob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "_name_or_path" in data:
+            del data["_name_or_path"]
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_student(folder: str | Path, device: str = "cpu") -> Student:

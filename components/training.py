@@ -39,8 +39,11 @@ class LoopConfig:
     checkpoint_every: int = 100
 
     def validate(self) -> None:
-        if min(self.steps, self.batch_size, self.grad_accum) < 1:
-            raise ValueError("steps, batch_size and grad_accum must be positive")
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "sample_every",
+                    "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got "
+                                 f"{getattr(self, key)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum "
                              f"{self.grad_accum}")
@@ -198,6 +201,29 @@ def save_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA, step: 
     os.replace(ckpt_dir / "latest.tmp", ckpt_dir / "latest")
     for old in sorted(ckpt_dir.glob("step-*"))[:-2]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_step(ckpt_dir: Path) -> int:
+    """The step of the newest complete checkpoint in ``ckpt_dir`` (0 if none)."""
+    pointer = ckpt_dir / "latest"
+    if not pointer.exists():
+        return 0
+    return int(json.loads((ckpt_dir / pointer.read_text().strip() / "state.json").read_text())[
+        "step"])
+
+
+def checkpoint_weights(path: Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The weights of state module ``name`` in a checkpoint (``None`` if it holds none), to
+    start another run from: ``path`` is a ``step-N`` folder or a run's checkpoint directory
+    (its ``latest``)."""
+    path = Path(path)
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json): give a "
+                                "run's checkpoint directory or one of its step-N folders")
+    file = path / f"{name}.safetensors"
+    return load_file(str(file)) if file.is_file() else None
 
 
 def load_checkpoint(ckpt_dir: Path, method: Method, opts: dict, ema: EMA) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from components.comparison import comparison_table, flatten, plot_over_steps
+from components.comparison import NOISE_MULTIPLE, comparison_table, flatten, plot_over_steps
 from components.io import atomic_write_text
 from components.registry.gate import TAG_PROTOCOL
 from pipeline import env, paths
@@ -70,9 +70,11 @@ def mlflow_rows(uri: str, experiment: str) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(rows: list[dict[str, Any]], out: Path | None) -> str:
-    """The table; with ``out``, also ``compare.md`` and the two plots in that folder."""
-    table = comparison_table(rows)
+def write_report(rows: list[dict[str, Any]], out: Path | None,
+                 noise_multiple: float = NOISE_MULTIPLE) -> str:
+    """The table (differences inside ``noise_multiple`` standard errors marked); with ``out``,
+    also ``compare.md`` and the two plots in that folder."""
+    table = comparison_table(rows, noise_multiple)
     if out is not None:
         for metric, label, name in PLOTS:
             plot_over_steps(rows, metric, out / name, label)
@@ -99,18 +101,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             from components.registry.store import tracking_uri
 
             rows = mlflow_rows(args.tracking_uri or tracking_uri(root),
-                               args.experiment or _register_experiment(root))
+                               args.experiment or _register(root).get("experiment")
+                               or "distillery")
     except (RuntimeError, ValueError) as err:
         raise SystemExit(f"compare: {err}") from None
     if not rows:
         raise SystemExit(f"compare: no {args.source} runs with evaluation metrics found; run "
                          "`dvc exp run` (or the nightly flow) first")
-    sys.stdout.write(write_report(rows, args.out))
+    noise = float(_register(root).get("noise_multiple") or NOISE_MULTIPLE)
+    sys.stdout.write(write_report(rows, args.out, noise))
 
 
-def _register_experiment(root: Path) -> str:
-    data = yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8")) or {}
-    return (data.get("register") or {}).get("experiment") or "distillery"
+def _register(root: Path) -> dict:
+    """The ``register`` params section (experiment name, the gate's noise multiple)."""
+    path = root / PARAMS_FILE
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    return (data or {}).get("register") or {}
 
 
 if __name__ == "__main__":

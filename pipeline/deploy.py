@@ -19,10 +19,12 @@ deployment at a clone used only for these runs: each run rewrites its ``params.y
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from components.config import ConfigError
 from pipeline.flows import STAGES, add_choice_arguments, distillery, ensure_gpu_limit
 
 NIGHTLY_CRON = "0 2 * * *"
@@ -40,6 +42,15 @@ def nightly_parameters(root: str | Path, preset: str | None = "default",
             "overrides": list(overrides) or None, "experiment": experiment if use_dvc else None}
 
 
+def check_choices(params: dict[str, Any]) -> None:
+    """Fail at registration, not at 2 am: the runs' preset, teacher, method and overrides must
+    make a valid params file (``pipeline.configure``; nothing is written)."""
+    from pipeline.configure import render_params
+
+    render_params(Path(params["root"]), params["preset"], params["teacher"], params["method"],
+                  params["overrides"] or ())
+
+
 def nightly(root: str | Path, cron: str = NIGHTLY_CRON, timezone: str = "UTC",
             name: str = "nightly", from_source: bool = False, **parameters: Any):
     """A ``RunnerDeployment`` of the flow on a cron schedule, with the project root fixed.
@@ -53,6 +64,7 @@ def nightly(root: str | Path, cron: str = NIGHTLY_CRON, timezone: str = "UTC",
     if from_source:
         flow_ = distillery.from_source(source=str(Path(root).resolve()), entrypoint=ENTRYPOINT)
     params = nightly_parameters(root, **parameters)
+    check_choices(params)
     return flow_.to_deployment(
         name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
         concurrency_limit=1, tags=["distillery", name],
@@ -101,10 +113,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--serve", action="store_true",
                         help="run the deployment from this process instead of a worker")
     args = parser.parse_args(argv)
-    kwargs = {"cron": args.cron, "timezone": args.timezone, "name": args.name,
-              "preset": args.preset or "default", "teacher": args.teacher,
-              "method": args.method, "overrides": args.set or (), "stages": args.stages,
-              "use_dvc": not args.no_dvc}
+    choices = {"preset": args.preset or "default", "teacher": args.teacher,
+               "method": args.method, "overrides": args.set or (), "stages": args.stages,
+               "use_dvc": not args.no_dvc}
+    try:
+        check_choices(nightly_parameters(args.root, **choices))
+    except ConfigError as err:
+        print(f"deploy: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    kwargs = {"cron": args.cron, "timezone": args.timezone, "name": args.name, **choices}
     if args.serve:
         from prefect import serve
 

@@ -34,8 +34,15 @@ class DistillConfig:
     sample_prompts: int = 8
     sample_seed: int = 0
     proxy_fid_images: int = 0  # >0: FID of this many student images at every sample step
+    keep_runs: int = 2  # checkpoint folders kept: this run's and the last other runs'
 
     def validate(self) -> None:
+        for key in ("sample_prompts", "keep_runs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.proxy_fid_images < 0 or self.proxy_fid_images == 1:
+            raise ValueError(f"proxy_fid_images must be 0 (off) or at least 2 (FID needs "
+                             f"a covariance), got {self.proxy_fid_images}")
         valid = method_names()
         if self.method not in valid:
             raise ValueError(f"unknown method {self.method!r}; valid methods are: "

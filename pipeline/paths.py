@@ -16,6 +16,7 @@ CHECKPOINTS = Path("checkpoints/distill")
 DISTILL_OUT = Path("outputs/distill")
 EVAL_OUT = Path("outputs/eval")
 REGISTER_OUT = Path("outputs/register.json")
+REVIEW_OUT = Path("outputs/review")  # the review page of the version last registered
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 TOOL_CACHE = Path(".cache")

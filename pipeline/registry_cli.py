@@ -1,7 +1,8 @@
 """The morning review: the registry's models, the new candidate next to the champion, promotion.
 
     uv run python -m pipeline.registry_cli list                # models, versions, aliases
-    uv run python -m pipeline.registry_cli compare             # candidate | champion, gate verdict
+    uv run python -m pipeline.registry_cli compare             # candidate | champion, gate verdict,
+                                                               # where the review page is
     uv run python -m pipeline.registry_cli promote             # candidate → champion if the gate agrees
     uv run python -m pipeline.registry_cli promote --version 3 --force   # overrule the gate
     uv run python -m pipeline.registry_cli show --version 3 [--tag dvc_exp_rev]   # one version
@@ -28,11 +29,11 @@ from pipeline.lineage import TAG_EXPERIMENT, TAG_EXPERIMENT_REV
 
 # (label, where in a version record, format) of the side-by-side rows
 ROWS = (("version", ("version",), "{}"), ("aliases", ("aliases",), "{}"),
-        ("FID ↓", ("metrics", "fid"), "{:.3f}"),
-        ("CLIP score ↑", ("metrics", "clip_score"), "{:.4f}"),
+        ("FID ↓", ("metrics", "fid"), "± {:.3f}"),
+        ("CLIP score ↑", ("metrics", "clip_score"), "± {:.4f}"),
         ("latency, batch 1 (s)", ("metrics", "latency_s"), "{:.4f}"),
-        ("teacher FID", ("metrics", "teacher.fid"), "{:.3f}"),
-        ("teacher CLIP score", ("metrics", "teacher.clip_score"), "{:.4f}"),
+        ("teacher FID", ("metrics", "teacher.fid"), "± {:.3f}"),
+        ("teacher CLIP score", ("metrics", "teacher.clip_score"), "± {:.4f}"),
         ("distillation steps", ("params", "distill.loop.steps"), "{}"),
         ("method", ("tags", "method"), "{}"), ("teacher", ("tags", "teacher"), "{}"),
         ("eval protocol", ("tags", TAG_PROTOCOL), "{}"),
@@ -74,6 +75,10 @@ def _cell(record: dict[str, Any] | None, where: tuple[str, ...], fmt: str) -> st
         return datetime.fromtimestamp(value / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
     if isinstance(value, list):
         return ", ".join(value) or "—"
+    if fmt.startswith("± "):  # a metric, with its standard error when it was measured
+        std = record["metrics"].get(f"{where[-1]}_std")
+        text = fmt[2:].format(value)
+        return text if std is None else f"{text} ± {fmt[2:].format(std)}"
     return fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
 
@@ -85,9 +90,17 @@ def side_by_side(cfg: RegisterConfig, candidate: dict | None, champion: dict | N
               for label, where, fmt in ROWS]
     if candidate and candidate.get("run_url"):
         lines.append(f"\ncandidate run: {candidate['run_url']}")
-    rule = (f"FID lower by ≥ {cfg.fid_margin:g}, CLIP score lower by ≤ {cfg.clip_tolerance:g}, "
-            "same protocol")
+    k = f"{cfg.noise_multiple:g} x noise"
+    rule = (f"FID lower by ≥ max({cfg.fid_margin:g}, {k}), CLIP score lower by ≤ "
+            f"max({cfg.clip_tolerance:g}, {k}), same protocol")
     lines += ["", f"gate ({rule}): {verdict(cfg, candidate, champion)}"]
+    if candidate is not None:
+        from components.registry.review_store import review_location
+
+        where = review_location(candidate)
+        lines.append(f"review page: {where}" if where else
+                     f"review page: none (version {candidate['version']} was registered "
+                     "without one; re-run `dvc repro register`)")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ ATTRIBUTES = ("colour", "shape", "size", "position", "background", "all")
 def results_table(root: Path) -> str:
     """Markdown: FID, CLIP score, attribute accuracy and latency per model, then run facts."""
     ev = read_json(root / paths.EVAL_METRICS)
-    lines = [("| model | steps | FID ↓ | CLIP score ↑ | attribute accuracy "
+    lines = [("| model | steps | FID ↓ ± s.e. | CLIP score ↑ ± s.e. | attribute accuracy "
              f"({' / '.join(ATTRIBUTES)}) | latency, batch 1 |"),
              "| --- | --- | --- | --- | --- | --- |"]
     for key, label in ROWS:
@@ -36,10 +36,12 @@ def results_table(root: Path) -> str:
         guide = f", s = {row['guidance_scale']:g}" if row.get("guidance_scale", 1.0) != 1.0 else ""
         steps = f"{row['steps']}{guide}" if row["steps"] else "–"
         latency = f"{row['latency_s'] * 1000:.1f} ms" if "latency_s" in row else "–"
-        lines.append(f"| {label} | {steps} | {row['fid']:.1f} | "
-                     f"{row['clip_score']:.3f} | {accs} | {latency} |")
+        lines.append(f"| {label} | {steps} | {_pm(row, 'fid', '.1f')} | "
+                     f"{_pm(row, 'clip_score', '.3f')} | {accs} | {latency} |")
     lines.append("")
     lines += _facts(root, ev)
+    lines.append("- ± one standard error: delete-half jackknife over the generated images "
+                 "(`components/evaluation/uncertainty.py`)")
     return "\n".join(lines) + "\n"
 
 
@@ -52,10 +54,18 @@ def run_summary(root: Path, registered: dict, recorded: dict[str, str] | None = 
              f"- MLflow run {link} at `{registered['tracking_uri']}`",
              (f"- alias `candidate`; {verdict}: {registered['reason']}; champion: "
               + (f"version {registered['champion']}" if registered["champion"] else "none"))]
+    if registered.get("review_page"):
+        lines.append(f"- review page `{registered['review_page']}` (MLflow artifact "
+                     f"`{registered.get('review_artifact')}`)")
     if recorded:
         lines.append(f"- DVC experiment `{recorded.get('dvc_experiment')}` "
                      f"(rev `{recorded.get('dvc_exp_rev')}`)")
     return "\n".join(lines) + "\n\n" + results_table(root)
+
+
+def _pm(row: dict, key: str, fmt: str) -> str:
+    std = row.get(f"{key}_std")
+    return format(row[key], fmt) + ("" if std is None else f" ± {std:{fmt}}")
 
 
 def _facts(root: Path, ev: dict) -> list[str]:

@@ -17,14 +17,24 @@ def git(*args: str, cwd: Path) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
-def copy_project(dest: Path, preset: str = "micro") -> Path:
-    """The project's files as git sees them, with ``pipeline/presets/<preset>.yaml`` as
+def tracked_files(source: Path) -> list[str]:
+    """Files git tracks in ``source`` (committed or staged), as they are in the working tree.
+
+    Untracked files are left out even when no ``.gitignore`` covers them: a clone where the main
+    job already ran holds its ``dvc.lock``, ``metrics/`` and the ``.gitignore`` files DVC writes,
+    and a copy carrying them would start with a dirty commit.
+    """
+    listed = git("ls-files", "--cached", "-z", cwd=source).split("\0")
+    return [rel for rel in listed if rel and (source / rel).is_file()]
+
+
+def copy_project(dest: Path, preset: str = "micro", source: Path = ROOT) -> Path:
+    """The files git tracks in ``source``, with ``pipeline/presets/<preset>.yaml`` as
     ``params.yaml``, committed in a fresh git repo at ``dest``."""
-    for rel in git("ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).split():
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    shutil.copy(ROOT / "pipeline" / "presets" / f"{preset}.yaml", dest / "params.yaml")
+    for rel in tracked_files(source):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, dest / rel)
+    shutil.copy(source / "pipeline" / "presets" / f"{preset}.yaml", dest / "params.yaml")
     git("init", "-q", cwd=dest)
     git("add", "-A", cwd=dest)
     git("commit", "-qm", preset, cwd=dest)

@@ -52,6 +52,21 @@ def test_table_marks_the_winners():
     assert "different protocols" in comparison_table(mixed)
 
 
+def test_table_marks_differences_inside_the_noise():
+    noisy = [{**r, "metrics": {**r["metrics"], "fid_std": 5.0, "clip_score_std": 0.001}}
+             for r in ROWS]
+    lines = comparison_table(noisy).splitlines()
+    # best FID 270.5; a200 is 9.5 worse, inside 2 x hypot(5, 5) = 14.1; b100 (19.5) is not
+    assert "| a200 | `a200-rev` | swiftbrush | 200 | ≈ 280.00 ± 5.00 | 0.4500 ± 0.0010 | " \
+           "world-1 |" in lines
+    assert "| b100 | `b100-rev` | dmd | 100 | 290.00 ± 5.00 | **0.5000 ± 0.0010** | " \
+           "world-1 |" in lines
+    assert "- lowest FID: b200 (dmd, 200 steps); inside its noise: a200" in lines
+    assert "- highest CLIP score: b100 (dmd, 100 steps)" in lines  # 0.02 apart: outside
+    # with a stricter reading of the noise nothing is tied
+    assert "inside its noise" not in comparison_table(noisy, noise_multiple=0.5)
+
+
 def test_report_files(tmp_path):
     table = write_report(ROWS, tmp_path)
     assert (tmp_path / "compare.md").read_text().startswith("# Variants\n\n" + table)

@@ -30,7 +30,7 @@ def params(root: Path) -> dict:
 
 
 def test_preset_file_is_copied_verbatim(project):
-    assert preset_names(project) == ["default", "gpu", "micro"]
+    assert preset_names(project) == ["default", "gpu", "micro", "sd15", "sd21", "sdxl"]
     assert configure_params(project, preset="micro") == {}
     assert (project / "params.yaml").read_text() == (
         ROOT / "pipeline" / "presets" / "micro.yaml").read_text()
@@ -66,7 +66,7 @@ def test_override_of_the_model_name_wins(project):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"preset": "nano"}, "unknown preset 'nano'; valid presets are: default, gpu, micro"),
+    ({"preset": "nano"}, "unknown preset 'nano'; valid presets are: default, gpu, micro, sd15"),
     ({"method": "dmd9"}, "unknown method 'dmd9'; valid methods are: dmd2, instaflow, meng, sid_lsg, swiftbrush"),
     ({"overrides": ["distill.loop.stepz=3"]}, "valid keys are"),
     ({"overrides": ["steps=3"]}, "must look like section.key=value"),

@@ -32,7 +32,7 @@ from components.evaluation.fid import (
     load_statistics,
     reference_statistics,
 )
-from components.evaluation.grid import image_grid, save_png
+from components.evaluation.grid import image_grid, save_png, wrap_caption
 from components.evaluation.inception import (
     FeatureNetwork,
     InceptionWeightsMissing,
@@ -322,6 +322,27 @@ def test_image_grid_layout_and_png_roundtrip(tmp_path):
     save_png(captioned, tmp_path / "grid.png")
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "grid.png")),
                                   np.asarray(captioned))
+
+
+def test_grid_writes_each_caption_under_its_column():
+    images, _ = squares(6, seed=7)
+    texts = ["a red square on the left", "", "a blue square at the top right"]
+    grid = np.asarray(image_grid(images, cols=3, upscale=2, column_captions=texts,
+                                 row_labels=["student", "teacher"]))
+    plain = np.asarray(image_grid(images, cols=3, upscale=2))
+    left = grid.shape[1] - plain.shape[1]  # the row labels' margin
+    assert left > 20 and grid.shape[0] > plain.shape[0]
+    foot = grid[plain.shape[0]:]  # the rows below the last row of cells
+    ink = (foot.min(axis=-1) < 128)  # dark pixels: text
+    columns = [ink[:, left + 2 + c * 66: left + 2 + c * 66 + 64] for c in range(3)]
+    assert columns[0].sum() > 40 and columns[2].sum() > 40
+    assert columns[1].sum() == 0  # the empty caption wrote nothing
+    assert (grid[:, :left].min(axis=-1) < 128).sum() > 40  # the labels are drawn
+    np.testing.assert_array_equal(grid[2 + 1, left + 2 + 1], images[0, 0, 0])
+    with pytest.raises(ValueError, match="2 column captions for 3 columns"):
+        image_grid(images, cols=3, column_captions=texts[:2])
+    lines = wrap_caption("a large red circle at the top left, on a blue background", 64, 2)
+    assert len(lines) == 2 and lines[-1].endswith("...")
 
 
 def test_eval_card_is_strict_and_versioned():

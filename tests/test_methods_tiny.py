@@ -232,7 +232,9 @@ def test_dmd2_gan_term_needs_real_latents_and_trains_a_head(tmp_path):
     cfg_cls, build = get_method("dmd2")
     with pytest.raises(Exception, match="real_latents"):
         from_dict(cfg_cls, {"gan_weight": 1e-3}, "dmd2")
-    save_file({"latents": torch.randn(6, *LATENT)}, str(tmp_path / "real.safetensors"))
+    # real latents with their captions' embeddings (components/real_latents.py's format)
+    save_file({"latents": torch.randn(6, *LATENT), "text": torch.randn(6, 77, 32)},
+              str(tmp_path / "real.safetensors"))
     settings = {**SETTINGS["dmd2"], "gan_weight": 1e-3,
                 "real_latents": str(tmp_path / "real.safetensors")}
     pipe = tiny_pipeline()

@@ -33,8 +33,10 @@ from components.registry.store import (
 RULE = RegisterConfig(model_name="m", experiment="e", fid_margin=1.0, clip_tolerance=0.25)
 
 
-def rec(fid=10.0, clip=0.5, protocol="p1"):
-    return {"fid": fid, "clip_score": clip, "protocol": protocol}
+def rec(fid=10.0, clip=0.5, protocol="p1", fid_std=0.0, clip_std=0.0):
+    """A gate record; noise 0 unless given, so the configured margins decide."""
+    return {"fid": fid, "clip_score": clip, "protocol": protocol, "fid_std": fid_std,
+            "clip_score_std": clip_std}
 
 
 # ---------------------------------------------------------------- the gate (pure)
@@ -96,14 +98,51 @@ def test_missing_or_invalid_metric_blocks(side, key, bad):
     assert side in decision.reason and repr(key) in decision.reason
 
 
+@pytest.mark.parametrize("fid, promote", [
+    (8.0, False),   # 2.0 better: above the configured margin 1.0, inside 2 x noise 2.83
+    (7.0, True),    # 3.0 better: outside the noise
+])
+def test_a_gain_inside_the_noise_stays_candidate(fid, promote):
+    decision = should_promote(rec(fid=fid, fid_std=1.0), rec(fid=10.0, fid_std=1.0), RULE)
+    assert decision.promote is promote, decision.reason
+    assert "± 1" in decision.reason
+    if not promote:
+        assert "not lower by at least 2.83" in decision.reason and "2 x noise 1.41" in (
+            decision.reason)
+
+
+def test_the_margin_is_never_below_the_noise():
+    """Whatever the configured margin, even 0, the gain must clear noise_multiple noises."""
+    rule = RegisterConfig("m", "e", fid_margin=0.0, clip_tolerance=0.0, noise_multiple=1.0)
+    assert not should_promote(rec(fid=9.0, fid_std=0.8), rec(fid=10.0, fid_std=0.8), rule).promote
+    assert should_promote(rec(fid=8.8, fid_std=0.8), rec(fid=10.0, fid_std=0.8), rule).promote
+    # a champion registered before noise was measured: the candidate's noise stands for both
+    old = {k: v for k, v in rec(fid=10.0).items() if not k.endswith("_std")}
+    assert not should_promote(rec(fid=9.0, fid_std=0.8), old, rule).promote
+    unmeasured = should_promote({k: v for k, v in rec(fid=1.0).items() if k != "fid_std"}, old,
+                                rule)
+    assert not unmeasured.promote and "noise of 'fid' is not measured" in unmeasured.reason
+    with pytest.raises(ValueError, match="noise_multiple"):
+        RegisterConfig("m", "e", 0.0, 0.0, noise_multiple=0.5).validate()
+
+
+def test_a_clip_drop_inside_the_noise_is_no_drop():
+    champion = rec(fid=10.0, clip=0.5, clip_std=0.01)
+    assert not should_promote(rec(fid=5.0, clip=0.23, clip_std=0.01), champion, RULE).promote
+    noisy = rec(fid=10.0, clip=0.5, clip_std=0.1)
+    dropped = should_promote(rec(fid=5.0, clip=0.23, clip_std=0.1), noisy, RULE)
+    assert dropped.promote, dropped.reason  # 0.27 drop: above 0.25, inside 2 x noise 0.141
+    assert not should_promote(rec(fid=5.0, clip=0.1, clip_std=0.1), noisy, RULE).promote
+
+
 def test_numpy_and_int_metrics_are_numbers():
     assert should_promote(rec(fid=np.float32(5.0), clip=1), rec(fid=10, clip=0.5), RULE).promote
 
 
 def test_gate_uses_configured_metric_names():
     rule = RegisterConfig("m", "e", 0.0, 0.0, fid_metric="fid_10k", clip_metric="clip")
-    cand = {"fid_10k": 5.0, "clip": 0.3, "protocol": "p"}
-    champ = {"fid_10k": 6.0, "clip": 0.3, "protocol": "p"}
+    cand = {"fid_10k": 5.0, "clip": 0.3, "protocol": "p", "fid_10k_std": 0.1}
+    champ = {"fid_10k": 6.0, "clip": 0.3, "protocol": "p", "fid_10k_std": 0.1}
     assert should_promote(cand, champ, rule).promote
     assert not should_promote(rec(), rec(fid=20.0), rule).promote  # names absent
 
@@ -172,7 +211,8 @@ def lineage(protocol="fid-clip-v1") -> Lineage:
 
 
 def register(cfg, student, uri, root, fid, clip=0.3, protocol="fid-clip-v1", extra=()):
-    metrics = {"fid": fid, "clip_score": clip, "latency": {"ms_per_image": 4.0}, "note": "x"}
+    metrics = {"fid": fid, "fid_std": 0.1, "clip_score": clip, "clip_score_std": 0.001,
+               "latency": {"ms_per_image": 4.0}, "note": "x"}
     return register_student(cfg, student, metrics, lineage(protocol), uri=uri,
                             artifact_root=artifact_location(root, uri),
                             params={"distill": {"lr": 1e-5, "steps": 3}}, artifacts=extra)
@@ -295,7 +335,8 @@ def test_protocol_id_hashes_only_comparability_fields():
 
 
 EVALUATION = {"protocol": "world",
-              "student": {"fid": 260.12, "clip_score": 0.58, "latency_s": 0.0151, "steps": 1},
+              "student": {"fid": 260.12, "clip_score": 0.58, "latency_s": 0.0151, "steps": 1,
+                          "fid_std": 3.456, "clip_score_std": 0.0071},
               "teacher": {"fid": 192.5, "clip_score": 0.767, "latency_s": 0.2689, "steps": 25,
                           "guidance_scale": 4.0},
               "teacher_1step": {"fid": 265.3, "clip_score": 0.254, "latency_s": 0.0178,
@@ -312,7 +353,7 @@ def test_model_card_markdown():
         assert fact in lines
     # the student first, then the teacher rows; guidance only where it is used
     rows = [line for line in lines if line.endswith(" ms |")]
-    assert rows == ["| distilled student | 1 |  | 260.12 | 0.5800 | 15.1 ms |",
+    assert rows == ["| distilled student | 1 |  | 260.12 ± 3.46 | 0.5800 ± 0.0071 | 15.1 ms |",
                     "| teacher | 25 | 4 | 192.50 | 0.7670 | 268.9 ms |",
                     ("| teacher at 1 step (the untrained student) | 1 |  | 265.30 | 0.2540 | "
                      "17.8 ms |")]
@@ -410,9 +451,11 @@ def test_review_cli_against_server(student, mlflow_server, tmp_path, monkeypatch
     listed = cli("list")
     assert f"| {name} | tiny | 1, 2 | candidate → 2, champion → 1 |" in listed
     shown = cli("compare").splitlines()
-    assert "| version | 2 | 1 |" in shown and "| FID ↓ | 50.500 | 50.000 |" in shown
+    assert "| version | 2 | 1 |" in shown
+    assert "| FID ↓ | 50.500 ± 0.100 | 50.000 ± 0.100 |" in shown
     assert "| eval protocol | fid-clip-v1 | fid-clip-v1 |" in shown
-    assert any(line.startswith("gate (FID lower by ≥ 1, CLIP score lower by ≤ 0.05") and
+    assert any(line.startswith("gate (FID lower by ≥ max(1, 2 x noise), CLIP score lower by ≤ "
+                              "max(0.05, 2 x noise)") and
                "keep the champion: fid not lower by at least 1" in line for line in shown)
     with pytest.raises(SystemExit, match="version 2 not promoted .* add --force"):
         cli("promote")
@@ -435,7 +478,7 @@ def test_review_cli_against_server(student, mlflow_server, tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="registry: .*no-such-model"):
         cli("--model", "no-such-model", "compare")
     shown = cli("show", "--version", "1").splitlines()
-    assert shown[0] == f"# {name} version 1" and "| FID ↓ | 50.000 |" in shown
+    assert shown[0] == f"# {name} version 1" and "| FID ↓ | 50.000 ± 0.100 |" in shown
     assert cli("show", "--version", "1", "--tag", "git_commit") == "abc123\n"
     with pytest.raises(SystemExit, match="has no tag 'dvc_exp_rev'; it has: eval_protocol, "
                                          "git_commit"):

@@ -91,3 +91,31 @@ def test_atomic_dir_keeps_the_old_folder_on_failure(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "b").write_text("new")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]
+
+
+def test_corrupt_cache_shard_is_one_line_without_traceback(tmp_path):
+    import torch
+
+    from components.embed_cache import CacheConfig, write_cache
+    from components.io import write_json
+    from components.teacher import TextConditioning
+
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    encode = lambda ps: TextConditioning(torch.ones(len(ps), 3, 2))
+    index = write_cache(tmp_path / "data/cache", prompts, encode, CacheConfig(shard_size=2), "t",
+                        log=lambda _: None)
+    write_json(tmp_path / "data/prompts/manifest.json", {"train_sha256": index["prompts_sha256"]})
+    shard = tmp_path / "data/cache/shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    proc = _stage("distill", _params(tmp_path))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [_last_line(proc)]
+    assert "shard-00001.safetensors is missing or corrupt" in _last_line(proc)
+    assert _last_line(proc).startswith("distill: error: ")
+
+
+def test_zero_cadence_is_rejected_before_training(tmp_path, key="checkpoint_every"):
+    proc = _stage("distill", _params(tmp_path, lambda d: d["distill"]["loop"].update({key: 0})))
+    assert proc.returncode == 2
+    assert _last_line(proc) == f"distill: error: distill.loop: {key} must be at least 1, got 0"

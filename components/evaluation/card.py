@@ -48,6 +48,8 @@ class EvalCard:
     fid_implementation: str = ""
     safety_checker: str = "off"
     latency: dict = field(default_factory=dict)  # batch-1 latency and how it was measured
+    # how the metrics' ``<metric>_std`` were measured (components.evaluation.uncertainty)
+    uncertainty: dict = field(default_factory=dict)
     notes: str = ""
     versions: dict = field(default_factory=dict)
     card_version: int = CARD_VERSION

@@ -9,7 +9,7 @@ features FID uses; they need the reference features, which the statistics file k
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from components.evaluation.fid import feature_subset, fid_against_statistics, in
 from components.evaluation.inception import FeatureNetwork
 from components.evaluation.protocols import Protocol
 from components.evaluation.resize import Preprocess
+from components.evaluation.uncertainty import HalfSampling, subsample_fid, subsample_mean
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -58,6 +59,7 @@ class Evaluator:
     kid: bool = False
     precision_recall: bool = False
     seed: int = 0
+    noise: HalfSampling = field(default_factory=HalfSampling)
 
     def score(self, images: np.ndarray, captions: Sequence[str]) -> dict:
         """Metrics of uint8 images ``(N, H, W, 3)`` generated for ``captions`` (in order)."""
@@ -74,12 +76,23 @@ class Evaluator:
                                                resize_only))
             sims.append(clip_similarities(cropped, captions, self.scorer,
                                           self.protocol.clip_prefix, self.batch_size))
-        features = np.concatenate(features)
+        features, sims = np.concatenate(features), np.concatenate(sims)
         row = {"fid": fid_against_statistics(self.reference.mu, self.reference.sigma, features),
-               "clip_score": float(np.concatenate(sims).mean())}
+               "clip_score": float(sims.mean()), **self.standard_errors(features, sims)}
         if self.kid or self.precision_recall:
             row.update(self.feature_metrics(features))
         return row
+
+    def standard_errors(self, features: np.ndarray, sims: np.ndarray) -> dict:
+        """``fid_std`` and ``clip_score_std`` of features ``(N, D)`` and similarities ``(N,)``
+        (``components.evaluation.uncertainty``); both use the same subsamples."""
+        n = len(features)
+        if n < 4:
+            return {}
+        kept = self.noise.indices(n)
+        fids = subsample_fid(self.reference.mu, self.reference.sigma, features, kept)
+        return {"fid_std": self.noise.standard_error(fids, n),
+                "clip_score_std": self.noise.standard_error(subsample_mean(sims, kept), n)}
 
     def feature_metrics(self, features: np.ndarray) -> dict:
         """KID and/or precision, recall, F-score of generated features ``(N, D)``."""

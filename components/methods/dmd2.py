@@ -19,13 +19,22 @@ Fake score (denoising score matching on generator samples, unweighted ε-MSE), t
     L_fake = ‖ε_fake(x_t, t, y) − ε‖²,   x_t from sg[x]
 
 Optional GAN term (DMD2's second stage), only when real image latents are supplied
-(``real_latents``: a safetensors file with ``latents`` (N, C, h, w), VAE latents already scaled
-by the VAE's scaling factor). A head on the fake score's bottleneck features (the UNet's mid
-block) classifies noised real vs generated latents (diffusion-GAN, t ~ U{0, …, 999}), with
-non-saturating losses:
+(``real_latents``: a file of ``components/real_latents.py``'s format: VAE latents scaled by the
+VAE's scaling factor, each with the text conditioning of its own caption; written by
+``python -m pipeline.real_latents``). A head D on the fake score's bottleneck features (the
+UNet's mid block) classifies noised real vs generated latents (diffusion-GAN, t ~ U{0, …, 999}),
+each run through the fake score with its own caption (generated: the batch's prompts, real: the
+image's caption, as the official code does; a shared prompt would let D tell them apart by text
+alignment), with non-saturating losses:
     L_G += λ_G softplus(−D(x_t^fake)),   L_fake += λ_D [softplus(D(x_t^fake)) + softplus(−D(x_t^real))]
-λ_G = ``gan_weight`` (1e-3 for SD1.5's stage 2), λ_D = ``gan_head_weight`` (1e-2). The head is a
-small conv stack with global average pooling (size-agnostic), trained with the fake score.
+λ_G = ``gan_weight``, λ_D = ``gan_head_weight``; D (``DiscriminatorHead``) trains with the fake
+score.
+
+Two stages (paper appendix, tianweiy/DMD2#30; ``experiments/sdv1.5/*_resume*.sh``): stage 1 is
+data-free (``gan_weight: 0``, lr 1e-5); stage 2 resumes its generator and fake score with
+``init_from`` (a stage-1 checkpoint folder; optimizer state and step start afresh, D at random
+unless the checkpoint holds one) and adds the GAN term at SD1.5's published values ``gan_weight: 1e-3``,
+``gan_head_weight: 1e-2``, ``generator_lr: 5e-7``, ``fake_lr: 5e-7`` (SDXL: ``gan_weight: 5e-3``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ import torch
 from components.diffusion import guided, predict_eps, predict_x0
 from components.generation import GeneratorSpec, one_step_x0
 from components.methods import Batch, GroupSpec, Teacher, register
+from components.real_latents import RealLatents, load_real_latents
+from components.teacher import TextConditioning
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,8 @@ class DMD2Config:
     max_grad_norm: float = 10.0
     gan_weight: float = 0.0  # 0: data-free stage 1; 1e-3 in the paper's stage 2
     gan_head_weight: float = 1e-2
-    real_latents: str | None = None  # safetensors file {"latents": (N, C, h, w)}, scaled
+    real_latents: str | None = None  # components/real_latents.py file: latents + captions
+    init_from: str | None = None  # stage 2: a stage-1 checkpoint folder (step-N or its parent)
 
     def validate(self) -> None:
         if self.fake_guidance_scale != 1.0:
@@ -72,22 +84,64 @@ class DMD2Config:
         if self.gan_weight > 0 and not self.real_latents:
             raise ValueError(
                 "dmd2.gan_weight > 0 needs real image latents for the discriminator: set "
-                "dmd2.real_latents to a safetensors file with 'latents' (N, C, h, w) (VAE "
-                "latents of real images), or keep gan_weight: 0 (DMD2's data-free stage)")
+                "dmd2.real_latents to a file written by `python -m pipeline.real_latents` (VAE "
+                "latents of real images with their captions), or keep gan_weight: 0 (DMD2's "
+                "data-free stage)")
 
 
-class BottleneckHead(torch.nn.Module):
-    """D: the fake score's mid-block features (B, C, h, w) -> one logit per sample (B,)."""
+class DiscriminatorHead(torch.nn.Sequential):
+    """D: the fake score's bottleneck features (B, C, s, s) -> one logit per sample (B,).
 
-    def __init__(self, channels: int):
-        super().__init__()
-        groups = 32 if channels % 32 == 0 else 1
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.GroupNorm(groups, channels),
-            torch.nn.SiLU(), torch.nn.Conv2d(channels, 1, 1))
+    The official head (``main/sd_guidance.py``, ``cls_pred_branch``): conv4×4/s2/p1 → GN(32) →
+    SiLU stages halve the map down to 4×4 (one stage for SD1.5's 8×8 bottleneck, three for SDXL's
+    32×32), then conv4×4/s4/p0 → GN(32) → SiLU reaches 1×1 and a 1×1 conv gives the logit.
+    Departure, for bottlenecks under 4×4 only (the miniature world's teacher has 2×2): the
+    last s×s conv covers the whole remaining map with stride s, as the 4×4/s4 one does at 4×4.
+    """
+
+    def __init__(self, channels: int, size: int):
+        if size < 1 or size & (size - 1):
+            raise ValueError(f"DMD2's discriminator head needs a square bottleneck of 2^k × 2^k "
+                             f"(SD1.5: 8×8, SDXL: 32×32); this teacher's is {size}×{size}")
+        if channels % 32:
+            raise ValueError(f"DMD2's discriminator head uses GroupNorm(32): the bottleneck's "
+                             f"{channels} channels must be a multiple of 32")
+        c, layers, s = channels, [], size
+        while s > 4:
+            layers += [torch.nn.Conv2d(c, c, 4, stride=2, padding=1), torch.nn.GroupNorm(32, c),
+                       torch.nn.SiLU()]
+            s //= 2
+        layers += [torch.nn.Conv2d(c, c, s, stride=s), torch.nn.GroupNorm(32, c),
+                   torch.nn.SiLU(), torch.nn.Conv2d(c, 1, 1)]
+        super().__init__(*layers)
+        self.size = size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).mean(dim=(1, 2, 3))
+        if tuple(features.shape[-2:]) != (self.size, self.size):
+            raise ValueError(f"bottleneck features are {tuple(features.shape[-2:])}, the head was "
+                             f"built for the real latents' {self.size}×{self.size}: generate at "
+                             "the real latents' resolution")
+        return super().forward(features).flatten()
+
+
+def _check_conditioning(real: RealLatents, unet_config, path: str) -> None:
+    """One clear error when the real captions were encoded for another teacher."""
+    dim, sdxl = real.cond.text.shape[-1], unet_config.get("addition_embed_type") == "text_time"
+    if dim != unet_config["cross_attention_dim"] or sdxl != (real.cond.pooled is not None):
+        raise ValueError(f"dmd2.real_latents: {path} holds caption embeddings of width {dim}"
+                         f"{' with' if real.cond.pooled is not None else ' without'} pooled "
+                         "embeddings, not this teacher's; re-encode it with this teacher "
+                         "(`python -m pipeline.real_latents`)")
+
+
+def bottleneck_size(unet: torch.nn.Module, latent_hw: tuple[int, int]) -> int:
+    """Side of a diffusers UNet's mid-block map for latents (h, w) (each downsampler halves)."""
+    downs = sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+    h, w = (-(-n // 2 ** downs) for n in latent_hw)
+    if h != w:
+        raise ValueError(f"DMD2's discriminator head needs square latents; the real latents are "
+                         f"{latent_hw[0]}×{latent_hw[1]}")
+    return h
 
 
 class DMD2:
@@ -110,24 +164,40 @@ class DMD2:
         self.head, self.real = None, None
         if cfg.gan_weight > 0:
             self._init_gan(cfg)
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
 
     def _init_gan(self, cfg: DMD2Config) -> None:
-        from safetensors.torch import load_file
-
-        mid = getattr(getattr(self.mu_fake, "unet", None), "mid_block", None)
-        if mid is None:
+        unet = getattr(self.mu_fake, "unet", None)
+        if getattr(unet, "mid_block", None) is None:
             raise ValueError("DMD2's GAN head reads a diffusers UNet's mid block; this teacher "
                              "network has none (set gan_weight: 0)")
-        path = Path(cfg.real_latents)
-        if not path.is_file():
-            raise FileNotFoundError(f"dmd2.real_latents: {path} not found; give a safetensors "
-                                    "file with 'latents' (N, C, h, w)")
-        self.real = load_file(str(path))["latents"].float()
+        self.real = load_real_latents(cfg.real_latents)
+        _check_conditioning(self.real, unet.config, cfg.real_latents)
         self._features: list[torch.Tensor] = []
-        mid.register_forward_hook(self._keep_features)
-        channels = self.mu_fake.unet.config.block_out_channels[-1]
+        unet.mid_block.register_forward_hook(self._keep_features)
+        size = bottleneck_size(unet, tuple(self.real.latents.shape[-2:]))
         device = next(self.mu_fake.parameters()).device
-        self.head = BottleneckHead(channels).to(device)
+        self.head = DiscriminatorHead(unet.config.block_out_channels[-1], size).to(device)
+
+    def _init_from(self, path: str) -> None:
+        """Stage 2: the generator and fake score (and D, if the checkpoint has one) from a
+        checkpoint; like the official ``--ckpt_only_path``, no optimizer state or step."""
+        from components.training import checkpoint_weights
+
+        for name, module in self.state_modules().items():
+            state = checkpoint_weights(Path(path), name)
+            if state is None and name == "gan_head":
+                continue  # a stage-1 checkpoint has no D: it starts at random
+            if state is None:
+                raise FileNotFoundError(f"dmd2.init_from: {path} holds no {name!r} weights; "
+                                        "point it at a DMD2 run's checkpoint folder (step-N)")
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            trained = {n for n, p in module.named_parameters() if p.requires_grad}
+            if unexpected or trained & set(missing):
+                raise ValueError(f"dmd2.init_from: {name!r} weights in {path} do not match this "
+                                 f"teacher's network ({len(unexpected)} unexpected, "
+                                 f"{len(trained & set(missing))} missing keys)")
 
     def _keep_features(self, _module, _inputs, out: torch.Tensor) -> None:
         self._features[:] = [out]  # only the latest pass's bottleneck
@@ -152,18 +222,21 @@ class DMD2:
             modules["gan_head"] = self.head
         return modules
 
-    def _logits(self, x0: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """D(x_t) for latents x0 noised at t ~ U{0, …, 999} (diffusion-GAN), per sample (B,)."""
+    def _logits(self, x0: torch.Tensor, cond: TextConditioning, batch: Batch) -> torch.Tensor:
+        """D(x_t) for latents x0 (B, C, h, w) captioned by ``cond``, noised at t ~ U{0, …, 999}
+        (diffusion-GAN), per sample (B,)."""
         gen = batch.generator
         t = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), generator=gen)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         x_t = self.schedule.add_noise(x0, eps, t.to(x0.device))
-        self.mu_fake(x_t, t.to(x0.device), batch.cond)
+        self.mu_fake(x_t, t.to(x0.device), cond)
         return self.head(self._features[-1].float())
 
-    def _real_latents(self, batch: Batch) -> torch.Tensor:
-        idx = torch.randint(0, self.real.shape[0], (batch.z.shape[0],), generator=batch.generator)
-        return self.real[idx].to(batch.z.device)
+    def _real_batch(self, batch: Batch) -> tuple[torch.Tensor, TextConditioning]:
+        """B real latents drawn with replacement, each with its own caption's conditioning."""
+        idx = torch.randint(0, len(self.real), (batch.z.shape[0],), generator=batch.generator)
+        latents, cond = self.real.rows(idx)
+        return latents.to(batch.z), cond.to(batch.z.device)
 
     def loss(self, group: str, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         if group == "generator":
@@ -193,7 +266,7 @@ class DMD2:
         if self.head is not None:  # gradients reach x through the frozen fake score and head
             self.mu_fake.requires_grad_(False)
             self.head.requires_grad_(False)
-            gan = torch.nn.functional.softplus(-self._logits(x, batch))
+            gan = torch.nn.functional.softplus(-self._logits(x, batch.cond, batch))
             self.mu_fake.requires_grad_(True)
             self.head.requires_grad_(True)
             per_sample = per_sample + self.cfg.gan_weight * gan
@@ -216,8 +289,9 @@ class DMD2:
         metrics = {"loss_fake": per_sample.mean().item()}
         if self.head is not None:
             softplus = torch.nn.functional.softplus
-            d_loss = (softplus(self._logits(x.detach(), batch))
-                      + softplus(-self._logits(self._real_latents(batch), batch)))
+            real, real_cond = self._real_batch(batch)
+            d_loss = (softplus(self._logits(x.detach(), batch.cond, batch))
+                      + softplus(-self._logits(real, real_cond, batch)))
             per_sample = per_sample + self.cfg.gan_head_weight * d_loss
             metrics["loss_gan_d"] = d_loss.mean().item()
         return per_sample, metrics

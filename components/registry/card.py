@@ -46,14 +46,14 @@ def model_card(model_name: str, lineage: Lineage, evaluation: Mapping[str, Any],
 
 def metrics_table(evaluation: Mapping[str, Any]) -> list[str]:
     """Rows of FID, CLIP score and latency per model, the student first."""
-    out = ["| model | steps | guidance scale | FID ↓ | CLIP score ↑ | latency, batch 1 |",
+    out = ["| model | steps | guidance scale | FID ↓ ± s.e. | CLIP score ↑ ± s.e. | latency, batch 1 |",
            "| --- | --- | --- | --- | --- | --- |"]
     for name in _rows(evaluation):
         row = evaluation[name]
         guidance = row.get("guidance_scale")
         out.append(f"| {ROW_LABELS.get(name, name)} | {row.get('steps', '')} | "
                    f"{'' if guidance in (None, 1.0) else f'{guidance:g}'} | "
-                   f"{_num(row.get('fid'), '.2f')} | {_num(row.get('clip_score'), '.4f')} | "
+                   f"{_pm(row, 'fid', '.2f')} | {_pm(row, 'clip_score', '.4f')} | "
                    f"{_num(_ms(row.get('latency_s')), '.1f')} ms |")
     return out
 
@@ -77,6 +77,11 @@ def _rows(evaluation: Mapping[str, Any]) -> list[str]:
 
 def _ms(seconds: Any) -> float | None:
     return None if not isinstance(seconds, (int, float)) else seconds * 1000
+
+
+def _pm(row: Mapping[str, Any], key: str, fmt: str) -> str:
+    std = row.get(f"{key}_std")
+    return _num(row.get(key), fmt) + ("" if std is None else f" ± {_num(std, fmt)}")
 
 
 def _num(value: Any, fmt: str) -> str:

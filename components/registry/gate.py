@@ -28,14 +28,18 @@ PROTOCOL_FIELDS = ("protocol", "caption_list_sha256", "n_images", "reference_sha
 class RegisterConfig:
     """The ``register`` params section.
 
-    A candidate becomes champion when its FID is lower than the champion's by at least
-    ``fid_margin`` and its CLIP score is not lower by more than ``clip_tolerance``.
+    A candidate becomes champion when its FID is lower than the champion's by at least the margin
+    and its CLIP score is not lower by more than the tolerance. The margin is ``fid_margin`` or
+    ``noise_multiple`` standard errors of the FID difference, whichever is larger (the standard
+    errors are the evaluate stage's ``fid_std``), so a gain inside the noise never promotes; a
+    CLIP drop inside ``noise_multiple`` standard errors is likewise not counted as a drop.
     """
 
     model_name: str
     experiment: str
     fid_margin: float
     clip_tolerance: float
+    noise_multiple: float = 2.0
     fid_metric: str = "fid"
     clip_metric: str = "clip_score"
     candidate_alias: str = "candidate"
@@ -46,6 +50,9 @@ class RegisterConfig:
             raise ValueError("model_name and experiment must not be empty")
         if not (self.fid_margin >= 0 and self.clip_tolerance >= 0):
             raise ValueError("fid_margin and clip_tolerance must be >= 0 (and not NaN)")
+        if not self.noise_multiple >= 1:
+            raise ValueError("noise_multiple must be >= 1: the margin may not be below the "
+                             "measured noise")
         if self.candidate_alias == self.champion_alias:
             raise ValueError("candidate_alias and champion_alias must differ")
 
@@ -88,11 +95,13 @@ class Decision:
 
 def should_promote(candidate: Mapping[str, Any], champion: Mapping[str, Any] | None,
                    rule: RegisterConfig) -> Decision:
-    """Decide whether ``candidate`` replaces ``champion``; both map metric names and ``protocol``.
+    """Decide whether ``candidate`` replaces ``champion``; both map metric names (and their
+    ``<metric>_std``) and ``protocol``.
 
     Metrics are only comparable under the same eval protocol, so a protocol mismatch never
-    promotes. Equal FIDs do not promote (no improvement); a CLIP drop of exactly
-    ``clip_tolerance`` is allowed. A missing or non-finite metric on either side blocks promotion.
+    promotes. Equal FIDs do not promote (no improvement); a CLIP drop of exactly the tolerance is
+    allowed. A missing or non-finite metric on either side blocks promotion, and so does an FID
+    whose noise neither side measured (the margin could not be held above it).
     """
     if champion is None:
         return Decision(True, "no champion yet")
@@ -100,27 +109,56 @@ def should_promote(candidate: Mapping[str, Any], champion: Mapping[str, Any] | N
     if not ours or not theirs or ours != theirs:
         return Decision(False, f"eval protocols differ (candidate {ours!r}, champion {theirs!r}); "
                                "metrics are not comparable, re-evaluate the champion first")
-    values = {}
     for side, record in (("candidate", candidate), ("champion", champion)):
         for key in (rule.fid_metric, rule.clip_metric):
-            value = _finite(record.get(key))
-            if value is None:
+            if _finite(record.get(key)) is None:
                 return Decision(False, f"{side} has no finite {key!r} "
                                        f"(got {record.get(key)!r}); cannot compare")
-            values[side, key] = value
-    fid_gain = values["champion", rule.fid_metric] - values["candidate", rule.fid_metric]
-    clip_drop = values["champion", rule.clip_metric] - values["candidate", rule.clip_metric]
-    summary = (f"{rule.fid_metric} {values['candidate', rule.fid_metric]:.4g} vs "
-               f"{values['champion', rule.fid_metric]:.4g}, {rule.clip_metric} "
-               f"{values['candidate', rule.clip_metric]:.4g} vs "
-               f"{values['champion', rule.clip_metric]:.4g}")
-    if not (fid_gain > 0 and fid_gain >= rule.fid_margin):
-        return Decision(False, f"{rule.fid_metric} not lower by at least {rule.fid_margin:g} "
-                               f"({summary})")
-    if clip_drop > rule.clip_tolerance:
-        return Decision(False, f"{rule.clip_metric} dropped by more than "
-                               f"{rule.clip_tolerance:g} ({summary})")
+    fid_margin, fid_why = _margin(candidate, champion, rule.fid_metric, rule.fid_margin, rule)
+    if fid_margin is None:
+        return Decision(False, f"{fid_why}; re-run the evaluate stage of the version without it")
+    clip_tolerance, clip_why = _margin(candidate, champion, rule.clip_metric,
+                                       rule.clip_tolerance, rule)
+    if clip_tolerance is None:  # unmeasured CLIP noise widens nothing
+        clip_tolerance, clip_why = rule.clip_tolerance, f"tolerance {rule.clip_tolerance:g}"
+    fid_gain = champion[rule.fid_metric] - candidate[rule.fid_metric]
+    clip_drop = champion[rule.clip_metric] - candidate[rule.clip_metric]
+    summary = ", ".join(f"{m} {_pm(candidate, m)} vs {_pm(champion, m)}"
+                        for m in (rule.fid_metric, rule.clip_metric))
+    if not (fid_gain > 0 and fid_gain >= fid_margin):
+        return Decision(False, f"{rule.fid_metric} not lower by at least {fid_margin:.3g} "
+                               f"({fid_why}; {summary})")
+    if clip_drop > clip_tolerance:
+        return Decision(False, f"{rule.clip_metric} dropped by more than {clip_tolerance:.3g} "
+                               f"({clip_why}; {summary})")
     return Decision(True, f"better than the champion ({summary})")
+
+
+def noise_of_difference(candidate: Mapping[str, Any], champion: Mapping[str, Any],
+                        metric: str) -> float | None:
+    """Standard error of ``candidate[metric] - champion[metric]`` from their ``<metric>_std``;
+    a side without one is taken to be as noisy as the other; None when neither has one."""
+    stds = [_finite(record.get(f"{metric}_std")) for record in (candidate, champion)]
+    known = [s for s in stds if s is not None and s >= 0]
+    if not known:
+        return None
+    a, b = (s if s is not None and s >= 0 else known[0] for s in stds)
+    return math.hypot(a, b)
+
+
+def _margin(candidate: Mapping[str, Any], champion: Mapping[str, Any], metric: str,
+            configured: float, rule: RegisterConfig) -> tuple[float | None, str]:
+    """The margin in force, ``max(configured, noise_multiple x noise)``, and why."""
+    noise = noise_of_difference(candidate, champion, metric)
+    if noise is None:
+        return None, f"the noise of {metric!r} is not measured ({metric}_std missing)"
+    margin = max(configured, rule.noise_multiple * noise)
+    return margin, (f"margin max({configured:g}, {rule.noise_multiple:g} x noise {noise:.3g})")
+
+
+def _pm(record: Mapping[str, Any], metric: str) -> str:
+    value, std = _finite(record.get(metric)), _finite(record.get(f"{metric}_std"))
+    return f"{value:.4g}" + ("" if std is None else f" ± {std:.2g}")
 
 
 def _finite(value: Any) -> float | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from components.config import ConfigError, to_dict
-from components.io import write_json
+from components.io import CacheError, write_json
 from pipeline import env
 
 
@@ -29,16 +30,25 @@ def write_resolved(path: Path, **configs) -> None:
     write_json(path, {name: to_dict(cfg) for name, cfg in configs.items()})
 
 
+# What bad input raises (params, missing or stale upstream outputs, corrupt caches): the message
+# says what is wrong and how to fix it, so the user gets that line and no traceback.
+PROJECT_ERRORS = (ConfigError, CacheError, FileNotFoundError, ValueError, KeyError)
+TRACEBACK_ENV = "DISTILLERY_TRACEBACK"  # =1: raise them with their traceback (for debugging)
+
+
 def entry(run: Callable[[Path], None], name: str) -> None:
-    """``main()`` of a stage: parse ``--root``, set offline defaults, turn config errors into
-    one clear line and exit code 2."""
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}")
+    """``main()`` of a stage: parse ``--root``, set offline defaults, turn every project error
+    into one clear line and exit code 2."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{name}",
+                                     description=(sys.modules["__main__"].__doc__ or "").strip())
     parser.add_argument("--root", type=Path, default=Path("."), help="project root")
     args = parser.parse_args()
     env.configure(args.root)
     try:
         run(args.root.resolve())
-    except (ConfigError, FileNotFoundError, ValueError, KeyError) as err:
+    except PROJECT_ERRORS as err:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         log(f"{name}: error: {message}")
         raise SystemExit(2) from None

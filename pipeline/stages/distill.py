@@ -1,15 +1,16 @@
 """Stage distill: train the one-step student with the configured method.
 
-Checkpoints live in ``checkpoints/distill/<config hash>/``: a killed run resumes from its last
-checkpoint when re-run with the same params, and a run with other params starts afresh.
+Checkpoints live in ``checkpoints/distill/<run key>/`` (``pipeline.checkpoints``): a killed run
+resumes from its last checkpoint when re-run, and so does a run with only a longer ``loop.steps``
+or other cadences; other params, inputs or code start another run. The folders of the last
+``distill.keep_runs`` runs are kept. Sample grids, loss and proxy-FID rows and the wall time are
+kept in the run's folder across its segments.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,13 +34,15 @@ from components.generation import (
     save_student,
     seeded_noise,
 )
-from components.io import atomic_dir, read_json, sha256_bytes, sha256_file, write_json
+from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from components.methods import Teacher, get_method
 from components.pair_cache import PairCache
-from components.teacher import load_pipeline, teacher_denoiser
-from components.training import train
+from components.teacher import load_pipeline, resolve_model, teacher_denoiser
+from components.training import checkpoint_step, train
 from pipeline import paths
+from pipeline.checkpoints import RunRecord, code_hash, prune_runs, run_key
 from pipeline.params import load_stage
+from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
 
 
@@ -69,22 +72,21 @@ def _proxy_fid(root: Path, cfg):
                                                  inception_features(images, net, 64, prep))
 
 
-def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, rows: list[dict]):
-    """A callback writing a grid of the student's images at fixed prompts and seeds, and the
-    proxy FID when enabled."""
-    out = root / paths.DISTILL_OUT / "samples"
-    out.mkdir(parents=True, exist_ok=True)
+def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunRecord):
+    """A callback writing a grid of the student's images at fixed prompts and seeds into the
+    run's folder, and the proxy FID when enabled."""
     fid = _proxy_fid(root, cfg)
 
     def on_sample(student: torch.nn.Module, step: int) -> None:
         student.eval()
         n = min(cfg.sample_prompts, len(cache))
         images = _images(pipe, student, cache, spec, n, cfg.sample_seed, cfg.device)
-        save_png(image_grid(images, cols=min(n, 8), upscale=4), out / f"step-{step:07d}.png")
+        save_png(image_grid(images, cols=min(n, 8), upscale=4),
+                 record.samples / f"step-{step:07d}.png")
         if fid is not None:
             images = _images(pipe, student, cache, spec, cfg.proxy_fid_images, cfg.sample_seed,
                              cfg.device)
-            rows.append({"step": step, "proxy_fid": round(fid(images), 4)})
+            record.add({"step": step, "proxy_fid": round(fid(images), 4)})
         student.train()
     return on_sample
 
@@ -110,9 +112,9 @@ def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: 
                        cfg.device)
 
 
-def _loss_logger(rows: list[dict]):
+def _loss_logger(record: RunRecord):
     def log_metrics(metrics: dict, step: int) -> None:
-        rows.append({"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}})
+        record.add({"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}})
     return log_metrics
 
 
@@ -125,12 +127,60 @@ def _write_losses(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _resolved(root: Path, teacher_cfg, cfg, method_cfg, cache, method) -> dict:
+    """The configs and the hashes of everything else the student depends on (``run_key``)."""
+    teacher_dir = Path(resolve_model(teacher_cfg.model, root))
+    resolved = {"teacher": to_dict(teacher_cfg), "distill": to_dict(cfg),
+                "method_config": to_dict(method_cfg),
+                "teacher_sha256": sha256_tree(teacher_dir) if teacher_dir.is_dir() else None,
+                "cache": sha256_file(cache.folder / "index.json"), "code": code_hash()}
+    if method.needs_pairs:
+        resolved["pairs"] = sha256_file(root / paths.PAIRS / "index.json")
+    return resolved
+
+
+def _resume(ckpt_dir: Path, steps: int, record: RunRecord) -> None:
+    """Say where the run resumes and drop what the killed segment logged after that step."""
+    done = checkpoint_step(ckpt_dir)
+    if done > steps:
+        raise ValueError(f"{paths.CHECKPOINTS / ckpt_dir.name} holds this run trained to step "
+                         f"{done}, beyond distill.loop.steps {steps}: set loop.steps to at least "
+                         f"{done}, or delete that folder to train {steps} steps afresh")
+    if done:
+        log(f"distill: resuming from step {done} of {steps}"
+            + (": already trained" if done == steps else ""))
+    record.resume_from(done)
+
+
+def _progress(root: Path, cfg, record: RunRecord, run: str, is_main: bool):
+    """The loop's progress callback: the bar, the wall clock, and once this run holds a
+    checkpoint, retention of the other runs' folders (rank 0 only)."""
+    bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step",
+               disable=not is_main)
+    pruned = []
+
+    def progress(done: int, total: int) -> None:
+        bar.n = done
+        bar.refresh()
+        record.tick()
+        checkpointed = done % cfg.loop.checkpoint_every == 0 or done == total
+        if checkpointed and is_main and not pruned:
+            pruned.append(prune_runs(root / paths.CHECKPOINTS, cfg.keep_runs, run))
+            if pruned[0]:
+                log(f"distill: removed the checkpoints of older runs {', '.join(pruned[0])} "
+                    f"(distill.keep_runs: {cfg.keep_runs})")
+    return progress, bar
+
+
 def run(root: Path) -> None:
     configs = load_stage(root, "distill")
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
     # under torchrun / accelerate launch: join the job; "cuda" becomes this process's GPU
     local = replace(cfg, device=distributed.init_from_env(cfg.device))
     is_main = distributed.context().is_main
+    if is_main and (warning := recipe_warning(teacher_unet_config(teacher_cfg, root), cfg,
+                                              teacher_cfg.model)):
+        log(warning)  # a real teacher with another preset's settings
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
@@ -140,57 +190,44 @@ def run(root: Path) -> None:
     _, build = get_method(cfg.method)
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
     batches = _batches(root, cache, pipe, method, local, prompts_sha)
-    resolved = {"teacher": to_dict(teacher_cfg), "distill": to_dict(cfg),
-                "method_config": to_dict(method_cfg), "cache": cache.index["prompts_sha256"]}
-    if method.needs_pairs:
-        resolved["pairs"] = sha256_file(root / paths.PAIRS / "index.json")
-    run_hash = sha256_bytes(json.dumps(resolved, sort_keys=True).encode())[:16]
-    ckpt_dir = root / paths.CHECKPOINTS / run_hash
-    for other in (root / paths.CHECKPOINTS).glob("*"):
-        if other.name != run_hash:
-            shutil.rmtree(other, ignore_errors=True)
-    rows: list[dict] = []
-    if (ckpt_dir / "losses.json").exists():
-        rows = read_json(ckpt_dir / "losses.json")
-    bar = tqdm(total=cfg.loop.steps, desc=f"distill ({cfg.method})", unit="step",
-               disable=not is_main)
-    start = time.perf_counter()
-
-    def progress(done: int, total: int) -> None:
-        bar.n = done
-        bar.refresh()
-        if done % cfg.loop.checkpoint_every == 0:
-            write_json(ckpt_dir / "losses.json", rows)
-
-    ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(rows),
-                _sampler(root, pipe, cache, method.spec, local, rows), progress)
+    resolved = _resolved(root, teacher_cfg, cfg, method_cfg, cache, method)
+    key = run_key(resolved, cfg.method)
+    ckpt_dir = root / paths.CHECKPOINTS / key
+    record = RunRecord(ckpt_dir)
+    _resume(ckpt_dir, cfg.loop.steps, record)
+    progress, bar = _progress(root, cfg, record, key, is_main)
+    ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
+                _sampler(root, pipe, cache, method.spec, local, record), progress)
     bar.close()
-    wall = time.perf_counter() - start
     if is_main:
-        _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved)
+        _save(root, teacher_cfg, method, ema, cfg, record, resolved)
     distributed.finish()
 
 
-def _save(root, teacher_cfg, method, ema, cfg, rows, wall, resolved) -> None:
+def _save(root, teacher_cfg, method, ema, cfg, record: RunRecord, resolved) -> None:
     student = method.student()
     ema.copy_to(student)
     full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
     with atomic_dir(root / paths.STUDENT) as out:
         save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
                                               "steps": cfg.loop.steps})
-    write_resolved(root / paths.DISTILL_OUT / "resolved_config.json", **{
-        k: v for k, v in resolved.items() if k not in ("cache", "pairs")})
+    with atomic_dir(root / paths.DISTILL_OUT) as out:
+        shutil.copytree(record.samples, out / "samples")
+        write_resolved(out / "resolved_config.json", **{
+            k: v for k, v in resolved.items() if k in ("teacher", "distill", "method_config")})
+    rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]
     losses = [r for r in rows if "proxy_fid" not in r]
     fids = [r for r in rows if "proxy_fid" in r]
     _write_losses(root / paths.LOSS_PLOT, losses)
     _write_losses(root / paths.PROXY_FID_PLOT, fids)
     last = {**(losses[-1] if losses else {}), **(fids[-1] if fids else {})}
     images_seen = cfg.loop.steps * cfg.loop.batch_size
+    wall = record.wall_seconds()
     write_json(root / paths.DISTILL_METRICS, {"steps": cfg.loop.steps, "images_seen": images_seen,
                                               "wall_seconds": round(wall, 1),
                                               **{k: v for k, v in last.items() if k != "step"}})
-    log(f"distill: {cfg.loop.steps} steps ({images_seen} images) in {wall:.0f} s; "
-        f"student saved to {paths.STUDENT}")
+    log(f"distill: {cfg.loop.steps} steps ({images_seen} images) in {wall:.0f} s (every "
+        f"segment of the run); student saved to {paths.STUDENT}")
 
 
 def _plain_unet(student: torch.nn.Module) -> torch.nn.Module:

@@ -25,7 +25,9 @@ from components.evaluation.latency import device_sync, measure_latency
 from components.evaluation.plots import fid_bars, fid_clip_curve
 from components.evaluation.protocols import captions_in_training, get_protocol, read_captions
 from components.evaluation.run_cache import RunCache
+from components.evaluation.samples import write_samples
 from components.evaluation.suite import Evaluator, Reference
+from components.evaluation.uncertainty import HalfSampling
 from components.generation import load_student, sample_teacher
 from components.io import atomic_dir, read_json, sha256_tree, write_json
 from components.prompts import read_text_prompts
@@ -39,6 +41,7 @@ from pipeline.stages.common import entry, log, require, write_resolved
 from pipeline.stages.reference_stats import META_FILE, STATS_FILE
 
 ORDER = ("student", "teacher", "teacher_1step")
+GRID_ROWS = ("student", "teacher", "teacher, 1 step")
 CHUNK = 1024  # images generated and scored at a time
 
 
@@ -142,7 +145,7 @@ def run(root: Path) -> None:
     scorer = load_scorer(str(_in_root(root, spec)) if _in_root(root, spec).exists() else spec,
                          cfg.device)
     evaluator = Evaluator(protocol, ref, net, scorer, cfg.batch_size, cfg.kid,
-                          cfg.precision_recall, cfg.seed)
+                          cfg.precision_recall, cfg.seed, HalfSampling(seed=cfg.seed))
 
     def score(name, generate):
         """Generate every image in chunks and score them; return the row and the grid images."""
@@ -160,7 +163,8 @@ def run(root: Path) -> None:
                 "captions": caption_list_hash(captions), "seed": cfg.seed, "protocol": cfg.protocol,
                 "scorer": scorer.weights, "ref": ref.meta["key"], "kid": cfg.kid,
                 "precision_recall": cfg.precision_recall, "grid_images": cfg.grid_images,
-                "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device}
+                "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device,
+                "uncertainty": evaluator.noise.describe()}
     results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
     floors = {}
     if protocol.name == "world" and protocol.caption_format == "prepared":
@@ -171,11 +175,11 @@ def run(root: Path) -> None:
                               cfg.latency_repeats, cfg.latency_warmup, device_sync(cfg.device))
     row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
     results["student"] = ({"row": row, "latency": latency}, grid)
-    _write(root, cfg, teacher_cfg, results, _cards(cfg, protocol, results, captions, ref, net,
-                                                   scorer), floors)
+    cards = _cards(cfg, protocol, results, captions, ref, net, scorer, evaluator.noise)
+    _write(root, cfg, teacher_cfg, results, cards, captions, floors)
 
 
-def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
+def _cards(cfg, protocol, results, captions, ref, net, scorer, noise) -> dict:
     common = {
         "protocol": protocol.name, "caption_list_sha256": caption_list_hash(captions),
         "caption_file": Path(cfg.captions).name, "n_images": len(captions),
@@ -185,11 +189,11 @@ def _cards(cfg, protocol, results, captions, ref, net, scorer) -> dict:
         "feature_network": net.name, "feature_weights_sha256": net.weights_sha256,
         "clip_model": cfg.scorer_spec(), "clip_weights": scorer.weights,
         "clip_prefix": protocol.clip_prefix, "base_seed": cfg.seed, "precision": "fp32",
-        "device": cfg.device}
+        "device": cfg.device, "uncertainty": noise.describe()}
     return result_cards(common, {name: result for name, (result, _) in results.items()})
 
 
-def _write(root, cfg, teacher_cfg, results, cards, floors) -> None:
+def _write(root, cfg, teacher_cfg, results, cards, captions, floors) -> None:
     rows = {name: results[name][0]["row"] for name in ORDER}
     curve = curve_points([r["row"] for r, _ in results.values()], cfg.curve_guidance_scales)
     grids = np.concatenate([results[name][1] for name in ORDER])
@@ -198,8 +202,12 @@ def _write(root, cfg, teacher_cfg, results, cards, floors) -> None:
                "student_ms": rows["student"]["latency_s"] * 1e3, "speedup": speedup}
     with atomic_dir(root / paths.EVAL_OUT) as out:
         upscale = max(1, 96 // grids.shape[1])
-        save_png(image_grid(grids, cols=len(results["student"][1]), upscale=upscale),
+        cols = len(results["student"][1])
+        save_png(image_grid(grids, cols=cols, upscale=upscale, caption_lines=4,
+                            column_captions=captions[:cols], row_labels=GRID_ROWS),
                  out / "grid.png")
+        write_samples(out, captions[:cols], [cfg.seed + i for i in range(cols)],
+                      {name: results[name][1] for name in ORDER})
         fid_bars({k: rows[k]["fid"] for k in ORDER}, out / "fid_bars.png")
         if curve:
             fid_clip_curve(curve, out / "fid_clip_curve.png", {"student": rows["student"]})

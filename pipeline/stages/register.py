@@ -9,6 +9,7 @@ from pathlib import Path
 from components.io import read_json, sha256_file, write_json
 from components.registry.card import GRID_FILE, model_card
 from components.registry.gate import Lineage, protocol_id
+from components.registry.review_store import candidate_side, current_champion, publish_review
 from components.registry.store import artifact_location, register_student, tracking_uri
 from pipeline import paths
 from pipeline.lineage import git_commit
@@ -30,15 +31,23 @@ def run(root: Path) -> None:
                "distill": read_json(root / paths.DISTILL_METRICS)}
     uri = tracking_uri(root)
     artifacts = [root / paths.EVAL_OUT, root / paths.DISTILL_OUT, root / PARAMS_FILE]
-    artifacts += [p for p in (root / "dvc.lock", root / paths.LOSS_PLOT) if p.exists()]
+    artifacts += [p for p in (root / "dvc.lock", root / paths.LOSS_PLOT,
+                              root / paths.PROXY_FID_PLOT) if p.exists()]
     grid = root / paths.EVAL_OUT / GRID_FILE
     card = model_card(cfg.model_name, lineage, evaluation, cards,
                       grid=GRID_FILE if grid.exists() else None)
+    champion = current_champion(uri, cfg)  # the one the gate compares against
     result = register_student(cfg, root / paths.STUDENT, metrics, lineage, uri=uri,
                               artifact_root=artifact_location(root, uri),
                               params=read_params(root), artifacts=artifacts, model_card=card,
                               card_files=[grid] if grid.exists() else [])
+    candidate = candidate_side(uri, cfg, result["version"], root / paths.EVAL_OUT,
+                               root / paths.LOSS_PLOT, root / paths.PROXY_FID_PLOT)
+    review = publish_review(uri, cfg, result, candidate, champion, root / paths.REVIEW_OUT)
+    result["review_page"] = review["path"]
+    result["review_artifact"] = review["artifact_uri"]
     write_json(root / paths.REGISTER_OUT, result)
+    log(f"register: review page {review['path']} (MLflow: {review['artifact_uri']})")
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
     log(f"register: {cfg.model_name} version {result['version']} is candidate; {verdict} "
         f"({result['reason']})")
