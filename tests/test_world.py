@@ -178,7 +178,7 @@ def test_short_context_fits_the_captions_or_fails_clearly():
 
     captions = [caption(s) for s in _scenes(SceneSpace(), 4, 0)[0]]
     latents = torch.zeros(4, 4, 8, 8)
-    small = dict(unet=UNetConfig(channels=(16, 16), attention=(True, True)))
+    small = {"unet": UNetConfig(channels=(16, 16), attention=(True, True))}
     fits = WorldConfig(text=TextConfig(hidden=16, layers=0, heads=2, max_length=16), **small)
     parts = build_denoiser(fits, latents, captions)
     assert parts["ids"].shape == (4, 16) and parts["empty_ids"].shape == (16,)
