@@ -186,3 +186,14 @@ def test_short_context_fits_the_captions_or_fails_clearly():
     short = WorldConfig(text=TextConfig(hidden=16, layers=1, heads=2, max_length=8), **small)
     with pytest.raises(ValueError, match="max_length is 8; raise it to at least 15"):
         build_denoiser(short, latents, captions)
+
+
+def test_floor_renders_follow_the_prepared_rows(tmp_path):
+    from components.world.floors import renders_of
+
+    scenes, images = _scenes(SceneSpace(), 5, 8)
+    write_split(tmp_path / "eval", images, [caption(s) for s in scenes])
+    rows = [{"caption": caption(scenes[i]), "image_id": i, "annotation_id": i} for i in (3, 0, 3)]
+    assert np.array_equal(renders_of(tmp_path / "eval", rows), images[[3, 0, 3]])
+    with pytest.raises(ValueError, match="no render .* image id 9"):
+        renders_of(tmp_path / "eval", rows + [{"caption": "x", "image_id": 9}])
