@@ -26,6 +26,16 @@ from components.diffusion import (
 )
 from components.teacher import TextConditioning, teacher_denoiser
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_dtype(name: str) -> torch.dtype:
+    """The dtype networks of a stage run in, from its ``precision`` setting."""
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; valid precisions are: "
+                         f"{', '.join(PRECISIONS)}")
+    return PRECISIONS[name]
+
 
 @dataclass(frozen=True)
 class GeneratorSpec:
@@ -158,7 +168,8 @@ def encode_prompts(pipe: Any, prompts: Sequence[str]) -> TextConditioning:
                                                 device=pipe.text_encoder_2.device,
                                                 do_classifier_free_guidance=False)
         size = pipe.default_sample_size * pipe.vae_scale_factor
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32,
+                                device=text.device)  # with the embeddings: the UNet mixes them
         return TextConditioning(text.float(), pooled.float(), time_ids.expand(len(prompts), 6))
     tokens = pipe.tokenizer(list(prompts), padding="max_length", truncation=True,
                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt")
@@ -177,10 +188,42 @@ def unconditional(pipe: Any) -> TextConditioning:
     return null
 
 
+DECODE_CHUNK = 8  # latents per VAE call: a 512-px fp32 decode holds ~0.75 GiB per image
+TILE_SIZE = 64  # latent side above which the VAE decodes in tiles (SDXL's 128 -> 64-wide tiles)
+
+
 @torch.no_grad()
-def decode_latents(pipe: Any, latents: torch.Tensor) -> np.ndarray:
-    """Latents (B, C, h, w) → uint8 images (B, H, W, 3) through the pipeline's VAE."""
+def decode_latents(pipe: Any, latents: torch.Tensor, chunk_size: int = DECODE_CHUNK,
+                   tile_size: int | None = TILE_SIZE) -> np.ndarray:
+    """Latents (B, C, h, w) → uint8 images (B, H, W, 3) through the pipeline's VAE.
+
+    At most ``chunk_size`` latents go through the VAE at a time, so its activation memory is
+    bounded by the chunk, not the batch, and each chunk's images leave the device at once.
+    Latents wider than ``tile_size`` (SDXL-size) use diffusers' tiled decode: overlapping tiles
+    of ``tile_size`` latents with blended seams (None: never tiled).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     vae = pipe.vae
+    tiled = tile_size is not None and max(latents.shape[-2:]) > tile_size
+    saved = _set_tiling(vae, tile_size) if tiled else None
+    try:
+        return np.concatenate([_decode_chunk(vae, part) for part in latents.split(chunk_size)])
+    finally:
+        if saved is not None:
+            vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size = saved
+
+
+def _set_tiling(vae: Any, tile_size: int) -> tuple:
+    """Turn on the VAE's tiled decode with tiles of ``tile_size`` latents; return what it was."""
+    saved = (vae.use_tiling, vae.tile_latent_min_size, vae.tile_sample_min_size)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.use_tiling, vae.tile_latent_min_size = True, tile_size
+    vae.tile_sample_min_size = tile_size * factor
+    return saved
+
+
+def _decode_chunk(vae: Any, latents: torch.Tensor) -> np.ndarray:
     x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
@@ -272,8 +315,9 @@ def _drop_machine_paths(folder: Path) -> None:
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def load_student(folder: str | Path, device: str = "cpu") -> Student:
-    """Load a student folder written by ``save_student`` (fp32, on ``device``)."""
+def load_student(folder: str | Path, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Student:
+    """Load a student folder written by ``save_student`` (in ``dtype``, on ``device``)."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
@@ -282,6 +326,6 @@ def load_student(folder: str | Path, device: str = "cpu") -> Student:
         raise FileNotFoundError(f"{folder} is not a Distillery student (no {STUDENT_FILE}); "
                                 "produce one with the distill stage (`dvc repro distill`).")
     meta = json.loads(meta_path.read_text())
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32).to(device)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Student(pipe, GeneratorSpec(**meta["generator"]))

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,66 +90,3 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 class CacheError(RuntimeError):
     """A cache folder is missing, stale or corrupt; the message says how to rebuild it."""
-
-
-def load_verified_shard(folder: Path, entry: dict, what: str) -> dict:
-    """The tensors of cache file ``entry`` ({"file", "sha256"}) in ``folder``, after checking its
-    hash; a missing or corrupt file is a ``CacheError`` that says how to rebuild it."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / entry["file"]
-    if not path.exists() or sha256_file(path) != entry["sha256"]:
-        raise CacheError(f"{what} {path} is missing or corrupt (sha256 mismatch); "
-                         "rebuild it with `dvc repro cache_teacher --force` "
-                         "(or restore it with `dvc checkout`)")
-    return load_file(str(path))
-
-
-def save_tensors(path: Path, tensors: dict) -> str:
-    """Write a safetensors file atomically; return its sha256."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
-    return sha256_file(path)
-
-
-def write_resumable_shards(out_dir: Path, key: dict, count: int, shard_size: int, prefix: str,
-                           make: Callable[[int, int], dict], log: Callable[[int, int], None]
-                           ) -> tuple[Path, list[dict]]:
-    """Write shards of rows ``[start, stop)`` (``make(start, stop)`` -> tensors) into
-    ``<out_dir>.partial``, one file each, recording every finished shard. A re-run with the same
-    ``key`` keeps the shards a killed run completed (hash-checked) and makes only the rest.
-    Returns the work folder and the shard entries; ``publish_shards`` finishes the job."""
-    work = out_dir.with_name(out_dir.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    progress_path = work / "progress.json"
-    progress = read_json(progress_path) if progress_path.exists() else {}
-    if progress.get("key") != key:
-        progress = {"key": key, "shards": []}
-    done = {s["file"]: s for s in progress["shards"]
-            if (work / s["file"]).exists() and sha256_file(work / s["file"]) == s["sha256"]}
-    shards = []
-    for k, start in enumerate(range(0, count, shard_size)):
-        name = f"{prefix}-{k:05d}.safetensors"
-        stop = min(start + shard_size, count)
-        if name not in done:
-            done[name] = {"file": name, "start": start, "count": stop - start,
-                          "sha256": save_tensors(work / name, make(start, stop))}
-            progress["shards"] = list(done.values())
-            write_json(progress_path, progress)
-            log(k, stop)
-        shards.append(done[name])
-    return work, shards
-
-
-def publish_shards(work: Path, out_dir: Path, index: dict) -> None:
-    """Write ``index.json`` into the work folder and let it replace ``out_dir`` by rename."""
-    progress = work / "progress.json"
-    if progress.exists():
-        progress.unlink()
-    write_json(work / "index.json", index)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)

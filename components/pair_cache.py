@@ -12,7 +12,8 @@ Layout::
     pairs-00000.safetensors {"prompt": (n,) int64, "seed": (n,) int64, "x1": (n, C, h, w)}
 
 Shards are written into ``<dir>.partial`` and survive a killed run (the re-run resumes after the
-last complete shard); the finished folder replaces ``<dir>`` by rename.
+last complete shard); the finished folder replaces ``<dir>`` by rename (``components.shards``).
+Readers get a batch's rows at a time from memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -24,13 +25,8 @@ from pathlib import Path
 import torch
 
 from components.generation import seeded_noise
-from components.io import (
-    CacheError,
-    load_verified_shard,
-    publish_shards,
-    read_json,
-    write_resumable_shards,
-)
+from components.io import CacheError, read_json
+from components.shards import ShardedTable, write_table
 
 INDEX = "index.json"
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (prompt ids, z) -> x1
@@ -64,7 +60,9 @@ def pair_prompts(cfg: PairsConfig, num_prompts: int) -> torch.Tensor:
 def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
                 latent_shape: tuple[int, ...], cfg: PairsConfig, meta: dict,
                 log: Callable[[str], None] = print) -> dict:
-    """Sample ``cfg.count`` pairs shard by shard (resuming complete shards); return the index."""
+    """Sample ``cfg.count`` pairs shard by shard (resuming complete shards; split over the
+    processes of a ``torch.distributed`` job: pair i is seeded ``cfg.seed + i`` wherever it is
+    made); return the index."""
     out_dir = Path(out_dir)
     key = {**meta, "count": cfg.count, "steps": cfg.steps, "guidance_scale": cfg.guidance_scale,
            "seed": cfg.seed, "dtype": cfg.dtype, "latent_shape": list(latent_shape)}
@@ -76,11 +74,8 @@ def write_pairs(out_dir: str | Path, sample: Sampler, num_prompts: int,
     def progress(k: int, stop: int) -> None:
         log(f"cache_teacher: pairs shard {k} ({stop}/{cfg.count})")
 
-    work, shards = write_resumable_shards(out_dir, key, cfg.count, cfg.shard_size, "pairs", make,
-                                          progress)
-    index = {**key, "shards": shards}
-    publish_shards(work, out_dir, index)
-    return index
+    return write_table(out_dir, key, cfg.count, cfg.shard_size, "pairs", make, progress,
+                       lambda work, shards: {**key, "shards": shards})
 
 
 def _sample_shard(sample: Sampler, prompts: torch.Tensor, start: int, stop: int,
@@ -96,7 +91,8 @@ def _sample_shard(sample: Sampler, prompts: torch.Tensor, start: int, stop: int,
 
 
 class PairCache:
-    """Read access to a pair cache; every shard's hash is checked when it is opened."""
+    """Lazy read access to a pair cache: rows come from memory-mapped shards when asked for, each
+    shard's hash checked the first time it is opened; nothing is loaded whole."""
 
     def __init__(self, folder: str | Path, expected_prompts_sha256: str | None = None):
         self.folder = Path(folder)
@@ -109,17 +105,29 @@ class PairCache:
         if expected_prompts_sha256 and self.index.get("prompts_sha256") != expected_prompts_sha256:
             raise CacheError(f"pair cache {self.folder} was built for other prompts; re-run "
                              "`dvc repro cache_teacher`")
-        parts = [self._load(s) for s in self.index["shards"]]
-        self.prompt = torch.cat([p["prompt"] for p in parts])
-        self.seed = torch.cat([p["seed"] for p in parts])
-        self.x1 = torch.cat([p["x1"] for p in parts]).float()
-
-    def _load(self, entry: dict) -> dict[str, torch.Tensor]:
-        return load_verified_shard(self.folder, entry, "pair shard")
+        self._table = ShardedTable(self.folder, self.index["shards"], "pair shard")
 
     def __len__(self) -> int:
-        return int(self.prompt.shape[0])
+        return len(self._table)
+
+    def verify(self) -> None:
+        """Check every shard's hash now (once: reads do not check it again)."""
+        self._table.verify()
+
+    @property
+    def opened(self) -> list[str]:
+        """The shard files read so far (each hash-checked once, when first opened)."""
+        return self._table.opened
+
+    def prompts(self, indices: torch.Tensor) -> torch.Tensor:
+        """The prompt index of pairs ``indices`` (B,) int64."""
+        return self._table.rows("prompt", indices)
+
+    def samples(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The teacher's ODE samples x1 of pairs ``indices`` (B, C, h, w) in ``dtype``."""
+        return self._table.rows("x1", indices).to(dtype)
 
     def noise(self, indices: torch.Tensor) -> torch.Tensor:
         """The exact noise x0 of pairs ``indices`` (B, C, h, w), regenerated from the seeds."""
-        return seeded_noise(self.seed[indices].tolist(), tuple(self.index["latent_shape"]))
+        seeds = self._table.rows("seed", indices).tolist()
+        return seeded_noise(seeds, tuple(self.index["latent_shape"]))

@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from components.config import ConfigError, from_dict
 from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
+from components.generation import precision_dtype
 from components.methods import get_method, method_names
 from components.prompts import PromptsConfig
 from components.teacher import TeacherConfig
@@ -73,6 +75,7 @@ class ReferenceConfig:
     feature_weights: str = "fid-helper"
     batch_size: int = 64
     keep_features: int = 10000
+    device: str = "cpu"  # where Inception runs (fp32: the FID features are defined in fp32)
 
     def validate(self) -> None:
         if self.feature_weights not in ("fid-helper", "torch-fidelity"):
@@ -109,8 +112,10 @@ class EvaluateConfig:
     kid: bool = True
     precision_recall: bool = True
     device: str = "cpu"
+    precision: str = "fp32"  # the generating networks (fp32 or bf16); Inception and CLIP: fp32
 
     def validate(self) -> None:
+        precision_dtype(self.precision)
         protocol = get_protocol(self.protocol)
         if self.num_images is not None and self.num_images < 2:
             raise ValueError("num_images must be at least 2 (FID needs a covariance)")
@@ -126,6 +131,10 @@ class EvaluateConfig:
                              "`evaluate.scorer` (the world's: models/scorer)")
         if self.latency_repeats < 1 or self.latency_warmup < 0:
             raise ValueError("latency_repeats must be >= 1 and latency_warmup >= 0")
+
+    def dtype(self) -> torch.dtype:
+        """The dtype the teacher and the student generate in (``precision``)."""
+        return precision_dtype(self.precision)
 
     def scorer_spec(self) -> str:
         """The CLIP scorer to load: the configured one, else the protocol's published model."""
@@ -163,11 +172,16 @@ def read_params(root: str | Path) -> dict:
 
 
 def load_stage(root: str | Path, stage: str) -> dict[str, Any]:
-    """Validate the whole params file; return only the sections ``stage`` declares in dvc.yaml."""
+    """Validate the whole params file; return only the sections ``stage`` declares in dvc.yaml
+    (a ``"section.key"`` entry is that key's value)."""
     from pipeline.stages import STAGE_SECTIONS
 
     configs = load_all(root)
-    return {name: configs[name] for name in STAGE_SECTIONS[stage]}
+    out = {}
+    for name in STAGE_SECTIONS[stage]:
+        section, _, key = name.partition(".")
+        out[name] = getattr(configs[section], key) if key else configs[section]
+    return out
 
 
 def load_all(root: str | Path) -> dict[str, Any]:

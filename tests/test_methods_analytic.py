@@ -90,6 +90,12 @@ class TeacherPairs:
     def noise(self, idx: torch.Tensor) -> torch.Tensor:
         return seeded_noise(self.seed[idx].tolist(), (DIM,))
 
+    def prompts(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.prompt[idx]
+
+    def samples(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.x1[idx].to(dtype)
+
 
 def student_samples(net, spec, c: int) -> torch.Tensor:
     z = torch.randn(4000, DIM, generator=torch.Generator().manual_seed(5 + c))

@@ -56,6 +56,12 @@ class _Pairs:
     def noise(self, idx):
         return seeded_noise(self.seed[idx].tolist(), LATENT)
 
+    def prompts(self, idx):
+        return self.prompt[idx]
+
+    def samples(self, idx, dtype=torch.float32):
+        return self.x1[idx].to(dtype)
+
 
 def _run(name, tmp_path, steps, ckpt, total=None):
     pipe = tiny_pipeline()
@@ -64,8 +70,7 @@ def _run(name, tmp_path, steps, ckpt, total=None):
     method = build(from_dict(cfg_cls, SETTINGS[name], name),
                    Teacher(teacher_denoiser(pipe)), total or steps)
     if method.needs_pairs:
-        batches = PairBatches(cache.table(), cache.null(1), _Pairs(pipe, cache),
-                              LATENT)
+        batches = PairBatches(cache, cache.null(1), _Pairs(pipe, cache), LATENT)
     else:
         batches = PromptBatches.from_cache(cache, LATENT)
     logs = []
@@ -179,7 +184,7 @@ def test_sdxl_conditioning_through_cache_and_method(tmp_path):
                 CacheConfig(shard_size=3), "tiny-sdxl", log=lambda _: None,
                 null=unconditional(pipe))
     cache = EmbeddingCache(tmp_path / "cache")
-    table = cache.table()
+    table = cache.conditioning(torch.arange(len(cache)))
     assert table.text.shape == (4, 77, 64) and table.pooled.shape == (4, 32)
     assert table.time_ids[0].tolist() == [16, 16, 0, 0, 16, 16]  # 8 latents × VAE factor 2
     assert cache.null(1).text.abs().sum() == 0 and cache.null(1).pooled.abs().sum() == 0

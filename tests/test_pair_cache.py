@@ -26,10 +26,15 @@ def test_round_trip_regenerates_the_exact_noise(tmp_path):
     assert [s["count"] for s in index["shards"]] == [4, 4, 2]
     cache = PairCache(tmp_path / "pairs", expected_prompts_sha256="abc")
     assert len(cache) == 10
-    torch.testing.assert_close(cache.prompt, pair_prompts(cfg, 5))
-    z = cache.noise(torch.arange(10))
+    every = torch.arange(10)
+    torch.testing.assert_close(cache.prompts(every), pair_prompts(cfg, 5))
+    z = cache.noise(every)
     torch.testing.assert_close(z, seeded_noise(range(7, 17), SHAPE))
-    torch.testing.assert_close(cache.x1, z * 2 + cache.prompt.view(-1, 1, 1, 1).float())
+    torch.testing.assert_close(cache.samples(every),
+                               z * 2 + cache.prompts(every).view(-1, 1, 1, 1).float())
+    lazy = PairCache(tmp_path / "pairs")
+    torch.testing.assert_close(lazy.samples(torch.tensor([9, 8])), cache.samples(every)[[9, 8]])
+    assert lazy.opened == ["pairs-00002.safetensors"]  # only the shard holding rows 8 and 9
 
 
 def test_a_killed_run_resumes_after_its_last_complete_shard(tmp_path):
@@ -48,7 +53,9 @@ def test_a_killed_run_resumes_after_its_last_complete_shard(tmp_path):
     assert calls == [2]  # shards 0 and 1 were kept; only shard 2 is sampled now
     full = tmp_path / "full"
     write_pairs(full, sampler([]), 5, SHAPE, cfg, {}, log=lambda _: None)
-    torch.testing.assert_close(PairCache(tmp_path / "pairs").x1, PairCache(full).x1)
+    every = torch.arange(10)
+    torch.testing.assert_close(PairCache(tmp_path / "pairs").samples(every),
+                               PairCache(full).samples(every))
 
 
 def test_corrupt_or_stale_caches_fail_with_the_fix(tmp_path):
@@ -59,7 +66,9 @@ def test_corrupt_or_stale_caches_fail_with_the_fix(tmp_path):
         PairCache(tmp_path / "pairs", expected_prompts_sha256="xyz")
     shard = tmp_path / "pairs" / "pairs-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-3] + b"abc")
-    with pytest.raises(CacheError, match="corrupt.*dvc repro cache_teacher"):
-        PairCache(tmp_path / "pairs")
+    cache = PairCache(tmp_path / "pairs")  # shards are checked when first read
+    cache.samples(torch.tensor([0, 1]))
+    with pytest.raises(CacheError, match="pairs-00001.*corrupt.*dvc repro cache_teacher"):
+        cache.samples(torch.tensor([3]))
     with pytest.raises(CacheError, match="cache.pairs.count"):
         PairCache(tmp_path / "missing")

@@ -90,6 +90,28 @@ def test_cache_round_trip_and_null(tmp_path):
     assert got[:, 0, 0].tolist() == [5.0, 1.0]
     assert cache.null(3).text.shape == (3, 3, 2) and cache.null().text.sum() == 0
     assert not (tmp_path / "c.partial").exists()
+    assert cache.opened == ["shard-00000.safetensors", "shard-00002.safetensors"]
+
+
+def test_fp16_cache_is_read_lazily_in_the_readers_dtype(tmp_path):
+    """Stored fp16 (the default), read as the consumer's dtype; rows come only from the shards
+    that hold them, and a batch is identical to the same rows of the whole table."""
+    prompts = [f"p{i}" for i in range(10)]
+
+    def encode(batch):
+        return torch.stack([torch.full((3, 2), float(p[1:] or -1) + 0.1) for p in batch])
+    index = write_cache(tmp_path / "c", prompts, encode, CacheConfig(shard_size=4), "t",
+                        log=lambda _: None)
+    assert index["dtype"] == "float16"
+    from safetensors.torch import load_file
+    assert load_file(str(tmp_path / "c" / "shard-00000.safetensors"))["text"].dtype == (
+        torch.float16)
+    cache = EmbeddingCache(tmp_path / "c")
+    rows = cache.conditioning(torch.tensor([9, 8, 9]), dtype=torch.bfloat16)
+    assert rows.text.dtype == torch.bfloat16 and cache.opened == ["shard-00002.safetensors"]
+    want = encode(prompts).half().float()[[9, 8, 9]]
+    assert torch.equal(cache.conditioning(torch.tensor([9, 8, 9])).text, want)
+    assert cache.null(2, torch.float64).text.dtype == torch.float64
 
 
 def test_corrupt_shard_is_detected(tmp_path):
@@ -99,8 +121,10 @@ def test_corrupt_shard_is_detected(tmp_path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
+    cache = EmbeddingCache(tmp_path / "c")  # each shard is checked once, when first read
+    assert cache.conditioning(torch.tensor([0, 1])).text.shape == (2, 3, 2)
     with pytest.raises(CacheError, match="shard-00001.*corrupt.*dvc repro cache_teacher"):
-        EmbeddingCache(tmp_path / "c")
+        cache.conditioning(torch.tensor([2]))
     with pytest.raises(CacheError, match="built for other prompts"):
         write_cache(tmp_path / "d", ["x"], _encoder([]), CacheConfig(), "t", log=lambda _: None)
         EmbeddingCache(tmp_path / "d", expected_prompts_sha256="0" * 64)

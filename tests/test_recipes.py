@@ -64,6 +64,26 @@ def test_every_method_has_a_class_and_settings_in_every_recipe():
         assert sorted(table) == method_names(), preset
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys silently: a preset must not have any."""
+
+
+def _mapping(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+@pytest.mark.parametrize("path", [*(PRESETS / f"{p}.yaml" for p in RECIPE_PRESETS),
+                                  *(PRESETS / "methods" / f"{p}.yaml" for p in RECIPE_PRESETS)],
+                         ids=lambda p: p.relative_to(PRESETS).as_posix())
+def test_no_key_is_written_twice(path):
+    yaml.load(path.read_text(), _UniqueKeys)  # a SafeLoader: no objects built
+
+
 @pytest.mark.parametrize("preset", sorted(RECIPE_PRESETS))
 @pytest.mark.parametrize("method", method_names())
 def test_recipe_loads_for_every_method_with_pairs_only_for_pair_methods(project, preset, method):

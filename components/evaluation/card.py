@@ -35,11 +35,12 @@ class EvalCard:
     clip_model: str  # scorer spec, e.g. "ViT-g-14:laion2b_s12b_b42k" or a scorer folder
     clip_weights: str  # pretrained tag or sha256 of the weights file
     base_seed: int
-    precision: str  # sampling precision, e.g. "fp32" or "fp16"
+    precision: str  # precision the images were generated in: "fp32" or "bf16"
     guidance_scale: float | None  # s in diffusers' convention (s = 1 + w); null when unguided
     steps: int  # sampler steps per image (1 for a one-step student)
     device: str
     seeds: str = "image i uses seed base_seed + i"
+    processes: int = 1  # processes the images were split over (by index: the same images)
     clip_prefix: str = ""
     caption_file: str = ""  # the caption file's name (no machine paths)
     protocol_size: int | None = None  # N of the full protocol; null: as many captions as given

@@ -66,8 +66,14 @@ class Evaluator:
         return self.score_stream([(images, captions)])
 
     def score_stream(self, chunks: Iterable[tuple[np.ndarray, Sequence[str]]]) -> dict:
-        """Metrics of images that arrive in chunks ``(images (n, H, W, 3), captions (n,))``; only
-        their features and CLIP similarities are kept (30K images at 512 px would be 24 GB)."""
+        """Metrics of images that arrive in chunks ``(images (n, H, W, 3), captions (n,))``."""
+        return self.metrics(**self.measure(chunks))
+
+    def measure(self, chunks: Iterable[tuple[np.ndarray, Sequence[str]]]) -> dict:
+        """Per-image measurements of chunks of images: Inception ``features`` (N, D) and CLIP
+        similarities ``sims`` (N,). Only these are kept (30K images at 512 px would be 24 GB);
+        each image's row depends on its batch alone, so they can be measured by several
+        processes and gathered (``components.evaluation.sharding``)."""
         features, sims = [], []
         resize_only = Preprocess(None, self.protocol.preprocess.to_299)
         for images, captions in chunks:
@@ -76,7 +82,12 @@ class Evaluator:
                                                resize_only))
             sims.append(clip_similarities(cropped, captions, self.scorer,
                                           self.protocol.clip_prefix, self.batch_size))
-        features, sims = np.concatenate(features), np.concatenate(sims)
+        return {"features": np.concatenate(features), "sims": np.concatenate(sims)}
+
+    def metrics(self, features: np.ndarray, sims: np.ndarray) -> dict:
+        """FID and CLIP score with their standard errors (and KID, precision/recall when on) of
+        every image's features ``(N, D)`` and CLIP similarities ``(N,)``, in image order."""
+        sims = np.asarray(sims)
         row = {"fid": fid_against_statistics(self.reference.mu, self.reference.sigma, features),
                "clip_score": float(sims.mean()), **self.standard_errors(features, sims)}
         if self.kid or self.precision_recall:

@@ -134,6 +134,14 @@ def get_method(name: str) -> tuple[type, MethodFactory]:
     return METHODS[name]
 
 
+def needs_pairs(name: str) -> bool:
+    """Whether method ``name`` trains on teacher ODE pairs (its class says; nothing is built)."""
+    import typing
+
+    _, build = get_method(name)
+    return bool(typing.get_type_hints(build)["return"].needs_pairs)
+
+
 def _load_all() -> None:
     from components.methods import (  # noqa: F401
         dmd2,

@@ -1,10 +1,11 @@
 """Stage entry points: ``python -m pipeline.stages.<name>`` (what ``dvc.yaml`` runs)."""
 
 # Stage -> the params sections it reads, in DAG order. dvc.yaml lists the same (a test checks).
+# "section.key" is one key of a section (cache_teacher makes pairs only for methods that use them).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "bootstrap": ("world", "scorer"),
     "prepare_prompts": ("prompts",),
-    "cache_teacher": ("teacher", "cache"),
+    "cache_teacher": ("teacher", "cache", "distill.method"),
     "reference_stats": ("reference",),
     "distill": ("teacher", "distill"),
     "evaluate": ("teacher", "evaluate"),

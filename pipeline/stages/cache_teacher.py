@@ -1,15 +1,28 @@
 """Stage cache_teacher: the teacher's text embeddings of every prompt and of the empty prompt,
-and, when ``cache.pairs.count`` > 0, teacher ODE pairs (noise seed, guided DDIM sample) for
-reflow-type methods (InstaFlow, data-free Meng et al.)."""
+and, when ``cache.pairs.count`` > 0 and ``distill.method`` trains on them, teacher ODE pairs
+(noise seed, guided DDIM sample) for reflow-type methods (InstaFlow, data-free Meng et al.).
+
+The networks run on ``cache.device`` in ``cache.precision``. Under ``torchrun`` the shards of
+both caches are split over the processes (row i is the same wherever it is made).
+"""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from components import distributed
 from components.embed_cache import EmbeddingCache, write_cache
-from components.generation import ddim_sample, encode_prompts, latent_shape, unconditional
+from components.generation import (
+    ddim_sample,
+    encode_prompts,
+    latent_shape,
+    precision_dtype,
+    unconditional,
+)
+from components.methods import needs_pairs
 from components.pair_cache import write_pairs
 from components.teacher import load_pipeline, teacher_denoiser
 from pipeline import paths
@@ -31,8 +44,9 @@ def _pair_sampler(pipe, cache: EmbeddingCache, steps: int, guidance_scale: float
 @torch.no_grad()  # local to this stage: stages may share a process (the Prefect flow)
 def run(root: Path) -> None:
     configs = load_stage(root, "cache_teacher")
-    teacher, cfg = configs["teacher"], configs["cache"]
-    pipe = load_pipeline(teacher, root)
+    teacher, cfg, method = configs["teacher"], configs["cache"], configs["distill.method"]
+    device = distributed.init_from_env(cfg.device)
+    pipe = load_pipeline(teacher, root, precision_dtype(cfg.precision)).to(device)
     prompts = require(root / paths.TRAIN_PROMPTS, "prepare_prompts").read_text(
         encoding="utf-8").splitlines()
     index = write_cache(root / paths.CACHE, prompts,
@@ -43,11 +57,16 @@ def run(root: Path) -> None:
         f"embedding shape {index['shape']}")
     cache = EmbeddingCache(root / paths.CACHE)
     pairs = cfg.pairs
+    if pairs.count and not needs_pairs(method):
+        log(f"cache_teacher: no teacher pairs: method {method!r} does not train on them "
+            f"(`cache.pairs.count: {pairs.count}` applies to instaflow and meng)")
+        pairs = replace(pairs, count=0)
     sampler = _pair_sampler(pipe, cache, pairs.steps, pairs.guidance_scale)
     meta = {"prompts_sha256": index["prompts_sha256"], "teacher": teacher.model}
     write_pairs(root / paths.PAIRS, sampler, len(cache), latent_shape(pipe), pairs, meta, log=log)
     log(f"cache_teacher: {pairs.count} teacher pairs ({pairs.steps} DDIM steps, CFG "
         f"{pairs.guidance_scale})")
+    distributed.finish()
 
 
 def main() -> None:

@@ -104,12 +104,12 @@ def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: 
     if not method.needs_pairs:
         return PromptBatches.from_cache(cache, latent_shape(pipe), cfg.device)
     pairs = PairCache(root / paths.PAIRS, expected_prompts_sha256=prompts_sha)
+    pairs.verify()
     if len(pairs) == 0:
         raise CacheError(f"method {cfg.method!r} trains on teacher ODE pairs but the pair cache "
                          "is empty: set `cache.pairs.count` > 0 in params.yaml and run "
                          "`dvc repro cache_teacher`")
-    return PairBatches(cache.table(), cache.null(1), pairs, latent_shape(pipe),
-                       cfg.device)
+    return PairBatches(cache, cache.null(1), pairs, latent_shape(pipe), cfg.device)
 
 
 def _loss_logger(record: RunRecord):
@@ -186,6 +186,7 @@ def run(root: Path) -> None:
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
         "train_sha256"]
     cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
+    cache.verify()  # a corrupt shard stops the run here, before any weight is loaded
     pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
     _, build = get_method(cfg.method)
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)

@@ -11,12 +11,14 @@ student's row.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.numpy import load_file
 
+from components import distributed
 from components.evaluation.card import caption_list_hash, curve_points, result_cards
 from components.evaluation.clip_score import load_scorer
 from components.evaluation.grid import image_grid, save_png
@@ -26,6 +28,7 @@ from components.evaluation.plots import fid_bars, fid_clip_curve
 from components.evaluation.protocols import captions_in_training, get_protocol, read_captions
 from components.evaluation.run_cache import RunCache
 from components.evaluation.samples import write_samples
+from components.evaluation.sharding import broadcast, measure_sharded, processes
 from components.evaluation.suite import Evaluator, Reference
 from components.evaluation.uncertainty import HalfSampling
 from components.generation import load_student, sample_teacher
@@ -42,7 +45,7 @@ from pipeline.stages.reference_stats import META_FILE, STATS_FILE
 
 ORDER = ("student", "teacher", "teacher_1step")
 GRID_ROWS = ("student", "teacher", "teacher, 1 step")
-CHUNK = 1024  # images generated and scored at a time
+CHUNK = 1024  # images generated and scored at a time (rounded down to whole batches)
 
 
 def _in_root(root: Path, path: str) -> Path:
@@ -67,30 +70,24 @@ def _reference(root: Path) -> Reference:
     return Reference(stats["mu"], stats["sigma"], stats.get("features"), meta)
 
 
-def _chunks(generate, captions, seeds, kept, keep):
-    """(images, captions) chunks of ``CHUNK`` images; the first ``keep`` images (all: None) are
-    also appended to ``kept``."""
-    for start in range(0, len(captions), CHUNK):
-        images = generate(captions[start:start + CHUNK], seeds[start:start + CHUNK])
-        room = len(images) if keep is None else max(0, keep - sum(len(k) for k in kept))
-        kept.append(images[:room])
-        yield images, captions[start:start + CHUNK]
-
-
 def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> dict:
-    """Results (row, grid images, latency) of the teacher at each (steps, guidance) it runs."""
+    """Results (row, grid images, latency) of the teacher at each (steps, guidance) it runs; on
+    rank 0 (the other processes of a job only generate their share of the images)."""
     runs = {"teacher": (cfg.teacher_steps, cfg.teacher_guidance_scale), "teacher_1step": (1, 1.0)}
     runs.update({f"curve_s{s:g}": (cfg.teacher_steps, s) for s in cfg.curve_guidance_scales
                  if s != cfg.teacher_guidance_scale})
     cache, pipe, out = RunCache(root / paths.TOOL_CACHE / "eval"), None, {}
+    main = processes()[0] == 0
     for name, (steps, scale) in runs.items():
         timed = not name.startswith("curve")
         key = {**settings, "steps": steps, "guidance_scale": scale, "timed": timed}
-        hit = cache.get(key)
-        if hit is None:
-            pipe = pipe or load_pipeline(teacher_cfg, root).to(cfg.device)
+        hit = cache.get(key) if main else None
+        if broadcast(hit is None):
+            pipe = pipe or load_pipeline(teacher_cfg, root, cfg.dtype()).to(cfg.device)
             row, images = score(name, lambda c, s, p=pipe, k=steps, g=scale: sample_teacher(
                 p, c, s, k, g, cfg.batch_size))
+            if not main:
+                continue
             result = {"row": {**row, "steps": steps, "guidance_scale": scale}}
             if timed:
                 result["latency"] = measure_latency(
@@ -99,7 +96,7 @@ def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> d
                 result["row"]["latency_s"] = result["latency"]["median_s"]
             hit = (result, images)
             cache.put(key, *hit)
-        else:
+        elif main:
             log(f"evaluate: {name} from cache")
         out[name] = hit
     return out
@@ -107,33 +104,37 @@ def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> d
 
 def _floor_runs(root, teacher_cfg, cfg, settings, score) -> dict:
     """The world's floors (``components.world.floors``): real renders of the evaluation captions
-    and the teacher VAE's reconstructions of them, scored like a model and cached."""
+    and the teacher VAE's reconstructions of them, scored like a model and cached; rows on
+    rank 0 (the other processes of a job only score their share)."""
     from diffusers import AutoencoderKL
 
     real = renders_of(root / paths.WORLD / "eval",
                       read_json(_in_root(root, cfg.captions))[: cfg.num_images])
-    cache, out = RunCache(root / paths.TOOL_CACHE / "eval"), {}
+    cache, out, main = RunCache(root / paths.TOOL_CACHE / "eval"), {}, processes()[0] == 0
     for name in FLOORS:
         key = {**settings, "floor": name}
-        hit = cache.get(key)
-        if hit is None:
+        hit = cache.get(key) if main else None
+        if broadcast(hit is None):
             images = real
             if name == "vae_reconstruction":
                 source = resolve_model(teacher_cfg.model, root)
                 vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(cfg.device)
                 images = reconstruct(vae, torch.from_numpy(real).to(cfg.device)).cpu().numpy()
-            row, grid = score(name, lambda c, s, x=images: x[s[0] - cfg.seed:][: len(c)])
-            row = {**row, "steps": 0}
-            cache.put(key, row, grid)
-        else:
-            row = hit[0]
-        out[name] = row
+            # image i of the protocol is the render of caption i, whichever process scores it
+            row, grid = score(name, lambda c, s, x=images: x[np.asarray(s) - cfg.seed])
+            if not main:
+                continue
+            hit = ({**row, "steps": 0}, grid)
+            cache.put(key, *hit)
+        out[name] = hit[0]
     return out
 
 
 def run(root: Path) -> None:
     configs = load_stage(root, "evaluate")
     teacher_cfg, cfg = configs["teacher"], configs["evaluate"]
+    # under torchrun: images are split over the processes by index, results gathered to rank 0
+    cfg = replace(cfg, device=distributed.init_from_env(cfg.device))
     protocol = get_protocol(cfg.protocol)
     captions = _captions(root, cfg, protocol)
     seeds = [cfg.seed + i for i in range(len(captions))]
@@ -146,13 +147,16 @@ def run(root: Path) -> None:
                          cfg.device)
     evaluator = Evaluator(protocol, ref, net, scorer, cfg.batch_size, cfg.kid,
                           cfg.precision_recall, cfg.seed, HalfSampling(seed=cfg.seed))
+    world = protocol.name == "world"  # the world's 32-px images are all kept
 
     def score(name, generate):
-        """Generate every image in chunks and score them; return the row and the grid images."""
-        world, kept = protocol.name == "world", []
-        keep = None if world else cfg.grid_images  # the world's 32-px images are all kept
-        row = evaluator.score_stream(_chunks(generate, captions, seeds, kept, keep))
-        images = np.concatenate(kept)
+        """Generate every image (this process's share) and score them; on rank 0 return the
+        row and the grid images, elsewhere (None, None)."""
+        got = measure_sharded(evaluator.measure, generate, captions, seeds, cfg.batch_size,
+                              lambda i: world or i < cfg.grid_images, CHUNK)
+        if got is None:
+            return None, None
+        row, images = evaluator.metrics(got["features"], got["sims"]), got["images"]
         if world:
             row["attribute_accuracy"] = attribute_accuracy(images, list(captions))
         log(f"evaluate: {name}: FID {row['fid']:.2f}, CLIP {row['clip_score']:.4f}")
@@ -163,20 +167,24 @@ def run(root: Path) -> None:
                 "captions": caption_list_hash(captions), "seed": cfg.seed, "protocol": cfg.protocol,
                 "scorer": scorer.weights, "ref": ref.meta["key"], "kid": cfg.kid,
                 "precision_recall": cfg.precision_recall, "grid_images": cfg.grid_images,
-                "latency": [cfg.latency_repeats, cfg.latency_warmup], "device": cfg.device,
+                "latency": [cfg.latency_repeats, cfg.latency_warmup],
+                "device": cfg.device.split(":")[0], "precision": cfg.precision,
                 "uncertainty": evaluator.noise.describe()}
     results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
     floors = {}
-    if protocol.name == "world" and protocol.caption_format == "prepared":
+    if world and protocol.caption_format == "prepared":
         floors = _floor_runs(root, teacher_cfg, cfg, settings, score)
-    student = load_student(require(root / paths.STUDENT, "distill"), cfg.device)
+    student = load_student(require(root / paths.STUDENT, "distill"), cfg.device, cfg.dtype())
     row, grid = score("student", lambda c, s: student.generate(c, s, cfg.batch_size))
-    latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
-                              cfg.latency_repeats, cfg.latency_warmup, device_sync(cfg.device))
-    row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
-    results["student"] = ({"row": row, "latency": latency}, grid)
-    cards = _cards(cfg, protocol, results, captions, ref, net, scorer, evaluator.noise)
-    _write(root, cfg, teacher_cfg, results, cards, captions, floors)
+    if processes()[0] == 0:
+        latency = measure_latency(lambda: student.generate(captions[:1], seeds[:1], 1),
+                                  cfg.latency_repeats, cfg.latency_warmup,
+                                  device_sync(cfg.device))
+        row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
+        results["student"] = ({"row": row, "latency": latency}, grid)
+        cards = _cards(cfg, protocol, results, captions, ref, net, scorer, evaluator.noise)
+        _write(root, cfg, teacher_cfg, results, cards, captions, floors)
+    distributed.finish()
 
 
 def _cards(cfg, protocol, results, captions, ref, net, scorer, noise) -> dict:
@@ -188,8 +196,9 @@ def _cards(cfg, protocol, results, captions, ref, net, scorer, noise) -> dict:
         "n_reference": ref.meta["n_images"], "resize": ref.meta["resize"],
         "feature_network": net.name, "feature_weights_sha256": net.weights_sha256,
         "clip_model": cfg.scorer_spec(), "clip_weights": scorer.weights,
-        "clip_prefix": protocol.clip_prefix, "base_seed": cfg.seed, "precision": "fp32",
-        "device": cfg.device, "uncertainty": noise.describe()}
+        "clip_prefix": protocol.clip_prefix, "base_seed": cfg.seed, "precision": cfg.precision,
+        "device": cfg.device.split(":")[0], "processes": processes()[1],
+        "uncertainty": noise.describe()}
     return result_cards(common, {name: result for name, (result, _) in results.items()})
 
 

@@ -2,8 +2,9 @@
 
 The statistics are cached under the image set's content hash, the feature network and the
 protocol's preprocessing (``.cache/refstats``), so the same reference images are never embedded
-twice; the stage output holds the statistics in use (mu, sigma and a seeded subset of the
-features for KID and precision/recall). ``evaluate`` only reads them, never recomputes them.
+twice (Inception runs on ``reference.device``, in fp32); the stage output holds the statistics
+in use (mu, sigma and a seeded subset of the features for KID and precision/recall).
+``evaluate`` only reads them, never recomputes them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def run(root: Path) -> None:
     if not images.is_dir():
         raise FileNotFoundError(f"reference image folder {images} not found; set "
                                 "`reference.images` to a folder of images (e.g. COCO val2014)")
-    net = load_inception(root / paths.TOOL_CACHE / "inception", cfg.feature_weights)
+    net = load_inception(root / paths.TOOL_CACHE / "inception", cfg.feature_weights, cfg.device)
     cache = root / paths.TOOL_CACHE / "refstats"
     preprocess = get_protocol(cfg.protocol).preprocess
     _, _, meta = reference_statistics(images, cache, net, cfg.batch_size, preprocess)
