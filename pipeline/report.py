@@ -12,7 +12,6 @@ from pathlib import Path
 
 from components.io import atomic_write_text, read_json
 from pipeline import paths
-from pipeline.stages.bootstrap import BOOTSTRAP_METRICS
 
 ROWS = (("teacher", "teacher, DDIM with CFG"), ("student", "distilled student"),
         ("teacher_1step", "untrained student (teacher at 1 step)"),
@@ -71,7 +70,7 @@ def _pm(row: dict, key: str, fmt: str) -> str:
 def _facts(root: Path, ev: dict) -> list[str]:
     facts = [(f"- protocol `{ev['protocol']}`; machine: {platform.machine()}, "
              f"{_cpu_count()} CPU threads visible")]
-    boot = root / BOOTSTRAP_METRICS
+    boot = root / paths.BOOTSTRAP_METRICS
     if boot.exists():
         b = read_json(boot)
         chance = b.get("chance", {})

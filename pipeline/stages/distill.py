@@ -139,13 +139,21 @@ def _resolved(root: Path, teacher_cfg, cfg, method_cfg, cache, method) -> dict:
     return resolved
 
 
+def _run_folder(root: Path, key: str, steps: int) -> Path:
+    """The run's checkpoint folder: ``<key>``, or ``<key>-steps<N>`` when ``<key>`` is trained
+    beyond ``steps`` (a shorter run of the same training: its state at ``steps`` is gone)."""
+    folder = root / paths.CHECKPOINTS / key
+    done = checkpoint_step(folder)
+    if done <= steps:
+        return folder
+    log(f"distill: run {key} is trained to step {done}, beyond distill.loop.steps {steps}: "
+        f"training {steps} steps in {key}-steps{steps}")
+    return folder.with_name(f"{key}-steps{steps}")
+
+
 def _resume(ckpt_dir: Path, steps: int, record: RunRecord) -> None:
-    """Say where the run resumes and drop what the killed segment logged after that step."""
+    """Say where the run resumes and drop what a killed segment logged after that step."""
     done = checkpoint_step(ckpt_dir)
-    if done > steps:
-        raise ValueError(f"{paths.CHECKPOINTS / ckpt_dir.name} holds this run trained to step "
-                         f"{done}, beyond distill.loop.steps {steps}: set loop.steps to at least "
-                         f"{done}, or delete that folder to train {steps} steps afresh")
     if done:
         log(f"distill: resuming from step {done} of {steps}"
             + (": already trained" if done == steps else ""))
@@ -192,11 +200,10 @@ def run(root: Path) -> None:
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
     batches = _batches(root, cache, pipe, method, local, prompts_sha)
     resolved = _resolved(root, teacher_cfg, cfg, method_cfg, cache, method)
-    key = run_key(resolved, cfg.method)
-    ckpt_dir = root / paths.CHECKPOINTS / key
+    ckpt_dir = _run_folder(root, run_key(resolved, cfg.method), cfg.loop.steps)
     record = RunRecord(ckpt_dir)
     _resume(ckpt_dir, cfg.loop.steps, record)
-    progress, bar = _progress(root, cfg, record, key, is_main)
+    progress, bar = _progress(root, cfg, record, ckpt_dir.name, is_main)
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
                 _sampler(root, pipe, cache, method.spec, local, record), progress)
     bar.close()
@@ -213,7 +220,10 @@ def _save(root, teacher_cfg, method, ema, cfg, record: RunRecord, resolved) -> N
         save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
                                               "steps": cfg.loop.steps})
     with atomic_dir(root / paths.DISTILL_OUT) as out:
-        shutil.copytree(record.samples, out / "samples")
+        (out / "samples").mkdir()
+        for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
+            if int(grid.stem.split("-")[1]) <= cfg.loop.steps:
+                shutil.copy2(grid, out / "samples" / grid.name)
         write_resolved(out / "resolved_config.json", **{
             k: v for k, v in resolved.items() if k in ("teacher", "distill", "method_config")})
     rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]

@@ -64,6 +64,21 @@ def _captions(root: Path, cfg, protocol) -> list[str]:
     return captions
 
 
+def protocol_warnings(protocol, n_captions: int, n_reference: int) -> list[str]:
+    """Why this run is not the full protocol (fewer captions, a smaller reference set): its
+    numbers are a proxy, not comparable with published ones."""
+    out = []
+    if protocol.size and n_captions != protocol.size:
+        out.append(f"protocol {protocol.name} scores {protocol.size} images, this run "
+                   f"{n_captions} (`evaluate.num_images` or a short caption file)")
+    if protocol.reference_size and n_reference != protocol.reference_size:
+        out.append(f"protocol {protocol.name}'s reference set has {protocol.reference_size} "
+                   f"images, `reference.images` {n_reference}")
+    return [f"evaluate: warning: {w}: its FID is a proxy, not comparable with published "
+            f"{protocol.name} numbers; register keeps it out of the promotion gate "
+            "(`register.allow_incomplete`)" for w in out]
+
+
 def _reference(root: Path) -> Reference:
     meta = read_json(require(root / paths.REFSTATS / META_FILE, "reference_stats"))
     stats = load_file(str(root / paths.REFSTATS / STATS_FILE))
@@ -140,6 +155,8 @@ def run(root: Path) -> None:
     seeds = [cfg.seed + i for i in range(len(captions))]
     ref = _reference(root)
     ref.check_preprocess(protocol)
+    for warning in protocol_warnings(protocol, len(captions), ref.meta["n_images"]):
+        log(warning)
     net = load_inception(root / paths.TOOL_CACHE / "inception",
                          ref.meta["feature_network"]["source"], cfg.device)
     spec = cfg.scorer_spec()
