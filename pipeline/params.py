@@ -23,6 +23,7 @@ from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
 from components.generation import precision_dtype
 from components.methods import get_method, method_names
+from components.policy import PolicyConfig
 from components.prompts import PromptsConfig
 from components.teacher import TeacherConfig
 from components.training import LoopConfig
@@ -32,11 +33,15 @@ PARAMS_FILE = "params.yaml"
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """``params.yaml: distill``: the method, the loop, and a section of settings per method."""
+    """``params.yaml: distill``: the method, the loop, a section of settings per method, the
+    training policy (precision, checkpointing, compile) and the process count (``processes`` > 1
+    runs the stage under ``torch.distributed.run``, one process per GPU)."""
 
     method: str
     loop: LoopConfig
     methods: dict = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    processes: int = 1
     device: str = "cpu"
     sample_prompts: int = 8
     sample_seed: int = 0
@@ -61,6 +66,15 @@ class DistillConfig:
         for name, section in self.methods.items():
             cfg_cls, _ = get_method(name)
             from_dict(cfg_cls, section or {}, f"distill.methods.{name}")
+        if self.processes < 1:
+            raise ValueError(f"distill.processes must be >= 1, got {self.processes}")
+        per = self.loop.batch_size / self.processes
+        if self.loop.batch_size % (self.processes * self.loop.grad_accum):
+            raise ValueError(
+                f"distill.loop.batch_size {self.loop.batch_size} over {self.processes} "
+                f"process(es) gives {per:g} per process, not divisible into grad_accum "
+                f"{self.loop.grad_accum} micro-batches: make batch_size a multiple of "
+                f"processes x grad_accum = {self.processes * self.loop.grad_accum}")
 
     def method_config(self) -> Any:
         """The chosen method's typed config (published defaults where params say nothing)."""

@@ -262,7 +262,7 @@ class DMD2:
             g = ((x_fake - x_real) / norm.view(-1, *[1] * (x.ndim - 1))).float()
             g = torch.nan_to_num(g)
         per_sample = 0.5 * ((x - (x - g).detach()) ** 2).flatten(1).mean(1)
-        metrics = {"loss_dm": per_sample.mean().item(), "grad_norm_g": g.norm().item()}
+        metrics = {"loss_dm": per_sample.mean().detach(), "grad_norm_g": g.norm().detach()}
         if self.head is not None:  # gradients reach x through the frozen fake score and head
             self.mu_fake.requires_grad_(False)
             self.head.requires_grad_(False)
@@ -270,7 +270,7 @@ class DMD2:
             self.mu_fake.requires_grad_(True)
             self.head.requires_grad_(True)
             per_sample = per_sample + self.cfg.gan_weight * gan
-            metrics["loss_gan_g"] = gan.mean().item()
+            metrics["loss_gan_g"] = gan.mean().detach()
         return per_sample, metrics
 
     def fake_score_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
@@ -286,14 +286,14 @@ class DMD2:
         x_t = self.schedule.add_noise(x, eps, t)
         eps_fake = predict_eps(self.mu_fake, x_t, t, batch.cond)
         per_sample = ((eps_fake - eps) ** 2).flatten(1).mean(1)
-        metrics = {"loss_fake": per_sample.mean().item()}
+        metrics = {"loss_fake": per_sample.mean().detach()}
         if self.head is not None:
             softplus = torch.nn.functional.softplus
             real, real_cond = self._real_batch(batch)
             d_loss = (softplus(self._logits(x.detach(), batch.cond, batch))
                       + softplus(-self._logits(real, real_cond, batch)))
             per_sample = per_sample + self.cfg.gan_head_weight * d_loss
-            metrics["loss_gan_d"] = d_loss.mean().item()
+            metrics["loss_gan_d"] = d_loss.mean().detach()
         return per_sample, metrics
 
 

@@ -96,7 +96,6 @@ class InstaFlow:
                                  warmup=warm))
         self.v = teacher.trainable_copy()  # 2-RF during phase 1, the one-step student after
         self.rf2 = teacher.frozen_copy()  # the frozen 2-RF of phase 2 (copied at its start)
-        self.rf2.register_buffer("frozen_at", torch.tensor(-1))
         self.decode = teacher.decode
         self.lpips = None
         if self.lpips_start < steps:
@@ -133,12 +132,13 @@ class InstaFlow:
         X_tau = tau_ * X1 + (1.0 - tau_) * X0
         v = self.v(X_tau, 1000.0 * (1.0 - tau), cond)
         per_sample = (((X1 - X0) - v) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_reflow": per_sample.mean().item()}
+        return per_sample, {"loss_reflow": per_sample.mean().detach()}
 
     @torch.no_grad()
     def _freeze_2rf(self, step: int) -> None:
-        if int(self.rf2.frozen_at) < 0:  # first distillation step (or resumed before it)
-            self.rf2.load_state_dict({**self.v.state_dict(), "frozen_at": torch.tensor(step)})
+        # at the first distillation step (a resumed run reloads the copy from its checkpoint)
+        if step == self.reflow_end:
+            self.rf2.load_state_dict(self.v.state_dict())
 
     @torch.no_grad()
     def _rf2_solution(self, X0: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -160,9 +160,9 @@ class InstaFlow:
         x1 = rectified_flow_sample(self.v, X0, batch.cond, 1)
         if self.lpips is not None and batch.step >= self.lpips_start:
             per_sample = self.lpips(self.decode(x1), self.decode(target)).flatten(1).mean(1)
-            return per_sample, {"loss_lpips": per_sample.mean().item()}
+            return per_sample, {"loss_lpips": per_sample.mean().detach()}
         per_sample = ((x1 - target) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_distill_l2": per_sample.mean().item()}
+        return per_sample, {"loss_distill_l2": per_sample.mean().detach()}
 
 
 @register("instaflow", InstaFlowConfig)

@@ -85,7 +85,6 @@ class MengGuidedDistillation:
         self.theta = teacher.network.requires_grad_(False)
         self.eta = teacher.network.with_w_embedding(cfg.w_dim).train().requires_grad_(True)
         self.round_teacher = teacher.network.with_w_embedding(cfg.w_dim).requires_grad_(False)
-        self.round_teacher.register_buffer("round", torch.tensor(-1))
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         return list(self.eta.parameters())
@@ -131,7 +130,7 @@ class MengGuidedDistillation:
             target = apply_guidance_weight(x_u, x_c, w.view(-1, *[1] * (z_t.ndim - 1)))
         x_hat = self._student_x0(self.eta, z_t, t, batch.cond, w)
         per_sample = (truncated_snr_weight(alpha, sigma) * (x_hat - target) ** 2).flatten(1)
-        return per_sample.mean(1), {"loss_guidance": per_sample.mean().item()}
+        return per_sample.mean(1), {"loss_guidance": per_sample.mean().detach()}
 
     def round_of(self, step: int) -> int:
         return max(0, min((step - self.stage1_end) // self.round_len, self.rounds - 1))
@@ -139,8 +138,10 @@ class MengGuidedDistillation:
     @torch.no_grad()
     def _start_round(self, step: int) -> int:
         r = self.round_of(step)
-        if int(self.round_teacher.round) != r:  # the previous student becomes the teacher
-            self.round_teacher.load_state_dict({**self.eta.state_dict(), "round": torch.tensor(r)})
+        # at a round's first iteration the previous student becomes the teacher; a function of
+        # the step alone (no host read of a device flag), and a resumed run reloads the copy
+        if step == self.stage1_end + r * self.round_len:
+            self.round_teacher.load_state_dict(self.eta.state_dict())
         return r
 
     @torch.no_grad()
@@ -178,7 +179,7 @@ class MengGuidedDistillation:
         target = self.two_step_target(z_t, t, t_mid, t_next, batch.cond, w)
         x_hat = self._student_x0(self.eta, z_t, tb, batch.cond, w)
         per_sample = (truncated_snr_weight(alpha, sigma) * (x_hat - target) ** 2).flatten(1)
-        return per_sample.mean(1), {"loss_progressive": per_sample.mean().item(),
+        return per_sample.mean(1), {"loss_progressive": per_sample.mean().detach(),
                                     "pd_student_steps": float(n_student)}
 
 

@@ -77,12 +77,13 @@ class SwiftBrush:
         self.f_theta = teacher.trainable_copy()
         # ε_φ with adapters disabled, ε_ψ with them enabled: one network, as in the paper's code
         self.shared = teacher.network
-        self.lora_params = add_lora(self.shared, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        add_lora(self.shared, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         if group == "student":
             return list(self.f_theta.parameters())
-        return self.lora_params
+        # looked up each time: sharding (FSDP2) replaces the parameter objects
+        return [p for n, p in self.shared.named_parameters() if "lora_" in n]
 
     def make_optimizer(self, group: str) -> torch.optim.Optimizer:
         lr = self.cfg.student_lr if group == "student" else self.cfg.lora_lr
@@ -121,7 +122,8 @@ class SwiftBrush:
             g = torch.nan_to_num(sigma_t**2 * (eps_phi - eps_psi))
         target = (x0_hat - g).detach()
         per_sample = 0.5 * ((x0_hat - target) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_vsd": per_sample.mean().item(), "grad_norm_g": g.norm().item()}
+        return per_sample, {"loss_vsd": per_sample.mean().detach(),
+                            "grad_norm_g": g.norm().detach()}
 
     def fake_teacher_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         """Per-sample ᾱ_t-weighted ε-MSE of the LoRA teacher on the student's samples (B,)."""
@@ -136,7 +138,7 @@ class SwiftBrush:
         set_adapters(self.shared, True)
         eps_psi = predict_eps(self.shared, x_t, t, cond)
         per_sample = ((alpha_t * (eps_psi - eps)) ** 2).flatten(1).mean(1)
-        return per_sample, {"loss_lora": per_sample.mean().item()}
+        return per_sample, {"loss_lora": per_sample.mean().detach()}
 
 
 @register("swiftbrush", SwiftBrushConfig)

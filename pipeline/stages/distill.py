@@ -37,10 +37,12 @@ from components.generation import (
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from components.methods import Teacher, get_method
 from components.pair_cache import PairCache
+from components.policy import TrainingPolicy
 from components.teacher import load_pipeline, resolve_model, teacher_denoiser
 from components.training import checkpoint_step, train
 from pipeline import paths
 from pipeline.checkpoints import RunRecord, code_hash, prune_runs, run_key
+from pipeline.launch import torchrun
 from pipeline.params import load_stage
 from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
@@ -183,9 +185,14 @@ def _progress(root: Path, cfg, record: RunRecord, run: str, is_main: bool):
 def run(root: Path) -> None:
     configs = load_stage(root, "distill")
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
-    # under torchrun / accelerate launch: join the job; "cuda" becomes this process's GPU
+    distributed.check_processes(cfg.processes, cfg.device)
+    if cfg.processes > 1 and not distributed.launched():
+        torchrun("pipeline.stages.distill", root, cfg.processes)  # this stage, N processes
+        return
+    # under torchrun: join the job; "cuda" becomes this process's GPU
     local = replace(cfg, device=distributed.init_from_env(cfg.device))
     is_main = distributed.context().is_main
+    policy = TrainingPolicy(cfg.policy)
     if is_main and (warning := recipe_warning(teacher_unet_config(teacher_cfg, root), cfg,
                                               teacher_cfg.model)):
         log(warning)  # a real teacher with another preset's settings
@@ -205,20 +212,20 @@ def run(root: Path) -> None:
     _resume(ckpt_dir, cfg.loop.steps, record)
     progress, bar = _progress(root, cfg, record, ckpt_dir.name, is_main)
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
-                _sampler(root, pipe, cache, method.spec, local, record), progress)
+                _sampler(root, pipe, cache, method.spec, local, record), progress, policy)
     bar.close()
+    ema.copy_to(method.student())
+    student = policy.full_module(method.student())  # every process gathers; rank 0 keeps it
     if is_main:
-        _save(root, teacher_cfg, method, ema, cfg, record, resolved)
+        _save(root, teacher_cfg, method.spec, student, policy, cfg, record, resolved)
     distributed.finish()
 
 
-def _save(root, teacher_cfg, method, ema, cfg, record: RunRecord, resolved) -> None:
-    student = method.student()
-    ema.copy_to(student)
+def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, resolved) -> None:
     full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
     with atomic_dir(root / paths.STUDENT) as out:
-        save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
-                                              "steps": cfg.loop.steps})
+        save_student(full, spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
+                                       "steps": cfg.loop.steps, "policy": policy.describe()})
     with atomic_dir(root / paths.DISTILL_OUT) as out:
         (out / "samples").mkdir()
         for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
