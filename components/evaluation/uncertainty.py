@@ -12,8 +12,8 @@ bootstrap spread overstates its noise. Measured on Gaussian features (``tests/te
 keeps the first case): std over independent redraws vs the bootstrap's vs this estimate's:
 D 128, N 64: 3.6 vs 4.8-5.9 vs 3.0-3.6; D 512, N 256: 3.5 vs 8.6-10.9 vs 3.3-3.5; D 64, N 256:
 1.0 vs 1.0 vs 1.0-1.2. On real Inception features of world renders (``bench/metric_noise.py``,
-N 256) both resampling estimates said 1.0-1.25 where four fresh draws spread by 0.29: there the
-estimate is conservative. The reference statistics stay fixed (the promotion gate compares two models
+N 256) both resampling estimates said 0.99-1.25 where five fresh draws spread by 0.27: there
+the estimate is conservative. The reference statistics stay fixed (the promotion gate compares two models
 against the same reference, so its noise is common to both).
 
 For N < D each subsample's FID comes from two N x N Gram matrices computed once, so a replicate
