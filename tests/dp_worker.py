@@ -79,7 +79,7 @@ def main() -> None:
     method.make_optimizer = lambda group: torch.optim.SGD(method.parameters(group), lr=0.05,
                                                           momentum=0.9)
     cache = EmbeddingCache(args.cache)
-    batches = (PairBatches(cache.table(), cache.null(1), Pairs(len(cache)), LATENT)
+    batches = (PairBatches(cache, cache.null(1), Pairs(len(cache)), LATENT)
                if method.needs_pairs else PromptBatches.from_cache(cache, LATENT))
     logs: list = []
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,

@@ -52,7 +52,7 @@ def test_a_bf16_run_trains_with_fp32_masters_and_bf16_frozen_weights(name, cache
     cfg_cls, build = get_method(name)
     method = build(cfg_cls(**SETTINGS[name]), Teacher(teacher_denoiser(tiny_pipeline())), 4)
     before = {k: v.clone() for k, v in method.student().state_dict().items()}
-    batches = (PairBatches(cache.table(), cache.null(1), Pairs(len(cache)), (4, 8, 8))
+    batches = (PairBatches(cache, cache.null(1), Pairs(len(cache)), (4, 8, 8))
                if method.needs_pairs else PromptBatches.from_cache(cache, (4, 8, 8)))
     logs: list = []
     policy = TrainingPolicy(PolicyConfig(precision="bf16", activation_checkpointing=True))
