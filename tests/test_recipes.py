@@ -36,6 +36,8 @@ from tests.tiny import build_tiny_teacher
 
 CLASSES = {"swiftbrush": SwiftBrush, "sid_lsg": SiDLSG, "dmd2": DMD2, "instaflow": InstaFlow,
            "meng": MengGuidedDistillation}
+PRECISION = {"swiftbrush": "fp32", "sid_lsg": "fp32", "dmd2": "bf16", "instaflow": "bf16",
+             "meng": "bf16"}
 HUB_IDS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
            "sd21": "stabilityai/stable-diffusion-2-1-base",
            "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
@@ -97,6 +99,7 @@ def test_recipe_loads_for_every_method_with_pairs_only_for_pair_methods(project,
     # the global batch splits into whole micro-batches on one GPU
     assert distill.loop.batch_size % distill.loop.grad_accum == 0
     distill.method_config()  # every method section loads strictly into its config class
+    assert distill.policy.precision == PRECISION[method]  # the published precision
     assert recipe_warning(_unet(preset), distill, HUB_IDS[preset]) is None
 
 
