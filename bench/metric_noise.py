@@ -1,6 +1,6 @@
 """How well the eval card's ``fid_std`` predicts FID's spread over seeds, on real Inception features.
 
-    uv run python bench/metric_noise.py --sets 8 --out bench/results/metric_noise.json
+    uv run python bench/metric_noise.py --sets 5 --threads 1 --out bench/results/metric_noise.json
 
 The world protocol's shape with ground-truth renders standing in for a model, FID of each set of
 ``--n`` renders against the statistics of ``--n-reference`` other renders (the FID Inception
@@ -46,8 +46,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--replicates", type=int, default=200)
     parser.add_argument("--cache", type=Path, default=Path(".cache/inception"))
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     start = time.monotonic()
     net = load_inception(args.cache, "fid-helper", "cpu")
     space = SceneSpace()
@@ -60,7 +63,8 @@ def main() -> None:
     for seed in range(args.sets):
         fixed = fid_against_statistics(mu, sigma, inception_features(
             renders(scenes, args.size, seed), net))
-        fresh = [sample_scene(space, np.random.default_rng(100 + seed)) for _ in range(args.n)]
+        fresh_rng = np.random.default_rng(100 + seed)
+        fresh = [sample_scene(space, fresh_rng) for _ in range(args.n)]
         features = inception_features(renders(fresh, args.size, seed), net)
         fids = subsample_fid(mu, sigma, features, noise.indices(args.n))
         boot = np.random.default_rng(seed).integers(0, args.n, (args.replicates, args.n))

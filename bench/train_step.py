@@ -1,12 +1,15 @@
 """Training-iteration speed and memory of every registered method at Stable Diffusion scale.
 
     python -m bench.train_step                                   # CUDA: SD1.5, B = 1 2 4 8
-    python -m bench.train_step --autocast bf16 --fused-optim --channels-last --compile
+    python -m bench.train_step --precision bf16 --activation-checkpointing --fused-optimizer \
+        --tf32 --compile                                         # the distill.policy switches
     python -m bench.train_step --device cpu                      # CPU: SD1.5 topology, widths / 8
 
-One iteration is exactly what the training loop runs at a step where every group updates
-(``components.training.update_group`` per group, in the method's order) on a random-weight UNet
-with the real architecture (``components.architectures``). Reported per method and batch size:
+One iteration is exactly what the distill stage's loop runs at a step where every group updates:
+the loop's training policy (``components.policy``, the ``distill.policy`` keys) prepares the
+method's networks and optimizers, then ``components.training.update_group`` runs per group, in
+the method's order, on a random-weight UNet with the real architecture
+(``components.architectures``). Reported per method and batch size:
 seconds per iteration, images per second, peak memory, model FLOPs per iteration (counted by
 ``torch.utils.flop_counter`` on one iteration: every matmul, convolution and attention, forward and
 backward) and model-FLOPs utilisation against ``--peak-tflops`` (default: the device's dense bf16
@@ -22,7 +25,6 @@ import platform
 import resource
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from components.architectures import ARCHS, DIVISORS, scheduler_config, unet_config
 from components.diffusion import NoiseSchedule
 from components.methods import Batch, Teacher, get_method, method_names
+from components.policy import PRECISIONS, PolicyConfig, TrainingPolicy
 from components.teacher import TextConditioning, UNetDenoiser
 from components.training import update_group
 
@@ -66,8 +69,6 @@ def build_method(name: str, arch: str, divisor: int, device: torch.device, lever
     for module in method.state_modules().values():
         if levers["channels_last"]:
             module.to(memory_format=torch.channels_last)
-        if levers["compile"]:
-            module.compile()
     return method
 
 
@@ -92,22 +93,11 @@ def random_batch(arch: str, divisor: int, batch: int, latent: int, device: torch
     return Batch(cond(), cond(), z, gen, 0, x1)
 
 
-def make_optimizers(method, fused: bool) -> dict:
-    opts = {g.optimizer_name: method.make_optimizer(g.optimizer_name) for g in method.groups}
-    if fused:  # the method builds its optimizers; switch their kernels, not their maths
-        for opt in opts.values():
-            for group in opt.param_groups:
-                group.update(fused=True, foreach=False)
-    return opts
-
-
-def iteration(method, opts: dict, batch: Batch, autocast) -> None:
+def iteration(method, opts: dict, batch: Batch, policy: TrainingPolicy) -> None:
     """One training iteration in which every group updates once."""
     scratch = [{}]
-    with autocast():
-        for group in method.groups:
-            update_group(method, group, opts[group.optimizer_name], [batch], scratch,
-                         batch.z.shape[0])
+    for group in method.groups:
+        update_group(method, group, opts[group.optimizer_name], [batch], scratch, batch.z.shape[0], policy)
 
 
 def _sync(device: torch.device) -> None:
@@ -117,23 +107,22 @@ def _sync(device: torch.device) -> None:
 
 def measure(name: str, args, batch_size: int, device: torch.device, levers: dict) -> dict:
     method = build_method(name, args.arch, args.divisor, device, levers)
-    opts = make_optimizers(method, levers["fused_optim"])
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(levers["autocast"])
-    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext)
+    policy = TrainingPolicy(args.policy)
+    opts = policy.prepare(method)
     batches = [random_batch(args.arch, args.divisor, batch_size, args.latent, device, s)
                for s in range(2)]
     for k in range(args.warmup):
-        iteration(method, opts, batches[k % 2], autocast)
+        iteration(method, opts, batches[k % 2], policy)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for k in range(args.iters):
-        iteration(method, opts, batches[k % 2], autocast)
+        iteration(method, opts, batches[k % 2], policy)
     _sync(device)
     seconds = (time.perf_counter() - start) / args.iters
     with FlopCounterMode(display=False) as counter:
-        iteration(method, opts, batches[0], autocast)
+        iteration(method, opts, batches[0], policy)
     flops = counter.get_total_flops()
     peak = args.peak_tflops or peak_tflops(device)
     achieved = flops / seconds / 1e12
@@ -177,11 +166,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16)")
-    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="distill.policy")
+    p.add_argument("--activation-checkpointing", action="store_true", help="distill.policy")
+    p.add_argument("--fused-optimizer", action="store_true", help="distill.policy")
+    p.add_argument("--tf32", action="store_true", help="distill.policy")
     p.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--fused-optim", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile every trained module")
+    p.add_argument("--compile", action="store_true", help="distill.policy: torch.compile")
     p.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", type=Path, default=Path("bench/results/train_step.json"))
     args = p.parse_args(argv)
@@ -189,6 +180,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.divisor = args.divisor or (1 if cuda else 8)
     args.latent = args.latent or (64 if cuda else 8)
     args.batch_sizes = args.batch_sizes or ([1, 2, 4, 8] if cuda else [1, 2, 4])
+    args.policy = PolicyConfig(precision=args.precision,
+                               activation_checkpointing=args.activation_checkpointing,
+                               compile=args.compile, fused_optimizer=args.fused_optimizer,
+                               tf32=args.tf32)
     return args
 
 
@@ -197,9 +192,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    levers = {"autocast": args.autocast, "attention": args.attention,
-              "channels_last": args.channels_last, "fused_optim": args.fused_optim,
-              "compile": args.compile}
+    levers = {"attention": args.attention, "channels_last": args.channels_last}
     names = args.methods or method_names()
     rows = []
     for name in names:
@@ -211,10 +204,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     result = {"device": name, "torch": torch.__version__, "arch": args.arch,
               "divisor": args.divisor, "latent": args.latent, "levers": levers,
+              "policy": TrainingPolicy(args.policy).describe(),
               "warmup": args.warmup, "iters": args.iters,
               "peak_tflops": args.peak_tflops or peak_tflops(device), "rows": rows}
     print(f"\n{args.arch} (width divisor {args.divisor}, latents {args.latent}x{args.latent}) "
-          f"on {name}, levers {levers}\n")
+          f"on {name}, levers {levers}\npolicy {result['policy']}\n")
     print(table(rows, label))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,20 +1,18 @@
-"""Data-parallel training across processes (``torchrun`` / ``accelerate launch``; NCCL or gloo).
+"""Processes of a training job (``torchrun``; NCCL on GPUs, gloo on CPUs) and their batch rows.
 
 The training loop's batch is the *global* batch. Every process draws the same global batch from
 the step's generator, keeps its own rows, and splits them into ``grad_accum`` micro-batches; the
 global micro-batch ``m`` (of ``world_size * grad_accum``) always covers the same rows and carries
 its own generator, so what a micro-batch computes does not depend on which process runs it.
-Gradients are summed across processes once per optimizer step, after accumulation (the pattern
-DDP follows under ``no_sync``). Methods own their forward calls, so their modules are not wrapped
-in ``DistributedDataParallel``; the all-reduce acts on the gradients of each group's parameters.
-Then 1 process × 4 micro-batches, 2 × 2 and 4 × 1 give the same update up to float summation
-order.
+Gradients are reduced by FSDP2 (``components.policy``) during the backward of the last
+micro-batch; 1 process x 4 micro-batches, 2 x 2 and 4 x 1 give the same update up to float
+summation order.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -44,22 +42,47 @@ def context() -> Context:
 
 
 def launched() -> bool:
-    """Whether this process was started by ``torchrun`` / ``accelerate launch`` with >1 process."""
+    """Whether this process was started by ``torchrun`` with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_from_env(device: str = "cpu") -> str:
-    """Join the process group a launcher set up (no-op for one process); return this rank's device.
-
-    Uses ``accelerate``'s ``PartialState`` (NCCL on CUDA, gloo on CPU); ``device="cuda"`` becomes
-    the process's own GPU (``cuda:LOCAL_RANK``).
-    """
+    """Join the process group ``torchrun`` set up (no-op for one process); return this rank's
+    device: ``"cuda"`` becomes the process's own GPU (``cuda:LOCAL_RANK``)."""
     if not launched():
         return device
-    from accelerate import PartialState
+    if device.startswith("cuda"):
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        device = f"cuda:{index}"
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo")
+    return device
 
-    state = PartialState(cpu=not device.startswith("cuda"))
-    return str(state.device) if device.startswith("cuda") else device
+
+def check_processes(processes: int, device: str) -> None:
+    """A clear error, before anything loads, when ``processes`` cannot run on ``device``."""
+    if processes < 1:
+        raise ValueError(f"distill.processes must be >= 1, got {processes}")
+    if device.startswith("cuda") and processes > 1:
+        visible = torch.cuda.device_count()
+        if processes > visible:
+            raise ValueError(f"distill.processes is {processes} but {visible} GPU(s) are "
+                             "visible; set distill.processes to at most the GPU count (or "
+                             "CUDA_VISIBLE_DEVICES)")
+
+
+def device_mesh(device: torch.device):
+    """The 1-D mesh of every process, on ``device``'s type (FSDP2 shards over it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (context().world_size,))
+
+
+def barrier() -> None:
+    if context().world_size > 1:
+        dist.barrier()
 
 
 def local_rows(batch_size: int, ctx: Context) -> slice:
@@ -81,44 +104,6 @@ def micro_generators(gen: torch.Generator, parts: int, ctx: Context) -> list[tor
     return [torch.Generator().manual_seed(base + first + k) for k in range(parts)]
 
 
-def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` over processes, as one flat buffer per dtype and device.
-
-    A process whose micro-batches produced no gradient (all samples non-finite) contributes zeros,
-    so every process always joins the collective.
-    """
-    ctx = context()
-    if ctx.world_size == 1:
-        return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    for bucket in _buckets(grads):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def _buckets(grads: Iterable[torch.Tensor], cap: int = 2**26) -> list[list[torch.Tensor]]:
-    """Group tensors by (dtype, device) into buckets of at most ``cap`` elements (256 MB fp32)."""
-    out: list[list[torch.Tensor]] = []
-    open_: dict = {}  # (dtype, device) -> [bucket, its element count]
-    for g in grads:
-        key = (g.dtype, g.device)
-        entry = open_.get(key)
-        if entry is None or entry[1] + g.numel() > cap:
-            entry = open_[key] = [[], 0]
-            out.append(entry[0])
-        entry[0].append(g)
-        entry[1] += g.numel()
-    return out
-
-
 def reduce_metrics(metrics: dict, summed: Iterable[str] = ()) -> dict:
     """Metrics averaged over processes (``summed`` keys added up), for logging on rank 0."""
     ctx = context()
@@ -138,16 +123,3 @@ def finish() -> None:
     if context().world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-
-
-def broadcast_modules(modules: Iterable[torch.nn.Module]) -> None:
-    """Copy rank 0's parameters and buffers to every process (as DDP does when it wraps a model),
-    so randomly initialized parts (e.g. LoRA A matrices) start identical everywhere."""
-    if context().world_size == 1:
-        return
-    seen: set[int] = set()
-    for module in modules:
-        for t in [*module.parameters(), *module.buffers()]:
-            if id(t) not in seen:
-                seen.add(id(t))
-                dist.broadcast(t.data, src=0)

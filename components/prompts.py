@@ -91,9 +91,14 @@ def read_coco_captions(path: Path) -> list[EvalCaption]:
             for a in data["annotations"]]
 
 
+def source_path(source: PromptSource, root: Path) -> Path:
+    """Where ``source`` is: its path, relative to the project ``root`` unless absolute."""
+    return Path(source.path) if Path(source.path).is_absolute() else root / source.path
+
+
 def read_source(source: PromptSource, root: Path) -> list[EvalCaption]:
     """Read one source as captions (text prompts get running ids); errors say what to fix."""
-    path = Path(source.path) if Path(source.path).is_absolute() else root / source.path
+    path = source_path(source, root)
     if not path.is_file():
         raise PromptSourceError(f"prompt source {source.path!r} not found (looked in {path}); "
                                 "fix the path in params.yaml or build it first")

@@ -105,13 +105,15 @@ class UNetDenoiser(torch.nn.Module):
         else:
             # diffusers drops keys listed in "_use_default_values": give it a clean config
             config = {k: v for k, v in self.unet.config.items() if not k.startswith("_")}
-            unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": w_dim})
+            source = next(self.unet.parameters())
+            with torch.device(source.device):  # built where the teacher lives, not on the CPU
+                unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": w_dim})
             missing, unexpected = unet.load_state_dict(self.unet.state_dict(), strict=False)
             if unexpected or any("cond_proj" not in k for k in missing):
                 raise ValueError(f"cannot add a w embedding to this UNet: missing {missing}, "
                                  f"unexpected {unexpected}")
             torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
-            unet.to(next(self.unet.parameters()).dtype)
+            unet.to(source.dtype)
         return UNetDenoiser(unet, self.schedule, self.prediction_type, self.compute_dtype)
 
 

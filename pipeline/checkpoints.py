@@ -25,6 +25,9 @@ from components.io import atomic_write_text, read_json, sha256_bytes, sha256_fil
 
 CADENCE_KEYS = ("log_every", "sample_every", "checkpoint_every")  # of distill.loop
 MONITOR_KEYS = ("sample_prompts", "sample_seed", "proxy_fid_images", "keep_runs")  # of distill
+# checkpoints reshard, and the update does not depend on the process count: a run saved with N
+# processes resumes with M
+PLACEMENT_KEYS = ("processes",)
 STEP_PHASED = ("instaflow", "meng")  # methods whose phase boundaries are fractions of steps
 CODE_ROOTS = ("components", "pipeline")  # dvc.yaml deps under these are code
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the project whose code is running
@@ -51,7 +54,7 @@ def run_key(resolved: dict, method: str) -> str:
     ``method_config`` as dicts) and the input and code hashes; cadence, monitoring and (unless
     the method's phases depend on it) run-length keys are left out."""
     distill = {k: v for k, v in resolved["distill"].items()
-               if k not in MONITOR_KEYS and k != "methods"}  # the chosen one: method_config
+               if k not in MONITOR_KEYS + PLACEMENT_KEYS and k != "methods"}  # method_config
     leave_out = CADENCE_KEYS + (() if method in STEP_PHASED else ("steps",))
     distill["loop"] = {k: v for k, v in distill["loop"].items() if k not in leave_out}
     keyed = {**resolved, "distill": distill}

@@ -6,7 +6,7 @@ leaves the same lineage a ``dvc repro`` leaves (``dvc.lock``, outputs in the DVC
 functions stay plain functions; they are wrapped into tasks here.
 
 Around the stages: a ``configure`` task writes ``params.yaml`` from a preset, teacher, method and
-overrides; a ``record`` task saves the run as a DVC experiment and tags the MLflow run with it.
+overrides; a ``check_params`` task validates all of it before the first stage; a ``record`` task saves the run as a DVC experiment and tags the MLflow run with it.
 GPU stages hold one slot of the global concurrency limit ``distillery-gpu`` (1 slot), so two runs
 never share the GPU. A run that registered a student publishes Prefect artifacts: a markdown
 table of its metrics and a link to its MLflow run. A failed run names the failing stage.
@@ -67,8 +67,10 @@ POLICIES: dict[str, StagePolicy] = {
     "register": StagePolicy(retries=3, retry_delay_s=20, timeout_s=900),
 }
 DEFAULT_POLICY = StagePolicy()
-# The steps around the stages: writing params.yaml, recording the run as a DVC experiment.
+# The steps around the stages: writing params.yaml, checking it, recording the run as a DVC
+# experiment.
 CONFIGURE_POLICY = StagePolicy(retries=0, timeout_s=300)
+CHECK_POLICY = StagePolicy(retries=0, timeout_s=300)
 RECORD_POLICY = StagePolicy(retries=2, retry_delay_s=10, timeout_s=600)
 
 
@@ -183,6 +185,16 @@ def _configure(root: str, preset: str | None, teacher: str | None, method: str |
     return changes
 
 
+def _check_params(root: str) -> None:
+    """Validate the whole params file before any stage runs (with ``use_dvc``, DVC would delete
+    a stage's outputs before the stage itself rejects its params)."""
+    from pipeline.params import input_errors, load_all  # imports torch: only when a run needs it
+
+    errors = input_errors(root, load_all(root))
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 def _record(root: str, prefix: str, registered: bool) -> dict[str, str]:
     """Save the workspace as a DVC experiment; tag the run's MLflow run and model version."""
     from prefect.runtime import flow_run
@@ -253,6 +265,9 @@ def distillery(root: str = ".", stages: list[str] | None = None, use_dvc: bool =
     if preset or teacher or method or overrides:
         step = _task(_configure, "configure", CONFIGURE_POLICY)
         _step("configure", lambda: step(str(base), preset, teacher, method, overrides))
+    if set(chosen) & set(STAGES):  # the pipeline's own stages read params.yaml
+        step = _task(_check_params, "check_params", CHECK_POLICY)
+        _step("check_params", lambda: step(str(base)))
     for name in chosen:
         with gpu_slot(name):
             _step(name, lambda name=name: stage_task(name)(name, str(base), use_dvc))

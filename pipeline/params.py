@@ -1,11 +1,16 @@
 """Strict loading of ``params.yaml``: one frozen config per stage, built from its sections.
 
 Unknown top-level sections, unknown keys and wrong types fail at load time with the valid keys
-named; the method name is checked against the method registry.
+named; the method name is checked against the method registry. Check the whole file before a
+``dvc repro`` (DVC deletes a stage's outputs before the stage can reject its params):
+
+    uv run python -m pipeline.params --check
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,7 @@ from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
 from components.generation import precision_dtype
 from components.methods import get_method, method_names
+from components.policy import PolicyConfig
 from components.prompts import PromptsConfig
 from components.teacher import TeacherConfig
 from components.training import LoopConfig
@@ -27,11 +33,15 @@ PARAMS_FILE = "params.yaml"
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """``params.yaml: distill``: the method, the loop, and a section of settings per method."""
+    """``params.yaml: distill``: the method, the loop, a section of settings per method, the
+    training policy (precision, checkpointing, compile) and the process count (``processes`` > 1
+    runs the stage under ``torch.distributed.run``, one process per GPU)."""
 
     method: str
     loop: LoopConfig
     methods: dict = field(default_factory=dict)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    processes: int = 1
     device: str = "cpu"
     sample_prompts: int = 8
     sample_seed: int = 0
@@ -56,6 +66,15 @@ class DistillConfig:
         for name, section in self.methods.items():
             cfg_cls, _ = get_method(name)
             from_dict(cfg_cls, section or {}, f"distill.methods.{name}")
+        if self.processes < 1:
+            raise ValueError(f"distill.processes must be >= 1, got {self.processes}")
+        per = self.loop.batch_size / self.processes
+        if self.loop.batch_size % (self.processes * self.loop.grad_accum):
+            raise ValueError(
+                f"distill.loop.batch_size {self.loop.batch_size} over {self.processes} "
+                f"process(es) gives {per:g} per process, not divisible into grad_accum "
+                f"{self.loop.grad_accum} micro-batches: make batch_size a multiple of "
+                f"processes x grad_accum = {self.processes * self.loop.grad_accum}")
 
     def method_config(self) -> Any:
         """The chosen method's typed config (published defaults where params say nothing)."""
@@ -201,3 +220,57 @@ def _register_late_sections() -> None:
     from components.world.config import WorldConfig
 
     SECTIONS.update(world=WorldConfig, scorer=ScorerConfig, register=RegisterConfig)
+
+
+def input_errors(root: str | Path, configs: dict[str, Any]) -> list[str]:
+    """The input paths params name (FID reference images, evaluation captions, prompt files)
+    that do not exist and that no stage of ``root/dvc.yaml`` produces: under ``dvc repro`` DVC
+    would stop with a bare "No such file" before the stage could say what to set."""
+    root = Path(root)
+    dvc_file = root / "dvc.yaml"
+    stages = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"] if (
+        dvc_file.exists()) else {}
+    produced = [(root / next(iter(o)) if isinstance(o, dict) else root / o).resolve()
+                for stage in stages.values() for o in stage.get("outs", [])]
+    prompts, reference, evaluate = configs["prompts"], configs["reference"], configs["evaluate"]
+    named = [("reference.images", reference.images,
+              "a folder of FID reference images (COCO: val2014/ or val2017/)"),
+             ("evaluate.captions", evaluate.captions, "the protocol's caption file"),
+             *((f"prompts.train_sources[{i}].path", s.path, "a prompt file")
+               for i, s in enumerate(prompts.train_sources)),
+             ("prompts.eval_source.path", prompts.eval_source.path, "a caption file")]
+    errors = []
+    for key, value, what in named:
+        path = (root / value).resolve()
+        if not path.exists() and not any(p == path or p in path.parents for p in produced):
+            errors.append(f"{key}: {value} does not exist and no stage produces it; set it to "
+                          f"{what}")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipeline.params --check``: validate every section and the input paths; a line
+    per problem, exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.params",
+        description="Validate params.yaml (every section, key, type and method name) before any "
+                    "stage runs: under `dvc repro`, DVC deletes a stage's outputs before the "
+                    "stage itself can reject bad params.")
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root")
+    parser.add_argument("--check", action="store_true", required=True,
+                        help="validate every section of params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        configs = load_all(args.root)
+        errors = input_errors(args.root, configs)
+    except ConfigError as err:
+        errors = [str(err)]
+    for error in errors:
+        print(f"params: error: {error}", file=sys.stderr)
+    if errors:
+        raise SystemExit(2)
+    print(f"{Path(args.root) / PARAMS_FILE}: valid ({', '.join(configs)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ TOOL_CACHE = Path(".cache")
 TRAIN_PROMPTS = PROMPTS / "train.txt"
 EVAL_CAPTIONS = PROMPTS / "eval.json"
 PROMPTS_MANIFEST = PROMPTS / "manifest.json"
+BOOTSTRAP_METRICS = METRICS / "bootstrap.json"
 DISTILL_METRICS = METRICS / "distill.json"
 EVAL_METRICS = METRICS / "eval.json"
 LOSS_PLOT = PLOTS / "distill_loss.csv"

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from components.io import atomic_write_text, read_json
 from pipeline import paths
-from pipeline.stages.bootstrap import BOOTSTRAP_METRICS
 
 ROWS = (("teacher", "teacher, DDIM with CFG"), ("student", "distilled student"),
-        ("teacher_1step", "untrained student (teacher at 1 step)"))
-ATTRIBUTES = ("colour", "shape", "size", "position", "background")
+        ("teacher_1step", "untrained student (teacher at 1 step)"),
+        ("real_renders", "floor: real renders of the captions"),
+        ("vae_reconstruction", "floor: the teacher VAE's reconstructions of them"))
+ATTRIBUTES = ("colour", "shape", "size", "position", "background", "all")
 
 
 def results_table(root: Path) -> str:
@@ -26,13 +27,16 @@ def results_table(root: Path) -> str:
              f"({' / '.join(ATTRIBUTES)}) | latency, batch 1 |"),
              "| --- | --- | --- | --- | --- | --- |"]
     for key, label in ROWS:
+        if key not in ev:  # the floors exist only under the world protocol
+            continue
         row = ev[key]
         acc = row.get("attribute_accuracy", {})
-        accs = " / ".join(f"{acc[a]:.2f}" for a in ATTRIBUTES) if acc else "n/a"
+        accs = " / ".join(f"{acc[a]:.2f}" for a in ATTRIBUTES if a in acc) if acc else "n/a"
         guide = f", s = {row['guidance_scale']:g}" if row.get("guidance_scale", 1.0) != 1.0 else ""
-        lines.append(f"| {label} | {row['steps']}{guide} | {_pm(row, 'fid', '.1f')} | "
-                     f"{_pm(row, 'clip_score', '.3f')} | {accs} | "
-                     f"{row['latency_s'] * 1000:.1f} ms |")
+        steps = f"{row['steps']}{guide}" if row["steps"] else "–"
+        latency = f"{row['latency_s'] * 1000:.1f} ms" if "latency_s" in row else "–"
+        lines.append(f"| {label} | {steps} | {_pm(row, 'fid', '.1f')} | "
+                     f"{_pm(row, 'clip_score', '.3f')} | {accs} | {latency} |")
     lines.append("")
     lines += _facts(root, ev)
     lines.append("- ± one standard error: delete-half jackknife over the generated images "
@@ -66,7 +70,7 @@ def _pm(row: dict, key: str, fmt: str) -> str:
 def _facts(root: Path, ev: dict) -> list[str]:
     facts = [(f"- protocol `{ev['protocol']}`; machine: {platform.machine()}, "
              f"{_cpu_count()} CPU threads visible")]
-    boot = root / BOOTSTRAP_METRICS
+    boot = root / paths.BOOTSTRAP_METRICS
     if boot.exists():
         b = read_json(boot)
         chance = b.get("chance", {})

@@ -1,8 +1,15 @@
-"""One data-parallel training run of the tiny SwiftBrush setup, for tests/test_distributed.py.
+"""One training run of a tiny method, for tests/test_distributed.py.
 
-Run as a single process (``python tests/dp_worker.py ...``) or under ``torchrun``; rank 0 writes
-the gradients each optimizer step received (after the cross-process sum), the final student and
-LoRA weights and the logged metrics to ``--out``.
+Run as a single process (``python tests/dp_worker.py ...``) or under ``torchrun`` (FSDP2 over
+gloo). The run goes through the real loop and policy and writes its DCP checkpoints to
+``--ckpt``; resuming is re-running with a later ``--steps`` on the same folder.
+
+Each group trains with SGD with momentum instead of the method's Adam: Adam divides every
+element's gradient by its own magnitude, so an element whose gradient is at rounding-noise level
+gets a full learning-rate step of random sign, and any rounding difference (a matmul blocked
+differently on differently aligned gathered weights) becomes a difference of the size of the
+learning rate. With SGD rounding differences stay rounding-sized, so the comparison can be tight;
+the loop, the sharding and the (sharded, per-parameter) optimizer state are the same.
 """
 
 from __future__ import annotations
@@ -16,62 +23,81 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safetensors.torch import save_file
-
 from components import distributed
-from components.batches import PromptBatches
+from components.batches import PairBatches, PromptBatches
 from components.embed_cache import EmbeddingCache
+from components.generation import seeded_noise
 from components.methods import Teacher, get_method
-from components.methods.swiftbrush import SwiftBrushConfig
+from components.policy import PolicyConfig, TrainingPolicy
 from components.teacher import teacher_denoiser
 from components.training import LoopConfig, train
 from tests.tiny import tiny_pipeline
 
+LATENT = (4, 8, 8)
+# Phases split so that four iterations reach every group and phase change.
+SETTINGS = {
+    "swiftbrush": {"student_lr": 1e-3, "lora_rank": 4, "lora_alpha": 4},
+    "dmd2": {"generator_lr": 1e-3, "fake_lr": 1e-3, "gen_update_ratio": 2, "warmup_steps": 2},
+    "sid_lsg": {"generator_lr": 1e-3, "fake_lr": 1e-3},
+    "instaflow": {"lr": 1e-3, "reflow_fraction": 0.5, "distill_ode_steps": 2,
+                  "lpips_fraction": 0.0, "warmup_steps": 0},
+    "meng": {"lr": 1e-3, "w_dim": 8, "stage1_fraction": 0.25, "start_steps": 4,
+             "final_steps": 1},
+}
+
+
+class Pairs:
+    """Eight fixed (noise, sample) pairs: enough for the pair methods' update arithmetic."""
+
+    def __init__(self, prompts: int):
+        self.prompt = torch.arange(8) % prompts
+        self.x1 = seeded_noise(list(range(500, 508)), LATENT)
+
+    def __len__(self) -> int:
+        return 8
+
+    def noise(self, idx: torch.Tensor) -> torch.Tensor:
+        return seeded_noise((idx + 100).tolist(), LATENT)
+
+    def prompts(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.prompt[idx]
+
+    def samples(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.x1[idx].to(dtype)
+
+    def guidance(self, idx: torch.Tensor) -> None:
+        return None  # every pair at one CFG scale
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--method", required=True)
     parser.add_argument("--cache", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--grad-accum", type=int, required=True)
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(1)
     distributed.init_from_env("cpu")
-    ctx = distributed.context()
-    torch.manual_seed(1000 + ctx.rank)  # LoRA init differs per rank until broadcast from rank 0
+    torch.manual_seed(0)  # every process builds the same initial weights (LoRA included)
     pipe = tiny_pipeline()
-    _, build = get_method("swiftbrush")
-    method = build(SwiftBrushConfig(student_lr=1e-3, lora_rank=4, lora_alpha=4),
-                   Teacher(teacher_denoiser(pipe)), args.steps)
-    grads: dict[str, torch.Tensor] = {}
-    make_optimizer = method.make_optimizer
-
-    def recording_optimizer(group: str) -> torch.optim.Optimizer:
-        opt = make_optimizer(group)
-
-        def record(optimizer, *_):
-            flat = torch.cat([p.grad.reshape(-1) for g in optimizer.param_groups
-                              for p in g["params"] if p.grad is not None])
-            grads[f"{group}.{len(grads)}"] = flat.clone()
-        opt.register_step_pre_hook(record)
-        return opt
-
-    method.make_optimizer = recording_optimizer
+    cfg_cls, build = get_method(args.method)
+    method = build(cfg_cls(**SETTINGS[args.method]), Teacher(teacher_denoiser(pipe)), 4)
+    method.make_optimizer = lambda group: torch.optim.SGD(method.parameters(group), lr=0.05,
+                                                          momentum=0.9)
+    cache = EmbeddingCache(args.cache)
+    batches = (PairBatches(cache, cache.null(1), Pairs(len(cache)), LATENT)
+               if method.needs_pairs else PromptBatches.from_cache(cache, LATENT))
     logs: list = []
     loop = LoopConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                      log_every=1, sample_every=1000, checkpoint_every=1000)
-    train(method, PromptBatches.from_cache(EmbeddingCache(args.cache), (4, 8, 8)), loop,
-          args.out / f"ckpt-{ctx.rank}",
-          lambda m, s: logs.append({"step": s, **m}), lambda module, s: None)
-    if ctx.is_main:
-        save_file(grads, str(args.out / "grads.safetensors"))
-        weights = {f"student.{k}": v.contiguous() for k, v in method.student().state_dict().items()}
-        weights |= {f"lora.{n}": p.detach().contiguous()
-                    for n, p in method.shared.named_parameters() if p.requires_grad}
-        save_file(weights, str(args.out / "weights.safetensors"))
-        (args.out / "run.json").write_text(json.dumps({"world_size": ctx.world_size,
-                                                       "logs": logs}))
+                      log_every=1, sample_every=1000, checkpoint_every=2)
+    train(method, batches, loop, args.ckpt, lambda m, s: logs.append({"step": s, **m}),
+          lambda module, s: None, policy=TrainingPolicy(PolicyConfig(precision=args.precision)))
+    if distributed.context().is_main:
+        (args.ckpt / f"logs-{args.steps}.json").write_text(json.dumps(
+            {"world_size": distributed.context().world_size, "logs": logs}))
     distributed.finish()
 
 

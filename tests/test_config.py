@@ -112,3 +112,38 @@ def test_stage_modules_read_only_their_sections():
         assert "load_all(" not in source, f"{name} loads every section"
         read = re.findall(r'(?:configs|load_stage\(root, "\w+"\))\["(\w+)"\]', source)
         assert read and set(read) <= set(sections), f"{name} reads {read}, declares {sections}"
+
+
+def test_params_check_cli_validates_every_section(tmp_path):
+    import subprocess
+    import sys
+
+    def check(root):
+        return subprocess.run([sys.executable, "-m", "pipeline.params", "--check", "--root",
+                               str(root)], capture_output=True, text=True, cwd=ROOT, check=False)
+
+    shutil.copy(ROOT / "pipeline/presets/micro.yaml", tmp_path / "params.yaml")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # what the stages produce
+    ok = check(tmp_path)
+    assert ok.returncode == 0 and "valid (prompts, teacher, cache, distill" in ok.stdout
+    text = (tmp_path / "params.yaml").read_text().replace("grid_images:", "grid_imagez:")
+    (tmp_path / "params.yaml").write_text(text)
+    bad = check(tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("params: error: evaluate: unknown key(s) 'grid_imagez'")
+
+
+def test_params_check_names_a_missing_reference_folder(tmp_path):
+    """Under `dvc repro` a missing `${reference.images}` gets only DVC's "No such file"; the
+    check names the key and what to set it to."""
+    from pipeline.params import input_errors
+
+    shutil.copy(ROOT / "pipeline/presets/micro.yaml", tmp_path / "params.yaml")
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    assert input_errors(tmp_path, load_all(tmp_path)) == []  # all produced by stages
+    text = (tmp_path / "params.yaml").read_text().replace(
+        "images: data/world/reference/images", "images: data/coco/val2014")
+    (tmp_path / "params.yaml").write_text(text)
+    expected = ("reference.images: data/coco/val2014 does not exist and no stage produces it; "
+                "set it to a folder of FID reference images (COCO: val2014/ or val2017/)")
+    assert input_errors(tmp_path, load_all(tmp_path)) == [expected]

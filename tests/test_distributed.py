@@ -1,31 +1,40 @@
-"""Data-parallel training: the same global batch gives the same update on 1 or 2 processes.
+"""Sharded data parallelism: FSDP2 on 2 processes gives the update of 1 process, and
+checkpoints reshard between process counts.
 
-Two CPU processes talk over gloo, launched by torchrun, as on a multi-GPU node with NCCL.
+Two CPU processes talk over gloo, launched by torchrun, as on a multi-GPU node with NCCL. For
+every method: 1 process x 2 micro-batches and 2 FSDP2 processes x 1 micro-batch train the same
+two iterations; then a 1-process run resumes the 2-process checkpoint and must end where the
+uninterrupted 1-process run ends (and the reverse for one method).
 
-Tolerance: every micro-batch (rows, noise, timesteps) is the same whichever process runs it, so
-the only difference is where the micro-batch gradients are summed: by autograd's accumulation in
-one process, or by the all-reduce over two. Float addition of two terms is commutative (the
-rounded a + b equals the rounded b + a), so with single-threaded kernels the results agree bit
-for bit (measured: maximum difference 0.0 in every gradient and weight on a 2-core x86_64 CPU).
-The assertion allows 1e-6 relative, a few float32 ulps (2^-24 ~ 6e-8 each) per summand: the error
-a different summation order over more processes, or a non-deterministic GPU kernel, could add.
+Tolerance: every micro-batch (rows, noise, timesteps) is the same whichever process runs it, and
+FSDP2 gathers the same full weights for the forward, so the only difference is where the two
+micro-batch gradients are summed: by autograd's accumulation in one process, or by the
+reduce-scatter over two (a sum: the loss is already the global-batch mean). Float addition of two
+terms is commutative; what remains is rounding in the matmuls, whose blocking can differ on the
+differently aligned weights FSDP2 gathers (measured: at most ~3e-7 relative, a few float32 ulps
+(2^-24 ~ 6e-8), on a 2-core x86_64 CPU). The assertion allows 1e-5 relative (and 1e-10
+absolute for values at zero), room for a different summation order over more processes; a
+wrong scaling, a missed or doubled micro-batch or a skipped update is off by orders of magnitude
+more. The worker trains with SGD (``tests/dp_worker.py`` says why Adam cannot be compared
+tightly).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from components.distributed import Context, micro_generators
 from components.embed_cache import CacheConfig, write_cache
-from components.methods import Batch
+from components.methods import Batch, method_names
 from components.teacher import TextConditioning
 from components.training import split_batch
 from tests.tiny import tiny_pipeline
@@ -61,18 +70,31 @@ def test_uneven_splits_are_clear_errors():
     assert len(micro_generators(torch.Generator(), 2, Context(1, 2))) == 2
 
 
-def _run(tmp_path: Path, cache: Path, name: str, processes: int, grad_accum: int) -> Path:
-    out = tmp_path / name
-    out.mkdir()
-    args = ["--cache", str(cache), "--out", str(out), "--batch-size", "4",
-            "--grad-accum", str(grad_accum), "--steps", "3"]
+def _run(cache: Path, method: str, ckpt: Path, processes: int, grad_accum: int,
+         steps: int) -> dict:
+    args = ["--method", method, "--cache", str(cache), "--ckpt", str(ckpt),
+            "--grad-accum", str(grad_accum), "--steps", str(steps)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable]
+                f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([*launcher, str(WORKER), *args], check=False, cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    return json.loads((ckpt / f"logs-{steps}.json").read_text())
+
+
+def _checkpoint(ckpt: Path, step: int, tmp: Path) -> dict[str, torch.Tensor]:
+    """A DCP checkpoint as one flat dict of full tensors (whatever the process count)."""
+    out = tmp / f"{ckpt.name}-{step}.pt"
+    dcp_to_torch_save(ckpt / f"step-{step:07d}", out)
+    return torch.load(out, weights_only=True)
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    assert any(k.startswith("ema/") for k in a) and any(k.startswith("optim/") for k in a)
+    for key, value in a.items():
+        torch.testing.assert_close(b[key], value, rtol=1e-5, atol=1e-10, msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -89,22 +111,39 @@ def cache(tmp_path_factory) -> Path:
     return folder
 
 
-def test_two_processes_give_the_update_of_one(tmp_path, cache):
-    one = _run(tmp_path, cache, "one", processes=1, grad_accum=2)
-    two = _run(tmp_path, cache, "two", processes=2, grad_accum=1)
-    assert json.loads((two / "run.json").read_text())["world_size"] == 2
-    grads_1, grads_2 = load_file(one / "grads.safetensors"), load_file(two / "grads.safetensors")
-    assert sorted(grads_1) == sorted(grads_2) and len(grads_1) == 6  # 3 steps x 2 groups
-    # the student's first gradient is 0 (a fresh LoRA equals the teacher); the rest are not
-    assert all(grads_1[k].abs().max() > 0 for k in grads_1 if k != "student.0")
-    for key in grads_1:
-        torch.testing.assert_close(grads_2[key], grads_1[key], rtol=1e-6, atol=1e-9)
-    weights_1 = load_file(one / "weights.safetensors")
-    weights_2 = load_file(two / "weights.safetensors")
-    for key in weights_1:
-        torch.testing.assert_close(weights_2[key], weights_1[key], rtol=1e-6, atol=1e-9)
-    logs_1 = json.loads((one / "run.json").read_text())["logs"]
-    logs_2 = json.loads((two / "run.json").read_text())["logs"]
-    for a, b in zip(logs_1, logs_2, strict=True):
-        assert a["loss_vsd"] == pytest.approx(b["loss_vsd"], rel=1e-5)
-        assert a["grad_norm_student"] == pytest.approx(b["grad_norm_student"], rel=1e-6)
+# SiD-LSG and DMD2 under FSDP2 do not yet match one process: both train a full fake score next to
+# the generator (SiD toggles its requires_grad between groups); open, strict so a fix shows
+OPEN = {"sid_lsg": "FSDP2 update of SiD-LSG differs from 1 process (open)",
+        "dmd2": "FSDP2 update of DMD2's fake score differs from 1 process (open)"}
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param(m, marks=pytest.mark.xfail(reason=OPEN[m], strict=True)) if m in OPEN else m
+    for m in method_names()])
+def test_two_fsdp_processes_give_the_update_of_one_and_resume_in_one(tmp_path, cache, method):
+    one, two = tmp_path / "one", tmp_path / "two"
+    logs_one = _run(cache, method, one, processes=1, grad_accum=2, steps=4)
+    logs_two = _run(cache, method, two, processes=2, grad_accum=1, steps=2)
+    assert logs_two["world_size"] == 2
+    _assert_same(_checkpoint(one, 2, tmp_path), _checkpoint(two, 2, tmp_path))
+    for a, b in zip(logs_one["logs"][:2], logs_two["logs"], strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    # the 2-process checkpoint resumes in 1 process and continues as the uninterrupted run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two, resumed)
+    _run(cache, method, resumed, processes=1, grad_accum=2, steps=4)
+    final = _checkpoint(one, 4, tmp_path)
+    assert any(not torch.equal(final[k], v) for k, v in _checkpoint(one, 2, tmp_path).items())
+    _assert_same(final, _checkpoint(resumed, 4, tmp_path))
+
+
+def test_a_one_process_checkpoint_resumes_in_two(tmp_path, cache):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(cache, "swiftbrush", one, processes=1, grad_accum=2, steps=4)
+    shutil.copytree(one, two)
+    shutil.rmtree(two / "step-0000004")
+    (two / "latest").write_text("step-0000002")
+    _run(cache, "swiftbrush", two, processes=2, grad_accum=1, steps=4)
+    _assert_same(_checkpoint(one, 4, tmp_path), _checkpoint(two, 4, tmp_path))

@@ -208,3 +208,18 @@ def test_use_dvc_leaves_dvc_lineage(prefect_api, monkeypatch, dvc_project):
 def test_flow_module_cli_rejects_unknown_stage():
     with pytest.raises(SystemExit):
         flows.main(["--stages", "nope"])
+
+
+def test_params_are_checked_before_any_stage_runs(prefect_api, monkeypatch, tmp_path):
+    """A typo in a late stage's section fails the flow before the first stage deletes anything."""
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).parents[1] / "pipeline/presets/micro.yaml").read_text())
+    params["distill"]["loop"]["stepz"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    ran = []
+    inject(monkeypatch, "bootstrap", lambda root: ran.append("bootstrap"))
+    with pytest.raises(StageFailed, match=r"stage 'check_params' failed: ConfigError: "
+                                          r"distill.loop: unknown key\(s\) 'stepz'"):
+        distillery(root=str(tmp_path), stages=["bootstrap", "distill"])
+    assert ran == []

@@ -46,7 +46,9 @@ def repo(tmp_path_factory):
 
 def test_repro_builds_every_artifact_and_a_champion(repo):
     card = json.loads((repo / "outputs/eval/eval_card.json").read_text())
-    assert set(card) == {"student", "teacher", "teacher_1step", "teacher_curve", "latency"}
+    assert set(card) == {"student", "teacher", "teacher_1step", "teacher_curve", "latency",
+                         "floors"}
+    assert set(card["floors"]) == {"real_renders", "vae_reconstruction"}
     assert card["student"]["card"]["steps"] == 1 and card["teacher"]["card"]["steps"] == 2
     assert card["student"]["card"]["protocol"] == "world" and card["student"]["card"]["complete"]
     assert [p["guidance_scale"] for p in card["teacher_curve"]["points"]] == [2.0, 4.0]
@@ -55,6 +57,9 @@ def test_repro_builds_every_artifact_and_a_champion(repo):
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["student"]["fid"] > 0 and "kid_mean" in metrics["student"]
     assert 0 <= metrics["student"]["precision"] <= 1
+    # the judge is exact on ground-truth renders: the real-render floor follows every attribute
+    assert metrics["real_renders"]["attribute_accuracy"]["all"] == 1.0
+    assert metrics["real_renders"]["fid"] > 0 and "all" in metrics["student"]["attribute_accuracy"]
     for row in ("student", "teacher", "teacher_1step"):  # every number with its noise
         assert metrics[row]["fid_std"] > 0 and metrics[row]["clip_score_std"] > 0, row
         assert card[row]["metrics"]["fid_std"] == metrics[row]["fid_std"]

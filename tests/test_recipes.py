@@ -36,6 +36,8 @@ from tests.tiny import build_tiny_teacher
 
 CLASSES = {"swiftbrush": SwiftBrush, "sid_lsg": SiDLSG, "dmd2": DMD2, "instaflow": InstaFlow,
            "meng": MengGuidedDistillation}
+PRECISION = {"swiftbrush": "fp32", "sid_lsg": "fp32", "dmd2": "bf16", "instaflow": "bf16",
+             "meng": "bf16"}
 HUB_IDS = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
            "sd21": "stabilityai/stable-diffusion-2-1-base",
            "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
@@ -64,6 +66,26 @@ def test_every_method_has_a_class_and_settings_in_every_recipe():
         assert sorted(table) == method_names(), preset
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys silently: a preset must not have any."""
+
+
+def _mapping(loader, node, deep=False):
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+@pytest.mark.parametrize("path", [*(PRESETS / f"{p}.yaml" for p in RECIPE_PRESETS),
+                                  *(PRESETS / "methods" / f"{p}.yaml" for p in RECIPE_PRESETS)],
+                         ids=lambda p: p.relative_to(PRESETS).as_posix())
+def test_no_key_is_written_twice(path):
+    yaml.load(path.read_text(), _UniqueKeys)  # a SafeLoader: no objects built
+
+
 @pytest.mark.parametrize("preset", sorted(RECIPE_PRESETS))
 @pytest.mark.parametrize("method", method_names())
 def test_recipe_loads_for_every_method_with_pairs_only_for_pair_methods(project, preset, method):
@@ -77,6 +99,7 @@ def test_recipe_loads_for_every_method_with_pairs_only_for_pair_methods(project,
     # the global batch splits into whole micro-batches on one GPU
     assert distill.loop.batch_size % distill.loop.grad_accum == 0
     distill.method_config()  # every method section loads strictly into its config class
+    assert distill.policy.precision == PRECISION[method]  # the published precision
     assert recipe_warning(_unet(preset), distill, HUB_IDS[preset]) is None
 
 

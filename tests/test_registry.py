@@ -7,6 +7,7 @@ Store tests use a sqlite store in a temporary folder and a real ``mlflow server`
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 from components.config import ConfigError, from_dict
 from components.registry.card import model_card
 from components.registry.gate import (
+    PROTOCOL_FIELDS,
     Decision,
     Lineage,
     RegisterConfig,
@@ -483,3 +485,55 @@ def test_review_cli_against_server(student, mlflow_server, tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="has no tag 'dvc_exp_rev'; it has: eval_protocol, "
                                          "git_commit"):
         cli("show", "--version", "1", "--tag", "dvc_exp_rev")
+
+
+def test_partial_protocol_is_kept_out_of_the_gate_unless_asked():
+    from components.registry.gate import is_complete
+
+    card = {k: 1 for k in PROTOCOL_FIELDS} | {"protocol": "coco2017_5k", "n_reference": 5000,
+                                              "complete": True}
+    assert is_complete(card) and "partial" not in protocol_id(card)
+    for partial in ({"complete": False}, {"n_reference": 32}):
+        assert not is_complete(card | partial)
+        assert protocol_id(card | partial).startswith("coco2017_5k-partial-")
+    rule = RegisterConfig("m", "e", fid_margin=0.0, clip_tolerance=0.0)
+    candidate = {"fid": 10.0, "clip_score": 0.3, "protocol": protocol_id(card | {"complete": False})}
+    decision = should_promote(candidate, None, rule)
+    assert not decision.promote and "register.allow_incomplete" in decision.reason
+    assert should_promote(candidate, None, replace(rule, allow_incomplete=True)).promote
+
+
+def test_evaluate_warns_about_a_partial_protocol():
+    from components.evaluation.protocols import get_protocol
+    from pipeline.stages.evaluate import protocol_warnings
+
+    assert protocol_warnings(get_protocol("coco2017_5k"), 5000, 5000) == []
+    warnings = protocol_warnings(get_protocol("coco2017_5k"), 4, 32)
+    assert len(warnings) == 2 and all(w.startswith("evaluate: warning: ") for w in warnings)
+    assert "scores 5000 images, this run 4" in warnings[0]
+    assert "reference set has 5000 images, `reference.images` 32" in warnings[1]
+    assert protocol_warnings(get_protocol("world"), 16, 32) == []
+
+
+def test_same_student_reuses_its_version_and_a_fresh_store_says_nothing_of_existing(
+        student, tmp_path, monkeypatch, capfd):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(tmp_path)
+    cfg = RegisterConfig("reused-student", "distillery", fid_margin=1.0, clip_tolerance=0.05)
+    same = {"student_sha256": "a" * 64, "eval_card_sha256": "b" * 64}
+
+    def reg(identity, fid=50.0):
+        metrics = {"fid": fid, "fid_std": 0.1, "clip_score": 0.3, "clip_score_std": 0.001}
+        return register_student(cfg, student, metrics, lineage(),
+                                uri=uri, artifact_root=artifact_location(tmp_path, uri),
+                                identity=identity)
+
+    first = reg(same)
+    assert first["version"] == "1" and first["promoted"] and not first["reused"]
+    out = capfd.readouterr()
+    assert "already exists" not in out.out + out.err
+    again = reg(same)
+    assert again["version"] == "1" and again["reused"] and again["run_id"] == first["run_id"]
+    assert "already the champion" in again["reason"]
+    other = reg({**same, "eval_card_sha256": "c" * 64}, fid=40.0)
+    assert other["version"] == "2" and other["promoted"] and not other["reused"]

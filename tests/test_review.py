@@ -188,3 +188,23 @@ def test_browser_renders_the_images_side_by_side(tmp_path):
     # the captions are written under the images: dark text pixels below the teacher row
     below = pixels[teach[1] + 1: teach[1] + 40, cand[2]: cand[3]]
     assert (below.max(axis=-1) < 100).sum() > 100
+
+
+def test_review_page_through_a_tracking_server(student, mlflow_server, tmp_path, monkeypatch):
+    """The same through ``mlflow server``: the champion's samples come back over HTTP and the
+    page is stored in the server's artifact store."""
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = mlflow_server.uri
+    cfg = RegisterConfig("tiny-review-server", "review", fid_margin=0.5, clip_tolerance=0.01)
+    register_with_review(cfg, student, uri, tmp_path, BLUE, 200.0)
+    second, review = register_with_review(cfg, student, uri, tmp_path, RED, 180.0)
+    assert second["promoted"]  # 20 better: outside the noise
+    page = Path(review["path"]).read_text()
+    assert page.count("<img ") == 9 and "promoted to champion" in page
+    assert "outside the noise" in page
+    assert review["artifact_uri"].startswith("mlflow-artifacts:/")
+    client = MlflowClient(uri, registry_uri=uri)
+    fetched = Path(client.download_artifacts(second["run_id"], "review/review.html", str(tmp_path)))
+    assert fetched.read_text() == page

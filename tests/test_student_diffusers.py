@@ -44,6 +44,7 @@ for folder in sys.argv[3:]:
 KINDS = {
     "one_step_unit": GeneratorSpec(),  # SwiftBrush, DMD2
     "one_step_sigma": GeneratorSpec(t=625, input_scale="sigma"),  # SiD-LSG
+    "one_step_unit_t500": GeneratorSpec(t=500, input_scale="unit"),  # DMD2 at another t
     "few_step_ddim": GeneratorSpec(kind="ddim", steps=4),
     "w_conditioned_ddim": GeneratorSpec(kind="ddim", steps=2, guidance_weight=3.0, w_dim=8),
 }

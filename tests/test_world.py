@@ -170,3 +170,30 @@ def test_teacher_training_is_deterministic():
 
     first, second = once(), once()
     assert first[:2] == second[:2] and torch.equal(first[2], second[2])
+
+
+def test_short_context_fits_the_captions_or_fails_clearly():
+    from components.world.build import build_denoiser
+    from components.world.config import TextConfig, UNetConfig
+
+    captions = [caption(s) for s in _scenes(SceneSpace(), 4, 0)[0]]
+    latents = torch.zeros(4, 4, 8, 8)
+    small = {"unet": UNetConfig(channels=(16, 16), attention=(True, True))}
+    fits = WorldConfig(text=TextConfig(hidden=16, layers=0, heads=2, max_length=16), **small)
+    parts = build_denoiser(fits, latents, captions)
+    assert parts["ids"].shape == (4, 16) and parts["empty_ids"].shape == (16,)
+    assert parts["text_encoder"](parts["ids"])[0].shape == (4, 16, 16)
+    short = WorldConfig(text=TextConfig(hidden=16, layers=1, heads=2, max_length=8), **small)
+    with pytest.raises(ValueError, match="max_length is 8; raise it to at least 15"):
+        build_denoiser(short, latents, captions)
+
+
+def test_floor_renders_follow_the_prepared_rows(tmp_path):
+    from components.world.floors import renders_of
+
+    scenes, images = _scenes(SceneSpace(), 5, 8)
+    write_split(tmp_path / "eval", images, [caption(s) for s in scenes])
+    rows = [{"caption": caption(scenes[i]), "image_id": i, "annotation_id": i} for i in (3, 0, 3)]
+    assert np.array_equal(renders_of(tmp_path / "eval", rows), images[[3, 0, 3]])
+    with pytest.raises(ValueError, match="no render .* image id 9"):
+        renders_of(tmp_path / "eval", rows + [{"caption": "x", "image_id": 9}])

@@ -38,6 +38,7 @@ class Protocol:
     clip_prefix: str
     clip_model: str | None  # the published scorer; None: the project's own scorer
     size: int | None  # N of the full protocol; None: as many captions as given
+    reference_size: int | None = None  # images of the full reference set; None: any
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -47,11 +48,11 @@ PROTOCOLS: dict[str, Protocol] = {
     "coco2014_30k": Protocol(
         "coco2014_30k", "COCO-2014 val 30K, GigaGAN captions and protocol (FID at 256 px, "
         "clean-fid resize; reference: all of val2014)",
-        "text", Preprocess(256, "clean"), PHOTO_PREFIX, VIT_G_14, 30000),
+        "text", Preprocess(256, "clean"), PHOTO_PREFIX, VIT_G_14, 30000, 40504),
     "coco2017_5k": Protocol(
         "coco2017_5k", "COCO-2017 val 5K, one caption per image (FID at 256 px, clean-fid "
         "resize; reference: the val2017 images)",
-        "coco", Preprocess(256, "clean"), PHOTO_PREFIX, VIT_G_14, 5000),
+        "coco", Preprocess(256, "clean"), PHOTO_PREFIX, VIT_G_14, 5000, 5000),
 }
 
 

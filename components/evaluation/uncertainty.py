@@ -11,7 +11,9 @@ for N < D (the 2048 Inception features) the repeats shrink the rank of the covar
 bootstrap spread overstates its noise. Measured on Gaussian features (``tests/test_uncertainty``
 keeps the first case): std over independent redraws vs the bootstrap's vs this estimate's:
 D 128, N 64: 3.6 vs 4.8-5.9 vs 3.0-3.6; D 512, N 256: 3.5 vs 8.6-10.9 vs 3.3-3.5; D 64, N 256:
-1.0 vs 1.0 vs 1.0-1.2. The reference statistics stay fixed (the promotion gate compares two models
+1.0 vs 1.0 vs 1.0-1.2. On real Inception features of world renders (``bench/metric_noise.py``,
+N 256) both resampling estimates said 0.99-1.25 where five fresh draws spread by 0.27: there
+the estimate is conservative. The reference statistics stay fixed (the promotion gate compares two models
 against the same reference, so its noise is common to both).
 
 For N < D each subsample's FID comes from two N x N Gram matrices computed once, so a replicate

@@ -28,23 +28,20 @@ Generator loss (the score-identity loss with α; second), fresh prompts, z, ε, 
     y_fake = x0 of CFG(f_ψ(x_t), κ2),  y_real = x0 of CFG(f_φ(x_t), κ4),  ω = 1 / mean|x_g − y_real|
     L_θ = ω (y_real − y_fake)ᵀ [(y_real − x_g) − α (y_real − y_fake)]
 No stop-gradient: L_θ back-propagates through f_φ and f_ψ (their weights frozen in this step)
-into x_g and θ. That is where SiD's memory goes; ``gradient_checkpointing`` recomputes those two
-passes in the backward instead of storing them, and ``frozen_autocast`` runs them in bf16.
+into x_g and θ. That is where SiD's memory goes; the loop's policy (``distill.policy``:
+activation checkpointing, bf16) is what reduces it.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from components.diffusion import guided
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, one_step_x0
 from components.methods import Batch, GroupSpec, Teacher, register
-from components.teacher import enable_gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -64,8 +61,6 @@ class SiDLSGConfig:
     adam_betas: tuple[float, ...] = (0.0, 0.999)
     adam_eps: float = 1e-8
     max_grad_norm: float | None = None  # the fp32 recipe does not clip
-    gradient_checkpointing: bool = False
-    frozen_autocast: str = "none"  # "bf16": the teacher and fake passes under bf16 autocast
     # --ema 0.05 (Mimg) and the EDM ramp-up ratio 0.05 of sid_train.py
     ema: EMAConfig = field(default_factory=lambda: EMAConfig(kind="halflife", halflife_kimg=50.0,
                                                              rampup=0.05))
@@ -73,8 +68,6 @@ class SiDLSGConfig:
     def validate(self) -> None:
         if not 0 <= self.t_min < self.t_max <= 999 or not 0 < self.t_init <= 999:
             raise ValueError("need 0 <= t_min < t_max <= 999 and 0 < t_init <= 999")
-        if self.frozen_autocast not in ("none", "bf16"):
-            raise ValueError(f"frozen_autocast {self.frozen_autocast!r} is not 'none' or 'bf16'")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas must have two values")
 
@@ -97,9 +90,6 @@ class SiDLSG:
         self.G_theta = teacher.trainable_copy()
         self.f_psi = teacher.trainable_copy()
         self.f_phi = teacher.network.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            for net in (self.G_theta, self.f_psi):
-                enable_gradient_checkpointing(net)
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         return list((self.G_theta if group == "generator" else self.f_psi).parameters())
@@ -146,15 +136,7 @@ class SiDLSG:
 
     def _frozen_x0(self, net, x_t, t, batch: Batch, scale: float) -> torch.Tensor:
         """x0 of a CFG-guided frozen network, differentiable w.r.t. ``x_t``."""
-        autocast = (torch.autocast(x_t.device.type, dtype=torch.bfloat16)
-                    if self.cfg.frozen_autocast == "bf16" else contextlib.nullcontext())
-
-        def run(x):
-            with autocast:
-                return guided(net, x, t, batch.cond, batch.uncond, scale, "x0").float()
-        if self.cfg.gradient_checkpointing:
-            return checkpoint(run, x_t, use_reentrant=False)
-        return run(x_t)
+        return guided(net, x_t, t, batch.cond, batch.uncond, scale, "x0")
 
     def generator_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """The score-identity loss, per sample (B,), with gradients through f_φ and f_ψ; the

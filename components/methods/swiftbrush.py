@@ -96,12 +96,13 @@ class SwiftBrush:
         self.f_theta = teacher.trainable_copy()
         # ε_φ with adapters disabled, ε_ψ with them enabled: one network, as in the paper's code
         self.shared = teacher.network
-        self.lora_params = add_lora(self.shared, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        add_lora(self.shared, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         if group == "student":
             return list(self.f_theta.parameters())
-        return self.lora_params
+        # looked up each time: sharding (FSDP2) replaces the parameter objects
+        return [p for n, p in self.shared.named_parameters() if "lora_" in n]
 
     def make_optimizer(self, group: str) -> torch.optim.Optimizer:
         lr = self.cfg.student_lr if group == "student" else self.cfg.lora_lr

@@ -33,6 +33,8 @@ class RegisterConfig:
     ``noise_multiple`` standard errors of the FID difference, whichever is larger (the standard
     errors are the evaluate stage's ``fid_std``), so a gain inside the noise never promotes; a
     CLIP drop inside ``noise_multiple`` standard errors is likewise not counted as a drop.
+    A student evaluated on part of a protocol (fewer images, a smaller reference set) is a proxy
+    and never promoted unless ``allow_incomplete``.
     """
 
     model_name: str
@@ -40,6 +42,7 @@ class RegisterConfig:
     fid_margin: float
     clip_tolerance: float
     noise_multiple: float = 2.0
+    allow_incomplete: bool = False  # gate students evaluated on part of a protocol too
     fid_metric: str = "fid"
     clip_metric: str = "clip_score"
     candidate_alias: str = "candidate"
@@ -68,7 +71,20 @@ def protocol_id(card: Mapping[str, Any]) -> str:
         raise ValueError(f"eval card lacks {', '.join(missing)}; re-run the evaluate stage")
     fields = {k: card[k] for k in PROTOCOL_FIELDS}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-    return f"{card['protocol']}-{digest[:12]}"
+    return f"{card['protocol']}-{'' if is_complete(card) else PARTIAL}{digest[:12]}"
+
+
+PARTIAL = "partial-"  # in the protocol id of a card that covers part of its protocol
+
+
+def is_complete(card: Mapping[str, Any]) -> bool:
+    """Whether ``card`` covers its whole protocol: every image, and the full reference set."""
+    from components.evaluation.protocols import PROTOCOLS
+
+    protocol = PROTOCOLS.get(card["protocol"])
+    full_reference = (protocol is None or protocol.reference_size is None
+                      or card.get("n_reference") == protocol.reference_size)
+    return card.get("complete", True) is not False and full_reference
 
 
 @dataclass(frozen=True)
@@ -99,13 +115,18 @@ def should_promote(candidate: Mapping[str, Any], champion: Mapping[str, Any] | N
     ``<metric>_std``) and ``protocol``.
 
     Metrics are only comparable under the same eval protocol, so a protocol mismatch never
-    promotes. Equal FIDs do not promote (no improvement); a CLIP drop of exactly the tolerance is
+    promotes; nor does a partial protocol (``is_complete``) unless ``rule.allow_incomplete``.
+    Equal FIDs do not promote (no improvement); a CLIP drop of exactly the tolerance is
     allowed. A missing or non-finite metric on either side blocks promotion, and so does an FID
     whose noise neither side measured (the margin could not be held above it).
     """
+    ours, theirs = candidate.get(PROTOCOL), champion and champion.get(PROTOCOL)
+    if PARTIAL in str(ours) and not rule.allow_incomplete:
+        return Decision(False, f"evaluated on part of its protocol ({ours}): a proxy, not "
+                               "promoted; evaluate on the whole protocol, or set "
+                               "register.allow_incomplete: true")
     if champion is None:
         return Decision(True, "no champion yet")
-    ours, theirs = candidate.get(PROTOCOL), champion.get(PROTOCOL)
     if not ours or not theirs or ours != theirs:
         return Decision(False, f"eval protocols differ (candidate {ours!r}, champion {theirs!r}); "
                                "metrics are not comparable, re-evaluate the champion first")

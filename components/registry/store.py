@@ -31,7 +31,14 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from components.registry.card import CARD_FILE
-from components.registry.gate import PROTOCOL, TAG_PROTOCOL, Lineage, RegisterConfig, should_promote
+from components.registry.gate import (
+    PROTOCOL,
+    TAG_PROTOCOL,
+    Decision,
+    Lineage,
+    RegisterConfig,
+    should_promote,
+)
 
 MODEL_ARTIFACT = "student"
 CARD_ARTIFACTS = "model_card"  # artifact folder of the model card and its grid
@@ -123,23 +130,50 @@ def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapp
                      lineage: Lineage, *, uri: str, artifact_root: str | None = None,
                      params: Mapping[str, Any] | None = None,
                      artifacts: Sequence[str | Path] = (), run_name: str = "register",
-                     model_card: str | None = None, card_files: Sequence[str | Path] = ()) -> dict:
+                     model_card: str | None = None, card_files: Sequence[str | Path] = (),
+                     identity: Mapping[str, str] | None = None) -> dict:
     """Log, register and gate one student; returns run_id, version, promoted, reason, champion,
-    experiment_id and run_url (a link for an http tracking server, else None).
+    experiment_id, run_url (a link for an http tracking server, else None) and reused.
 
     ``metrics`` may be nested (flattened to dotted names; non-numbers are skipped); ``params`` are
     the resolved stage configs; ``artifacts`` are files or folders (grids, eval card, configs);
     ``model_card`` (markdown) is logged with ``card_files`` under ``model_card/`` and becomes the
-    version's description. Raises ``ValueError`` if ``model_name`` holds another teacher's students.
+    version's description. ``identity`` (e.g. the student's weights hash and its eval card's
+    hash) names what makes two registrations the same student: a version whose tags hold the
+    same identity is reused (alias ``candidate``, gated again), not registered twice. Raises
+    ``ValueError`` if ``model_name`` holds another teacher's students.
     """
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     _claim_model(client, cfg.model_name, lineage.teacher)
     experiment_id = _experiment_id(client, cfg.experiment, artifact_root)
+    same = _same_student(client, cfg.model_name, identity) if identity else None
+    if same is not None:
+        run_id, version = same.run_id, str(same.version)
+        record = gate_record(version_record(client, cfg.model_name, version))
+    else:
+        run_id, version, record = _register_new(
+            client, cfg, Path(student_dir), metrics, lineage, experiment_id, params or {},
+            artifacts, run_name, model_card, card_files, identity or {})
+    client.set_registered_model_alias(cfg.model_name, cfg.candidate_alias, version)
+    decision = _gate(client, cfg, version, record)
+    champion = client.get_registered_model(cfg.model_name).aliases.get(cfg.champion_alias)
+    return {"run_id": run_id, "version": version, "promoted": decision.promote,
+            "reason": decision.reason, "champion": None if champion is None else str(champion),
+            "model_uri": f"models:/{cfg.model_name}@{cfg.candidate_alias}", "tracking_uri": uri,
+            "model_name": cfg.model_name, "experiment_id": experiment_id,
+            "run_url": run_url(uri, experiment_id, run_id), "reused": same is not None}
+
+
+def _register_new(client, cfg, student_dir, metrics, lineage, experiment_id, params, artifacts,
+                  run_name, model_card, card_files, identity) -> tuple[str, str, dict]:
+    """One MLflow run with everything about the student and a new registered version of it;
+    returns the run id, the version and the record the gate compares."""
     numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
-    with _tracking(uri), mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                                          tags=lineage.tags()) as run:
+    tags = {**lineage.tags(), **identity}
+    with _tracking(client.tracking_uri), mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         # 1. what was trained and how it scored
-        _log_params(client, run.info.run_id, flatten(params or {}))
+        _log_params(client, run.info.run_id, flatten(params))
         for key, value in numeric.items():
             mlflow.log_metric(key, value)
         for path in map(Path, artifacts):
@@ -151,26 +185,39 @@ def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapp
             mlflow.log_text(model_card, f"{CARD_ARTIFACTS}/{CARD_FILE}")
             for path in card_files:
                 mlflow.log_artifact(str(path), artifact_path=CARD_ARTIFACTS)
-        # 2. the student itself, as a pyfunc model, and a new registered version of it
-        model_uri = _log_model(Path(student_dir))
-        version = mlflow.register_model(model_uri, cfg.model_name, tags=lineage.tags()).version
+        # 2. the student itself, as a pyfunc model, and a new registered version of it (the
+        # client's call: the model exists already, so MLflow's fluent one would say so)
+        info = _log_model(student_dir)
+        version = str(client.create_model_version(
+            cfg.model_name, info.model_uri, run_id=run.info.run_id, tags=tags,
+            model_id=info.model_id).version)
     if model_card is not None:
         client.update_model_version(cfg.model_name, version,
                                     description=model_card[:MAX_DESCRIPTION])
-    client.set_registered_model_alias(cfg.model_name, cfg.candidate_alias, version)
-    # 3. the gate against the current champion
-    record = {**numeric, PROTOCOL: lineage.eval_protocol}
-    decision = should_promote(record, _champion_record(client, cfg), cfg)
+    return run.info.run_id, version, {**numeric, PROTOCOL: lineage.eval_protocol}
+
+
+def _same_student(client: MlflowClient, name: str, identity: Mapping[str, str]):
+    """The newest version of ``name`` whose tags hold ``identity``, or None."""
+    versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
+    same = [v for v in versions if all(v.tags.get(k) == val for k, val in identity.items())]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
+def _gate(client: MlflowClient, cfg: RegisterConfig, version: str, record: dict):
+    """The promotion gate for ``version`` against the current champion; moves the alias if it
+    wins and records the reason on the version (and its run)."""
+    champion = client.get_registered_model(cfg.model_name).aliases.get(cfg.champion_alias)
+    if champion is not None and str(champion) == version:
+        decision = Decision(False, f"already the champion (version {version})")
+    else:
+        decision = should_promote(record, _champion_record(client, cfg), cfg)
     if decision.promote:
         client.set_registered_model_alias(cfg.model_name, cfg.champion_alias, version)
     client.set_model_version_tag(cfg.model_name, version, "promotion", decision.reason)
-    client.set_tag(run.info.run_id, "promotion", decision.reason)
-    champion = client.get_registered_model(cfg.model_name).aliases.get(cfg.champion_alias)
-    return {"run_id": run.info.run_id, "version": str(version), "promoted": decision.promote,
-            "reason": decision.reason, "champion": None if champion is None else str(champion),
-            "model_uri": f"models:/{cfg.model_name}@{cfg.candidate_alias}", "tracking_uri": uri,
-            "model_name": cfg.model_name, "experiment_id": experiment_id,
-            "run_url": run_url(uri, experiment_id, run.info.run_id)}
+    client.set_tag(client.get_model_version(cfg.model_name, version).run_id, "promotion",
+                   decision.reason)
+    return decision
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
@@ -229,8 +276,9 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) ->
         client.log_batch(run_id, params=items[start:start + 100])
 
 
-def _log_model(student_dir: Path) -> str:
-    """Log ``student_dir`` as the artifact of a pyfunc model in the active run; returns its URI."""
+def _log_model(student_dir: Path):
+    """Log ``student_dir`` as the artifact of a pyfunc model in the active run; returns its
+    ``ModelInfo`` (``model_uri``, ``model_id``)."""
     if not student_dir.is_dir():
         raise FileNotFoundError(f"student folder {student_dir} does not exist")
     import components
@@ -247,7 +295,7 @@ def _log_model(student_dir: Path) -> str:
             artifacts={MODEL_ARTIFACT: str(student_dir)},
             code_paths=[str(Path(components.__file__).parent)],
             pip_requirements=_requirements(), signature=signature)
-    return info.model_uri
+    return info
 
 
 def _requirements() -> list[str]:

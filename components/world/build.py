@@ -39,6 +39,50 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def train_autoencoder(cfg: WorldConfig, images: torch.Tensor, reference: torch.Tensor, emit):
+    """The VAE on uint8 (N, H, W, 3) training images, scaled so that latents have unit std."""
+    torch.manual_seed(cfg.seed)
+    vae = build_vae(cfg.vae, cfg.data.image_size)
+    report = train_vae(vae, images, cfg.vae, cfg.seed, emit)
+    report.update(reconstruction_psnr(vae, reference))
+    latents = encode_latents(vae, images)
+    scale = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    report["scaling_factor"] = scale
+    return vae, latents * scale, report
+
+
+def build_denoiser(cfg: WorldConfig, latents: torch.Tensor, captions: list[str]) -> dict:
+    """Untrained tokenizer, text encoder and UNet, plus the token ids of ``captions`` (N, L)
+    and of the empty prompt (L,), for latents (N, C, h, w)."""
+    tokenizer = build_tokenizer(cfg.text.max_length)
+    unique = sorted(set(captions))
+    longest = max(len(ids) for ids in tokenizer(unique).input_ids)
+    if longest > cfg.text.max_length:
+        raise ValueError(f"captions need {longest} tokens but world.text.max_length is "
+                         f"{cfg.text.max_length}; raise it to at least {longest}")
+    unique_ids = tokenize(tokenizer, unique)
+    index = {c: i for i, c in enumerate(unique)}
+    torch.manual_seed(cfg.seed + 1)
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": build_text_encoder(cfg.text, len(tokenizer)),
+        "unet": build_unet(cfg.unet, latents.shape[-1], cfg.vae.latent_channels, cfg.text.hidden),
+        "ids": unique_ids[torch.tensor([index[c] for c in captions])],
+        "empty_ids": tokenize(tokenizer, [""])[0],
+    }
+
+
+def train_denoiser(cfg: WorldConfig, latents: torch.Tensor, captions: list[str], emit):
+    """Text encoder + UNet on scaled latents (N, C, h, w); returns (tokenizer, text, unet, report)."""
+    parts = build_denoiser(cfg, latents, captions)
+    text, unet = parts["text_encoder"], parts["unet"]
+    report = train_unet(
+        unet, text, latents, parts["ids"], parts["empty_ids"], cfg.unet, cfg.seed, emit
+    )
+    return parts["tokenizer"], text, unet, report
+
+
 def train_teacher(
     cfg: WorldConfig,
     train_images: np.ndarray,
@@ -49,36 +93,13 @@ def train_teacher(
     """Train VAE, then UNet + text encoder; returns (parts for the pipeline, report)."""
     emit = _metric_logger(log)
     images = torch.from_numpy(train_images)
-    torch.manual_seed(cfg.seed)
-    vae = build_vae(cfg.vae, cfg.data.image_size)
-    report = {"vae": train_vae(vae, images, cfg.vae, cfg.seed, emit)}
-    report["vae"].update(reconstruction_psnr(vae, torch.from_numpy(reference_images)))
-    log(f"vae: {report['vae']}")
-    latents = encode_latents(vae, images)
-    scale = 1.0 / latents.std().item()
-    vae.register_to_config(scaling_factor=scale)
-    report["vae"]["scaling_factor"] = scale
-
-    tokenizer = build_tokenizer()
-    unique = sorted(set(train_captions))
-    unique_ids = tokenize(tokenizer, unique)
-    index = {c: i for i, c in enumerate(unique)}
-    ids = unique_ids[torch.tensor([index[c] for c in train_captions])]
-    torch.manual_seed(cfg.seed + 1)
-    text_encoder = build_text_encoder(cfg.text, len(tokenizer))
-    unet = build_unet(cfg.unet, latents.shape[-1], cfg.vae.latent_channels, cfg.text.hidden)
-    report["unet"] = train_unet(
-        unet,
-        text_encoder,
-        latents * scale,
-        ids,
-        tokenize(tokenizer, [""])[0],
-        cfg.unet,
-        cfg.seed,
-        emit,
+    vae, latents, vae_report = train_autoencoder(
+        cfg, images, torch.from_numpy(reference_images), emit
     )
-    log(f"unet: {report['unet']}")
-    return (vae, text_encoder, tokenizer, unet), report
+    log(f"vae: {vae_report}")
+    tokenizer, text_encoder, unet, unet_report = train_denoiser(cfg, latents, train_captions, emit)
+    log(f"unet: {unet_report}")
+    return (vae, text_encoder, tokenizer, unet), {"vae": vae_report, "unet": unet_report}
 
 
 def build_world(

@@ -49,6 +49,7 @@ class TextConfig:
     hidden: int = 128
     layers: int = 2
     heads: int = 4
+    max_length: int = 77  # context length (tokens, BOS and EOS included); SD uses 77
 
 
 @dataclass(frozen=True)

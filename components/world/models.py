@@ -14,7 +14,6 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from components.world.config import TextConfig, UNetConfig, VaeConfig
-from components.world.tokenizer import MAX_LENGTH
 
 # Stable Diffusion's noise schedule: scaled_linear betas 0.00085 -> 0.012 over 1000 steps
 SD_SCHEDULE = {
@@ -48,7 +47,7 @@ def build_text_encoder(cfg: TextConfig, vocab_size: int) -> CLIPTextModel:
         intermediate_size=4 * cfg.hidden,
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
-        max_position_embeddings=MAX_LENGTH,
+        max_position_embeddings=cfg.max_length,
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
@@ -78,18 +77,17 @@ def train_scheduler() -> DDPMScheduler:
     return DDPMScheduler(**SD_SCHEDULE)
 
 
-def save_pipeline(
-    folder: str | Path,
+def assemble_pipeline(
     vae: AutoencoderKL,
     text_encoder: CLIPTextModel,
     tokenizer: CLIPTokenizer,
     unet: UNet2DConditionModel,
-) -> None:
-    """Write a folder that ``StableDiffusionPipeline.from_pretrained`` loads (DDIM, SD config)."""
+) -> StableDiffusionPipeline:
+    """The teacher's parts as a StableDiffusionPipeline with SD's DDIM scheduler settings."""
     scheduler = DDIMScheduler(
         **SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -99,4 +97,14 @@ def save_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
+
+
+def save_pipeline(
+    folder: str | Path,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+) -> None:
+    """Write a folder that ``StableDiffusionPipeline.from_pretrained`` loads (DDIM, SD config)."""
+    assemble_pipeline(vae, text_encoder, tokenizer, unet).save_pretrained(folder)

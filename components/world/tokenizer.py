@@ -61,10 +61,14 @@ def build_vocab() -> dict[str, int]:
     return {tok: i for i, tok in enumerate(tokens)}
 
 
-def build_tokenizer() -> CLIPTokenizer:
-    """A ``transformers.CLIPTokenizer`` whose ids equal open_clip's; padded to 77 tokens."""
+def build_tokenizer(max_length: int = MAX_LENGTH) -> CLIPTokenizer:
+    """A ``transformers.CLIPTokenizer`` whose ids equal open_clip's; pads to ``max_length`` tokens.
+
+    77 is Stable Diffusion's context; a world whose captions are short can use fewer (the pipeline
+    pads and truncates to the tokenizer's ``model_max_length``).
+    """
     return CLIPTokenizer(
         vocab=build_vocab(),
         merges=[tuple(m.split()) for m in read_merges()],
-        model_max_length=MAX_LENGTH,
+        model_max_length=max_length,
     )

@@ -111,6 +111,17 @@ def reconstruction_psnr(vae: AutoencoderKL, images: torch.Tensor, batch: int = 2
     return {"mse": mse, "psnr": 10 * math.log10(1.0 / max(mse, 1e-12))}
 
 
+@torch.no_grad()
+def reconstruct(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The VAE's uint8 (N, H, W, 3) reconstructions (decoded posterior means) of uint8 images."""
+    out = []
+    for i in range(0, len(images), batch):
+        latents = vae.encode(to_pixels(images[i : i + batch])).latent_dist.mean
+        x = vae.decode(latents).sample.clamp(-1, 1)
+        out.append(((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(out)
+
+
 def min_snr_weight(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma weight for an epsilon loss: min(SNR, gamma) / SNR (1 where gamma is 0)."""
     if gamma <= 0:

@@ -17,7 +17,7 @@ from pipeline import paths
 from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, write_resolved
 
-BOOTSTRAP_METRICS = paths.METRICS / "bootstrap.json"
+BOOTSTRAP_METRICS = paths.BOOTSTRAP_METRICS
 
 
 def run(root: Path) -> None:

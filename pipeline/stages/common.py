@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 from components.config import ConfigError, to_dict
 from components.io import CacheError, write_json
@@ -23,6 +26,34 @@ def require(path: Path, producer: str) -> Path:
         raise FileNotFoundError(f"{path} does not exist; it is produced by the {producer} stage: "
                                 f"run `dvc repro {producer}` first")
     return path
+
+
+def declared_deps(root: Path, stage: str) -> list[Path] | None:
+    """The dependencies ``root/dvc.yaml`` declares for ``stage`` as absolute paths, ``${...}``
+    filled in from ``params.yaml`` as DVC does; None when ``root`` has no dvc.yaml."""
+    dvc_file = root / "dvc.yaml"
+    if not dvc_file.exists():
+        return None
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")) or {}
+
+    def value(match: re.Match) -> str:
+        node = params
+        for part in match.group(1).split("."):
+            node = node[part]
+        return str(node)
+
+    deps = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"][stage]["deps"]
+    return [(root / re.sub(r"\$\{([\w.]+)\}", value, str(d))).resolve() for d in deps]
+
+
+def undeclared(root: Path, stage: str, files: list[Path]) -> list[Path]:
+    """Those of ``files`` that no dependency of ``stage`` in ``root/dvc.yaml`` covers (none
+    without a dvc.yaml): DVC would not re-run the stage when they change."""
+    deps = declared_deps(root, stage)
+    if deps is None:
+        return []
+    return [f for f in files if not any(f.resolve() == d or d in f.resolve().parents
+                                        for d in deps)]
 
 
 def write_resolved(path: Path, **configs) -> None:

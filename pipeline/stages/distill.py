@@ -37,10 +37,12 @@ from components.generation import (
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from components.methods import Teacher, get_method, pair_guidance_range
 from components.pair_cache import PairCache
+from components.policy import TrainingPolicy
 from components.teacher import load_pipeline, resolve_model, teacher_denoiser
 from components.training import checkpoint_step, train
 from pipeline import paths
 from pipeline.checkpoints import RunRecord, code_hash, prune_runs, run_key
+from pipeline.launch import torchrun
 from pipeline.params import load_stage
 from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
@@ -155,13 +157,21 @@ def _resolved(root: Path, teacher_cfg, cfg, method_cfg, cache, method) -> dict:
     return resolved
 
 
+def _run_folder(root: Path, key: str, steps: int) -> Path:
+    """The run's checkpoint folder: ``<key>``, or ``<key>-steps<N>`` when ``<key>`` is trained
+    beyond ``steps`` (a shorter run of the same training: its state at ``steps`` is gone)."""
+    folder = root / paths.CHECKPOINTS / key
+    done = checkpoint_step(folder)
+    if done <= steps:
+        return folder
+    log(f"distill: run {key} is trained to step {done}, beyond distill.loop.steps {steps}: "
+        f"training {steps} steps in {key}-steps{steps}")
+    return folder.with_name(f"{key}-steps{steps}")
+
+
 def _resume(ckpt_dir: Path, steps: int, record: RunRecord) -> None:
-    """Say where the run resumes and drop what the killed segment logged after that step."""
+    """Say where the run resumes and drop what a killed segment logged after that step."""
     done = checkpoint_step(ckpt_dir)
-    if done > steps:
-        raise ValueError(f"{paths.CHECKPOINTS / ckpt_dir.name} holds this run trained to step "
-                         f"{done}, beyond distill.loop.steps {steps}: set loop.steps to at least "
-                         f"{done}, or delete that folder to train {steps} steps afresh")
     if done:
         log(f"distill: resuming from step {done} of {steps}"
             + (": already trained" if done == steps else ""))
@@ -191,9 +201,14 @@ def _progress(root: Path, cfg, record: RunRecord, run: str, is_main: bool):
 def run(root: Path) -> None:
     configs = load_stage(root, "distill")
     teacher_cfg, cfg = configs["teacher"], configs["distill"]
-    # under torchrun / accelerate launch: join the job; "cuda" becomes this process's GPU
+    distributed.check_processes(cfg.processes, cfg.device)
+    if cfg.processes > 1 and not distributed.launched():
+        torchrun("pipeline.stages.distill", root, cfg.processes)  # this stage, N processes
+        return
+    # under torchrun: join the job; "cuda" becomes this process's GPU
     local = replace(cfg, device=distributed.init_from_env(cfg.device))
     is_main = distributed.context().is_main
+    policy = TrainingPolicy(cfg.policy)
     if is_main and (warning := recipe_warning(teacher_unet_config(teacher_cfg, root), cfg,
                                               teacher_cfg.model)):
         log(warning)  # a real teacher with another preset's settings
@@ -208,28 +223,30 @@ def run(root: Path) -> None:
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
     batches = _batches(root, cache, pipe, method, local, prompts_sha)
     resolved = _resolved(root, teacher_cfg, cfg, method_cfg, cache, method)
-    key = run_key(resolved, cfg.method)
-    ckpt_dir = root / paths.CHECKPOINTS / key
+    ckpt_dir = _run_folder(root, run_key(resolved, cfg.method), cfg.loop.steps)
     record = RunRecord(ckpt_dir)
     _resume(ckpt_dir, cfg.loop.steps, record)
-    progress, bar = _progress(root, cfg, record, key, is_main)
+    progress, bar = _progress(root, cfg, record, ckpt_dir.name, is_main)
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
-                _sampler(root, pipe, cache, method.spec, local, record), progress)
+                _sampler(root, pipe, cache, method.spec, local, record), progress, policy)
     bar.close()
+    ema.copy_to(method.student())
+    student = policy.full_module(method.student())  # every process gathers; rank 0 keeps it
     if is_main:
-        _save(root, teacher_cfg, method, ema, cfg, record, resolved)
+        _save(root, teacher_cfg, method.spec, student, policy, cfg, record, resolved)
     distributed.finish()
 
 
-def _save(root, teacher_cfg, method, ema, cfg, record: RunRecord, resolved) -> None:
-    student = method.student()
-    ema.copy_to(student)
+def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, resolved) -> None:
     full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
     with atomic_dir(root / paths.STUDENT) as out:
-        save_student(full, method.spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
-                                              "steps": cfg.loop.steps})
+        save_student(full, spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
+                                       "steps": cfg.loop.steps, "policy": policy.describe()})
     with atomic_dir(root / paths.DISTILL_OUT) as out:
-        shutil.copytree(record.samples, out / "samples")
+        (out / "samples").mkdir()
+        for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
+            if int(grid.stem.split("-")[1]) <= cfg.loop.steps:
+                shutil.copy2(grid, out / "samples" / grid.name)
         write_resolved(out / "resolved_config.json", **{
             k: v for k, v in resolved.items() if k in ("teacher", "distill", "method_config")})
     rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]

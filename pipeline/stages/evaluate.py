@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors.numpy import load_file
 
 from components import distributed
@@ -34,7 +35,9 @@ from components.generation import load_student, sample_teacher
 from components.io import atomic_dir, read_json, sha256_tree, write_json
 from components.prompts import read_text_prompts
 from components.teacher import load_pipeline, resolve_model
+from components.world.floors import FLOORS, renders_of
 from components.world.render import attribute_accuracy
+from components.world.train import reconstruct
 from pipeline import paths
 from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, require, write_resolved
@@ -59,6 +62,21 @@ def _captions(root: Path, cfg, protocol) -> list[str]:
                          f"{leaked[0]!r}); set `prompts.eval_source` to {cfg.captions} so "
                          "prepare_prompts removes them, and re-run `dvc repro`")
     return captions
+
+
+def protocol_warnings(protocol, n_captions: int, n_reference: int) -> list[str]:
+    """Why this run is not the full protocol (fewer captions, a smaller reference set): its
+    numbers are a proxy, not comparable with published ones."""
+    out = []
+    if protocol.size and n_captions != protocol.size:
+        out.append(f"protocol {protocol.name} scores {protocol.size} images, this run "
+                   f"{n_captions} (`evaluate.num_images` or a short caption file)")
+    if protocol.reference_size and n_reference != protocol.reference_size:
+        out.append(f"protocol {protocol.name}'s reference set has {protocol.reference_size} "
+                   f"images, `reference.images` {n_reference}")
+    return [f"evaluate: warning: {w}: its FID is a proxy, not comparable with published "
+            f"{protocol.name} numbers; register keeps it out of the promotion gate "
+            "(`register.allow_incomplete`)" for w in out]
 
 
 def _reference(root: Path) -> Reference:
@@ -99,6 +117,34 @@ def _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score) -> d
     return out
 
 
+def _floor_runs(root, teacher_cfg, cfg, settings, score) -> dict:
+    """The world's floors (``components.world.floors``): real renders of the evaluation captions
+    and the teacher VAE's reconstructions of them, scored like a model and cached; rows on
+    rank 0 (the other processes of a job only score their share)."""
+    from diffusers import AutoencoderKL
+
+    real = renders_of(root / paths.WORLD / "eval",
+                      read_json(_in_root(root, cfg.captions))[: cfg.num_images])
+    cache, out, main = RunCache(root / paths.TOOL_CACHE / "eval"), {}, processes()[0] == 0
+    for name in FLOORS:
+        key = {**settings, "floor": name}
+        hit = cache.get(key) if main else None
+        if broadcast(hit is None):
+            images = real
+            if name == "vae_reconstruction":
+                source = resolve_model(teacher_cfg.model, root)
+                vae = AutoencoderKL.from_pretrained(source, subfolder="vae").to(cfg.device)
+                images = reconstruct(vae, torch.from_numpy(real).to(cfg.device)).cpu().numpy()
+            # image i of the protocol is the render of caption i, whichever process scores it
+            row, grid = score(name, lambda c, s, x=images: x[np.asarray(s) - cfg.seed])
+            if not main:
+                continue
+            hit = ({**row, "steps": 0}, grid)
+            cache.put(key, *hit)
+        out[name] = hit[0]
+    return out
+
+
 def run(root: Path) -> None:
     configs = load_stage(root, "evaluate")
     teacher_cfg, cfg = configs["teacher"], configs["evaluate"]
@@ -109,6 +155,8 @@ def run(root: Path) -> None:
     seeds = [cfg.seed + i for i in range(len(captions))]
     ref = _reference(root)
     ref.check_preprocess(protocol)
+    for warning in protocol_warnings(protocol, len(captions), ref.meta["n_images"]):
+        log(warning)
     net = load_inception(root / paths.TOOL_CACHE / "inception",
                          ref.meta["feature_network"]["source"], cfg.device)
     spec = cfg.scorer_spec()
@@ -140,6 +188,9 @@ def run(root: Path) -> None:
                 "device": cfg.device.split(":")[0], "precision": cfg.precision,
                 "uncertainty": evaluator.noise.describe()}
     results = _teacher_runs(root, teacher_cfg, cfg, captions, seeds, settings, score)
+    floors = {}
+    if world and protocol.caption_format == "prepared":
+        floors = _floor_runs(root, teacher_cfg, cfg, settings, score)
     student = load_student(require(root / paths.STUDENT, "distill"), cfg.device, cfg.dtype())
     row, grid = score("student", lambda c, s: student.generate(c, s, cfg.batch_size))
     if processes()[0] == 0:
@@ -149,7 +200,7 @@ def run(root: Path) -> None:
         row = {**row, "latency_s": latency["median_s"], "steps": student.spec.steps}
         results["student"] = ({"row": row, "latency": latency}, grid)
         cards = _cards(cfg, protocol, results, captions, ref, net, scorer, evaluator.noise)
-        _write(root, cfg, teacher_cfg, results, cards, captions)
+        _write(root, cfg, teacher_cfg, results, cards, captions, floors)
     distributed.finish()
 
 
@@ -168,7 +219,7 @@ def _cards(cfg, protocol, results, captions, ref, net, scorer, noise) -> dict:
     return result_cards(common, {name: result for name, (result, _) in results.items()})
 
 
-def _write(root, cfg, teacher_cfg, results, cards, captions) -> None:
+def _write(root, cfg, teacher_cfg, results, cards, captions, floors) -> None:
     rows = {name: results[name][0]["row"] for name in ORDER}
     curve = curve_points([r["row"] for r, _ in results.values()], cfg.curve_guidance_scales)
     grids = np.concatenate([results[name][1] for name in ORDER])
@@ -187,13 +238,15 @@ def _write(root, cfg, teacher_cfg, results, cards, captions) -> None:
         if curve:
             fid_clip_curve(curve, out / "fid_clip_curve.png", {"student": rows["student"]})
         doc = {name: {"card": cards[name], "metrics": rows[name]} for name in ORDER}
+        if floors:  # scored under the students' card settings; nothing is sampled (steps 0)
+            doc["floors"] = floors
         doc["teacher_curve"] = {"card": {**cards["teacher"], "guidance_scale": None},
                                 "points": curve}
         doc["latency"] = latency
         write_json(out / "eval_card.json", doc)
         write_resolved(out / "resolved_config.json", teacher=teacher_cfg, evaluate=cfg)
     curve_metrics = {f"s{p['guidance_scale']:g}".replace(".", "_"): p for p in curve}
-    write_json(root / paths.EVAL_METRICS, {"protocol": cfg.protocol, **rows,
+    write_json(root / paths.EVAL_METRICS, {"protocol": cfg.protocol, **rows, **floors,
                                            "teacher_curve": curve_metrics, "latency": latency})
 
 

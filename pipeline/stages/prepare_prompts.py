@@ -7,14 +7,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.io import atomic_dir, write_json
-from components.prompts import prepare, read_source, select_eval
+from components.prompts import PromptSourceError, prepare, read_source, select_eval, source_path
 from pipeline import paths
 from pipeline.params import load_stage
-from pipeline.stages.common import entry, log, write_resolved
+from pipeline.stages.common import entry, log, undeclared, write_resolved
+
+
+def _check_declared(root: Path, cfg) -> None:
+    """Every prompt file must be a dvc.yaml dependency of this stage, else editing it would
+    leave the prompts stale while `dvc status` says up to date."""
+    files = [source_path(s, root) for s in (*cfg.train_sources, cfg.eval_source)]
+    missing = undeclared(root, "prepare_prompts", files)
+    if missing:
+        raise PromptSourceError(
+            f"prompt source {missing[0]} is not a dependency of prepare_prompts in dvc.yaml, so "
+            "`dvc repro` would not see it change: move it under data/sources/ (a declared "
+            "folder) or add its path to the stage's deps in dvc.yaml")
 
 
 def run(root: Path) -> None:
     cfg = load_stage(root, "prepare_prompts")["prompts"]
+    _check_declared(root, cfg)
     train = [c.caption for src in cfg.train_sources for c in read_source(src, root)]
     evals = select_eval(read_source(cfg.eval_source, root), cfg)
     kept, evals, manifest = prepare(train, evals, cfg)

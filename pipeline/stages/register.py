@@ -4,9 +4,10 @@ champion under the same eval protocol (the protocol's name plus a hash of its ev
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from components.io import read_json, sha256_file, write_json
+from components.io import read_json, sha256_bytes, sha256_file, sha256_tree, write_json
 from components.registry.card import GRID_FILE, model_card
 from components.registry.gate import Lineage, protocol_id
 from components.registry.review_store import candidate_side, current_champion, publish_review
@@ -40,7 +41,8 @@ def run(root: Path) -> None:
     result = register_student(cfg, root / paths.STUDENT, metrics, lineage, uri=uri,
                               artifact_root=artifact_location(root, uri),
                               params=read_params(root), artifacts=artifacts, model_card=card,
-                              card_files=[grid] if grid.exists() else [])
+                              card_files=[grid] if grid.exists() else [],
+                              identity=identity(root / paths.STUDENT, cards["student"]["card"]))
     candidate = candidate_side(uri, cfg, result["version"], root / paths.EVAL_OUT,
                                root / paths.LOSS_PLOT, root / paths.PROXY_FID_PLOT)
     review = publish_review(uri, cfg, result, candidate, champion, root / paths.REVIEW_OUT)
@@ -49,8 +51,17 @@ def run(root: Path) -> None:
     write_json(root / paths.REGISTER_OUT, result)
     log(f"register: review page {review['path']} (MLflow: {review['artifact_uri']})")
     verdict = "promoted to champion" if result["promoted"] else "not promoted"
-    log(f"register: {cfg.model_name} version {result['version']} is candidate; {verdict} "
+    same = " (the same student and eval card as before: reused)" if result["reused"] else ""
+    log(f"register: {cfg.model_name} version {result['version']}{same} is candidate; {verdict} "
         f"({result['reason']})")
+
+
+def identity(student: Path, card: dict) -> dict[str, str]:
+    """What makes two registrations the same: the student folder's content hash and its eval
+    card's, the measured latency left out (it varies from run to run)."""
+    settings = {k: v for k, v in card.items() if k != "latency"}
+    return {"student_sha256": sha256_tree(student),
+            "eval_card_sha256": sha256_bytes(json.dumps(settings, sort_keys=True).encode())}
 
 
 def main() -> None:

@@ -1,0 +1,134 @@
+"""Device tier: device and dtype mistakes that only a GPU would show, caught on a CPU.
+
+Every method runs whole iterations (every optimizer group, the EMA update, the optimizer steps, a
+checkpoint save and a resume) through the real training loop and policy at SD1.5 and SDXL
+architecture size on the ``meta`` device: tensors with shapes and dtypes but no memory or
+values, and an error on any meta/CPU mix ("Tensor on device cpu is not on the expected device
+meta"), as a GPU run errors on a CUDA/CPU mix. Checkpoints go through DCP's planning with a
+storage that records devices instead of writing bytes (``tests/meta_storage.py``). Generation
+(forward only) runs on fake ``cuda`` tensors (``FakeTensorMode``), whose backward needs a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from components import checkpoint
+from components.architectures import scheduler_config, unet_config
+from components.diffusion import NoiseSchedule
+from components.generation import generate_latents
+from components.methods import Batch, Teacher, get_method, method_names
+from components.policy import PolicyConfig, TrainingPolicy
+from components.teacher import TextConditioning, UNetDenoiser
+from components.training import LoopConfig, train
+from tests.meta_storage import MetaStore
+
+ARCHS = ("sd15", "sdxl")
+# Published defaults, except the phases are split so that two iterations reach every group, and
+# InstaFlow's LPIPS (ImageNet weights, not here) is off.
+OVERRIDES = {"instaflow": {"reflow_fraction": 0.5, "lpips_fraction": 0.0},
+             "meng": {"stage1_fraction": 0.5}}
+
+
+@functools.cache
+def _unet(arch: str) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        return UNet2DConditionModel(**unet_config(arch))
+
+
+def _teacher(arch: str, device: str = "meta") -> Teacher:
+    sched = scheduler_config(arch)
+    unet = copy.deepcopy(_unet(arch)) if device == "meta" else _fake_unet(arch)
+    schedule = NoiseSchedule.from_scheduler(DDIMScheduler(**sched))
+    return Teacher(UNetDenoiser(unet, schedule, sched.get("prediction_type", "epsilon")))
+
+
+def _fake_unet(arch: str) -> UNet2DConditionModel:
+    with torch.device("cuda"):
+        return UNet2DConditionModel(**unet_config(arch))
+
+
+def _cond(arch: str, batch: int, device: str) -> TextConditioning:
+    cfg = unet_config(arch)
+    text = torch.zeros(batch, 77, cfg["cross_attention_dim"], device=device)
+    if arch != "sdxl":
+        return TextConditioning(text)
+    return TextConditioning(text, torch.zeros(batch, 1280, device=device),
+                            torch.zeros(batch, 6, device=device))
+
+
+class _MetaBatches:
+    """Batches of meta tensors at the architecture's latent size (pairs included)."""
+
+    def __init__(self, arch: str):
+        self.arch, self.side = arch, unet_config(arch)["sample_size"]
+
+    def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0) -> Batch:
+        shape = (batch_size, 4, self.side, self.side)
+        return Batch(_cond(self.arch, batch_size, "meta"), _cond(self.arch, batch_size, "meta"),
+                     torch.zeros(shape, device="meta"), gen, step,
+                     torch.zeros(shape, device="meta"))
+
+
+def _build(name: str, arch: str):
+    cfg_cls, factory = get_method(name)
+    return factory(cfg_cls(**OVERRIDES.get(name, {})), _teacher(arch), 2)
+
+
+def _on_meta(module: torch.nn.Module) -> list[str]:
+    return [n for n, t in [*module.named_parameters(), *module.named_buffers()]
+            if t.device.type != "meta"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_trains_checkpoints_and_resumes_on_meta(name, arch, precision, tmp_path,
+                                                             monkeypatch):
+    store = MetaStore()
+    store.install(monkeypatch, checkpoint)
+    loop = LoopConfig(steps=1, batch_size=2, log_every=1, sample_every=100,
+                      checkpoint_every=1)
+    policy = PolicyConfig(precision=precision, activation_checkpointing=True)
+    logs: list = []
+    method = _build(name, arch)
+    train(method, _MetaBatches(arch), loop, tmp_path, lambda m, s: logs.append(m),
+          lambda module, step: None, policy=TrainingPolicy(policy))
+    for module_name, module in method.state_modules().items():
+        assert not _on_meta(module), f"{module_name}: off the run's device: {_on_meta(module)}"
+    # a fresh run resumes from step 1 and runs iteration 1 (the second phase, where there is one)
+    resumed = _build(name, arch)
+    loop2 = LoopConfig(**{**loop.__dict__, "steps": 2})
+    ema = train(resumed, _MetaBatches(arch), loop2, tmp_path, lambda m, s: logs.append(m),
+                lambda module, step: None, policy=TrainingPolicy(policy))
+    # Adam's step counters are host scalars by design (torch.optim, not capturable)
+    off = sorted(k for k, d in {**store.written, **store.loaded}.items()
+                 if d != "meta" and not k.endswith("/step"))
+    assert not off, f"{len(off)} checkpoint tensors off the meta device: {off[:5]}"
+    assert any(k.startswith("ema/") for k in store.loaded)
+    assert all(v.device.type == "meta" for v in ema.shadow.values())
+    assert all(v.dtype == torch.float32 for v in ema.shadow.values()
+               if v.dtype.is_floating_point), "the EMA is kept in fp32"
+    assert len(logs) == 2 and {k.split("_")[0] for k in logs[1]} >= {"dropped"}
+    groups = {g.name for g in method.groups}
+    assert {k[len("dropped_"):] for log in logs for k in log if k.startswith("dropped_")} == groups
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_student_generates_on_fake_cuda(arch):
+    """Forward only: each method's student sampler on fake CUDA tensors, full size."""
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        for name in method_names():
+            teacher = _teacher(arch, device="cuda")
+            cfg_cls, factory = get_method(name)
+            method = factory(cfg_cls(**OVERRIDES.get(name, {})), teacher, 2)
+            z = torch.zeros(2, 4, 8, 8, device="cuda")
+            with torch.no_grad():
+                out = generate_latents(method.student(), z, _cond(arch, 2, "cuda"), method.spec)
+            assert out.device.type == "cuda" and out.shape == z.shape, name
