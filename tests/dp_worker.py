@@ -56,8 +56,14 @@ class Pairs:
     def __len__(self) -> int:
         return 8
 
+    def prompts(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.prompt[idx]
+
     def noise(self, idx: torch.Tensor) -> torch.Tensor:
         return seeded_noise((idx + 100).tolist(), LATENT)
+
+    def samples(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.x1[idx].to(dtype)
 
 
 def main() -> None:
