@@ -56,6 +56,9 @@ class Pairs:
     def __len__(self) -> int:
         return 8
 
+    def prompts(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.prompt[idx]
+
     def noise(self, idx: torch.Tensor) -> torch.Tensor:
         return seeded_noise((idx + 100).tolist(), LATENT)
 
