@@ -62,9 +62,6 @@ class Pairs:
     def noise(self, idx: torch.Tensor) -> torch.Tensor:
         return seeded_noise((idx + 100).tolist(), LATENT)
 
-    def prompts(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.prompt[idx]
-
     def samples(self, idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.x1[idx].to(dtype)
 
