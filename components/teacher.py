@@ -89,6 +89,8 @@ class UNetDenoiser(torch.nn.Module):
         added = None
         if cond.pooled is not None:
             added = {"text_embeds": cond.pooled.to(dtype), "time_ids": cond.time_ids.to(dtype)}
+        if timestep_cond is not None:  # the w embedding enters like the text: in the UNet's dtype
+            timestep_cond = timestep_cond.to(dtype)
         out = self.unet(x_t.to(dtype), t, encoder_hidden_states=cond.text.to(dtype),
                         added_cond_kwargs=added, timestep_cond=timestep_cond,
                         return_dict=False)[0]
