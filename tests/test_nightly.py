@@ -189,7 +189,7 @@ def test_night_runs_every_stage_and_leaves_lineage(night1, project, tracking):
     from mlflow import MlflowClient
 
     tasks = task_runs_of(night1.id)
-    assert set(tasks) == {"configure", *STAGES, "record"}
+    assert set(tasks) == {"configure", "check_params", *STAGES, "record"}
     assert all(t.state.is_completed() for t in tasks.values())
     # the same dvc.lock a `dvc repro` leaves, and the run saved as a DVC experiment
     assert json.loads(dvc(project, "status", "--json")) == {}
