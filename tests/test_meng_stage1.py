@@ -27,6 +27,7 @@ WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # the case's w range is [0, 2]
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
 def test_w_conditioned_student_has_the_teachers_guidance_at_every_w(problem, seed, tmp_path):
     P = PROBLEMS[problem]
+    torch.manual_seed(seed)  # the networks' initial weights too (hyper-network layers)
     method = build("meng", P, 2 * STAGE1, {"stage1_fraction": 0.5})
     run(method, batches_for(method, P, 2.0), STAGE1, seed, tmp_path)  # stops where stage 2 would
     T, n = P.teacher(), 2000

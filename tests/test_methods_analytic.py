@@ -77,6 +77,7 @@ def test_guided_target_is_exact(problem):
 def test_student_matches_the_guided_target(name, problem, seed, tmp_path):
     P = PROBLEMS[problem]
     s, _, steps = CASES[name]
+    torch.manual_seed(seed)  # the networks' initial weights too (hyper-network layers)
     method = build(name, P, steps)
     displace(method.student(), P)
     T = P.teacher()
