@@ -36,7 +36,7 @@ def test_batch_k_is_the_same_from_the_lazy_cache_as_from_the_whole_table(tmp_pat
     for step in range(4):
         a, b = lazy(6, step_generator(0, step), step), whole(6, step_generator(0, step), step)
         assert torch.equal(a.cond.text, b.cond.text) and torch.equal(a.z, b.z)
-    write_pairs(tmp_path / "p", lambda ids, z: z + ids.view(-1, 1, 1, 1), len(prompts),
+    write_pairs(tmp_path / "p", lambda ids, z, _scale: z + ids.view(-1, 1, 1, 1), len(prompts),
                 (4, 2, 2), PairsConfig(count=12, shard_size=5, batch_size=4), {},
                 log=lambda _: None)
     pairs = PairCache(tmp_path / "p")
