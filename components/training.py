@@ -36,7 +36,9 @@ from components.methods import Batch, GroupSpec, Method
 from components.policy import TrainingPolicy
 
 LogFn = Callable[[dict, int], None]
-BatchSource = Callable[[int, torch.Generator, int], Batch]
+# batches(batch_size, generator, step) -> the global batch; under several processes the loop
+# passes ``rows=`` (this process's slice of it) and the source reads only those rows
+BatchSource = Callable[..., Batch]
 
 
 @dataclass(frozen=True)
@@ -67,20 +69,30 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def draw_batch(batches: BatchSource, batch_size: int, gen: torch.Generator, step: int,
+               ctx: distributed.Context = distributed.SINGLE) -> Batch:
+    """This process's rows of iteration ``step``'s global batch. Every process draws the whole
+    batch's indices and noise from ``gen`` (the same on all), but reads only its own rows from
+    the caches (``rows=``, see ``components.batches``)."""
+    if ctx.world_size == 1:
+        return batches(batch_size, gen, step)
+    return batches(batch_size, gen, step, rows=distributed.local_rows(batch_size, ctx))
+
+
 def split_batch(batch: Batch, parts: int,
                 ctx: distributed.Context = distributed.SINGLE) -> list[Batch]:
-    """This process's ``parts`` micro-batches of the global ``batch``, each with its own generator
-    (see ``components.distributed``); a single micro-batch keeps the step's generator."""
+    """This process's batch (its rows of the global batch, ``draw_batch``) as ``parts``
+    micro-batches, each with its own generator (see ``components.distributed``); a single
+    micro-batch keeps the step's generator."""
     if parts * ctx.world_size == 1:
         return [batch]
-    rows = distributed.local_rows(batch.z.shape[0], ctx)
-    n, rest = divmod(rows.stop - rows.start, parts)
+    n, rest = divmod(batch.z.shape[0], parts)
     if rest:
-        raise ValueError(f"the per-process batch {rows.stop - rows.start} is not divisible by "
+        raise ValueError(f"the per-process batch {batch.z.shape[0]} is not divisible by "
                          f"grad_accum {parts}")
     out = []
     for k, gen in enumerate(distributed.micro_generators(batch.generator, parts, ctx)):
-        mb = batch.rows(slice(rows.start + k * n, rows.start + (k + 1) * n))
+        mb = batch.rows(slice(k * n, (k + 1) * n))
         mb.generator = gen
         out.append(mb)
     return out
@@ -196,7 +208,7 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
     ``batches(batch_size, generator, step)`` draws iteration ``step``'s batch (prompts, or teacher
     pairs) from that iteration's generator (``components.batches``); a group with
     ``fresh_batch`` draws another one after it. Under torchrun the batch is global and each
-    process takes its rows (``components.distributed``); ``policy`` sets precision,
+    process reads only its rows (``draw_batch``, ``components.distributed``); ``policy`` sets precision,
     checkpointing and FSDP2 sharding (``components.policy``). Every process runs the loop; rank
     0 logs and samples, all write their checkpoint shards. ``on_sample`` gets the student with
     its EMA weights (what is saved).
@@ -211,14 +223,16 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
         if step in method.phase_starts and step > 0:
             _begin_phase(method, step, ema, opts, policy)
         gen = step_generator(cfg.seed, step)
-        micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
+        micro = split_batch(draw_batch(batches, cfg.batch_size, gen, step, ctx), cfg.grad_accum,
+                            ctx)
         scratch: list[dict] = [{} for _ in micro]
         student_updated = False
         for group in method.groups:
             if not group.active(step):
                 continue
             if group.fresh_batch:
-                micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
+                micro = split_batch(draw_batch(batches, cfg.batch_size, gen, step, ctx),
+                                    cfg.grad_accum, ctx)
             window.add(update_group(method, group, opts[group.optimizer_name], micro, scratch,
                                     cfg.batch_size, policy))
             student_updated |= group.name in method.student_groups
