@@ -15,6 +15,7 @@ outputs (``outputs/distill/plan.json``) and refuses to start on a GPU with too l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -58,7 +59,9 @@ def request(teacher: TeacherSpec, cfg, gpu: str = "H100", gpu_memory: float | No
     method_cfg, notes = traceable_config(cfg.method_config())
     steps = cfg.loop.steps
     card = get_gpu(gpu)
-    return PlanRequest(cfg.method, lambda t: factory(method_cfg, t, steps), teacher, cfg.policy,
+    def build(t):  # the configured student (full weights or a LoRA) on the traced teacher
+        return factory(method_cfg, dataclasses.replace(t, student=cfg.student), steps)
+    return PlanRequest(cfg.method, build, teacher, cfg.policy,
                        cfg.loop.batch_size, cfg.loop.grad_accum, cfg.processes, steps, card,
                        gpu_memory or card.memory_gib, root / RESULTS, tuple(notes))
 
