@@ -45,10 +45,10 @@ import torch
 
 from components.diffusion import (
     apply_guidance_weight,
-    guidance_embedding,
     guidance_scale_to_weight,
     guidance_weight_to_scale,
     predict_x0,
+    w_conditioning,
 )
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, trailing_timesteps
@@ -159,7 +159,7 @@ class MengGuidedDistillation:
         return self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * u
 
     def _student_x0(self, net, z_t, t, cond, w) -> torch.Tensor:
-        return predict_x0(net, z_t, t, cond, guidance_embedding(w, self.cfg.w_dim))
+        return predict_x0(net, z_t, t, cond, **w_conditioning(net, w, self.cfg.w_dim))
 
     def guidance_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """Stage 1 per sample (B,): match the teacher's w-guided x0 in one forward pass."""
