@@ -162,8 +162,13 @@ def encode_prompts(pipe: Any, prompts: Sequence[str]) -> TextConditioning:
 
     SD1.x/2.x: the last hidden states (B, 77, D). SDXL (two encoders): the pipeline's own
     ``encode_prompt`` (B, 77, 2048), the pooled embedding (B, 1280) and the size/crop time ids
-    (B, 6) of its default resolution.
+    (B, 6) of its default resolution. Flow transformers (SD3, FLUX): their family's encoding
+    (``components.networks``).
     """
+    if getattr(pipe, "unet", None) is None:
+        from components.networks import encode
+
+        return encode(pipe, prompts)
     if getattr(pipe, "text_encoder_2", None) is not None:
         text, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts),
                                                 device=pipe.text_encoder_2.device,
@@ -232,6 +237,10 @@ def _decode_chunk(vae: Any, latents: torch.Tensor) -> np.ndarray:
 
 def latent_shape(pipe: Any) -> tuple[int, int, int]:
     """(C, h, w) of the pipeline's latents at its native resolution."""
+    if getattr(pipe, "unet", None) is None:
+        from components.networks import latent_shape as flow_latent_shape
+
+        return flow_latent_shape(pipe)
     size = pipe.unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return (pipe.unet.config.in_channels, h, w)
