@@ -325,9 +325,13 @@ def _drop_machine_paths(folder: Path) -> None:
             path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def load_student(folder: str | Path, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Student:
-    """Load a student folder written by ``save_student`` (in ``dtype``, on ``device``)."""
+def load_student(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 base: str | Path | None = None) -> Student:
+    """Load a student folder written by ``save_student`` (in ``dtype``, on ``device``).
+
+    A LoRA student (``student.json: student.kind: lora``) loads as its full-weight folder (the
+    LoRA fused), or, given ``base`` (its teacher's pipeline folder), as the teacher with the
+    unfused LoRA: the network exactly as it trained (``components.student``)."""
     from diffusers import DiffusionPipeline
 
     folder = Path(folder)
@@ -336,6 +340,11 @@ def load_student(folder: str | Path, device: str = "cpu",
         raise FileNotFoundError(f"{folder} is not a Distillery student (no {STUDENT_FILE}); "
                                 "produce one with the distill stage (`dvc repro distill`).")
     meta = json.loads(meta_path.read_text())
-    pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
+    if base is not None:
+        from components.student import lora_pipeline
+
+        pipe = lora_pipeline(base, folder, dtype).to(device)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Student(pipe, GeneratorSpec(**meta["generator"]))

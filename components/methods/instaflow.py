@@ -91,6 +91,10 @@ class InstaFlow:
     """Reflow then one-step distillation; see the module docstring."""
 
     needs_pairs = True
+    lora_unsupported = (
+        "InstaFlow turns the ε-prediction teacher into a velocity field (reflow) and distils "
+        "the reflowed 2-rectified flow, not the teacher: a LoRA over the teacher is not that "
+        "recipe (the paper trains full weights)")
     student_groups = ("reflow", "distill")
 
     def __init__(self, cfg: InstaFlowConfig, teacher: Teacher, steps: int):

@@ -113,6 +113,9 @@ class MengGuidedDistillation:
     """Stage 1 (w-conditioned student) then progressive halving; see the module docstring."""
 
     needs_pairs = True
+    lora_unsupported = (
+        "Meng et al.'s student adds a guidance-weight embedding layer the teacher lacks "
+        "(diffusers' time_cond_proj_dim), which a LoRA on the teacher cannot carry")
     student_groups = ("guidance", "progressive")
 
     def __init__(self, cfg: MengConfig, teacher: Teacher, steps: int):
