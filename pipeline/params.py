@@ -22,9 +22,10 @@ from components.config import ConfigError, from_dict
 from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
 from components.generation import precision_dtype
-from components.methods import get_method, method_names
+from components.methods import get_method, lora_unsupported, method_names
 from components.policy import PolicyConfig
 from components.prompts import PromptsConfig
+from components.student import StudentConfig
 from components.teacher import TeacherConfig
 from components.training import LoopConfig
 
@@ -35,11 +36,13 @@ PARAMS_FILE = "params.yaml"
 class DistillConfig:
     """``params.yaml: distill``: the method, the loop, a section of settings per method, the
     training policy (precision, checkpointing, compile) and the process count (``processes`` > 1
-    runs the stage under ``torch.distributed.run``, one process per GPU)."""
+    runs the stage under ``torch.distributed.run``, one process per GPU). ``student``: what the
+    student trains, full weights or a LoRA (``components.student``)."""
 
     method: str
     loop: LoopConfig
     methods: dict = field(default_factory=dict)
+    student: StudentConfig = field(default_factory=StudentConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     processes: int = 1
     device: str = "cpu"
@@ -66,6 +69,10 @@ class DistillConfig:
         for name, section in self.methods.items():
             cfg_cls, _ = get_method(name)
             from_dict(cfg_cls, section or {}, f"distill.methods.{name}")
+        if self.student.kind == "lora" and (why := lora_unsupported(self.method)):
+            raise ValueError(f"student.kind 'lora' does not apply to method {self.method!r}: "
+                             f"{why}; use student.kind: full, or a score method (dmd2, sid_lsg, "
+                             "swiftbrush)")
         if self.processes < 1:
             raise ValueError(f"distill.processes must be >= 1, got {self.processes}")
         per = self.loop.batch_size / self.processes

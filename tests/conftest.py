@@ -11,4 +11,44 @@ env.configure(tempfile.gettempdir(), offline=True)
 
 # ---- servers (owner: registry/flows work; fixtures live in tests/servers.py) ----
 from tests.servers import mlflow_server, prefect_api, prefect_server  # noqa: F401
+
 # ---- end servers ----
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker gets its share of the cores (torch, BLAS, subprocesses).
+
+    Without it every worker would start as many torch threads as the machine has cores, and the
+    workers would oversubscribe the CPU (on the 2-core CI machine: 4 threads on 2 cores).
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers <= 1:
+        return
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, share)
+    import torch
+
+    torch.set_num_threads(int(share))
+
+
+_share_the_cores()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``--dist loadgroup``) keep the tests that share a module-scoped fixture
+    on one worker, so that fixture (a whole DVC pipeline, a trained student, a server-backed
+    registry) is built once, as in a plain run; every other test is distributed on its own."""
+    import pytest
+
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        shared = [name for name, defs in info.name2fixturedefs.items()
+                  if name not in CHEAP_MODULE_FIXTURES and any(d.scope == "module" for d in defs)]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+CHEAP_MODULE_FIXTURES = {"one_thread"}  # tests/threads.py: sets the thread count, builds nothing

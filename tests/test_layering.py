@@ -1,5 +1,5 @@
 """Imports flow one way: pipeline → components; components never import Prefect or DVC, and only
-the registration component imports MLflow."""
+the registration component (``components/registry/``) imports MLflow."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_components_never_import_orchestration():
         rel = path.relative_to(ROOT).as_posix()
         if found & {"prefect", "dvc", "pipeline"}:
             offenders.append(f"{rel}: {sorted(found & {'prefect', 'dvc', 'pipeline'})}")
-        if "mlflow" in found and rel != "components/registry/store.py":
+        if "mlflow" in found and not rel.startswith("components/registry/"):
             offenders.append(f"{rel}: mlflow outside the registration component")
     assert not offenders, offenders
 

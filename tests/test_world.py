@@ -131,7 +131,6 @@ def test_presets_load_and_unknown_keys_fail():
 def test_micro_build_loads_in_diffusers_and_samples(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    torch.set_num_threads(2)
     report = build_world(preset("micro"), tmp_path / "data", tmp_path / "teacher", log=lambda m: 0)
     assert set(report["accuracy"]) == {"cfg", "one_step"}
     assert report["splits"]["eval_captions_in_train"] == 0

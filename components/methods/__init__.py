@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from components.ema import EMAConfig
+from components.student import StudentConfig, student_network
 from components.teacher import TextConditioning
 
 
@@ -43,10 +44,12 @@ class Batch:
 class Teacher:
     """What a method is built from: the frozen teacher network behind the ``Denoiser`` protocol
     (``network(x_t, t, cond, timestep_cond=None)``, with ``.schedule`` and ``.prediction_type``),
-    and optionally the latent decoder (latents → images in [-1, 1]) for image-space losses."""
+    and optionally the latent decoder (latents → images in [-1, 1]) for image-space losses;
+    ``student`` says what the student trains (``distill.student``: full weights or a LoRA)."""
 
     network: torch.nn.Module
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    student: StudentConfig = field(default_factory=StudentConfig)
 
     @property
     def schedule(self):
@@ -55,6 +58,11 @@ class Teacher:
     def trainable_copy(self) -> torch.nn.Module:
         """A full copy of the teacher network that trains (student or fake score init)."""
         return copy.deepcopy(self.network).train().requires_grad_(True)
+
+    def student_copy(self) -> torch.nn.Module:
+        """The student's network: a full trainable copy, or a frozen copy with trainable LoRA
+        adapters (``components.student``)."""
+        return student_network(self.network, self.student)
 
     def frozen_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self.network).eval().requires_grad_(False)
@@ -141,6 +149,11 @@ class Method(Protocol):
         ...
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of ``module`` that train (a LoRA student's adapters, or all of them)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 MethodFactory = Callable[..., Method]
 METHODS: dict[str, tuple[type, MethodFactory]] = {}
 
@@ -173,6 +186,15 @@ def needs_pairs(name: str) -> bool:
 
     _, build = get_method(name)
     return bool(typing.get_type_hints(build)["return"].needs_pairs)
+
+
+def lora_unsupported(name: str) -> str | None:
+    """Why method ``name`` cannot train a LoRA student (its class's ``lora_unsupported``), or
+    ``None`` when it can."""
+    import typing
+
+    _, build = get_method(name)
+    return getattr(typing.get_type_hints(build)["return"], "lora_unsupported", None)
 
 
 def pair_guidance_range(name: str, cfg: Any = None) -> tuple[float, float] | None:

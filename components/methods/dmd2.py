@@ -6,8 +6,9 @@ arXiv:2405.14867 (v2). Defaults follow the authors' SD1.5 recipe (``experiments/
 clip 10, real-score CFG 1.75, fake-score updates 10 per generator update (TTUR), no EMA
 (``ema: {kind: none}``: the saved generator is the raw weights).
 
-Networks: generator G_θ and fake score μ_fake are full copies of the teacher; the real score
-μ_real is the frozen teacher.
+Networks: generator G_θ and fake score μ_fake are full copies of the teacher (G_θ can be LoRA
+adapters over a frozen copy instead: ``distill.student``); the real score μ_real is the frozen
+teacher.
 
 Generator (one step): ``x = G_θ(z) = (z − σ_T ε_θ(z, T, y)) / α_T``, T = 999.
 
@@ -51,7 +52,7 @@ import torch
 from components.diffusion import guided, predict_eps, predict_x0
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, one_step_x0
-from components.methods import Batch, GroupSpec, Teacher, register
+from components.methods import Batch, GroupSpec, Teacher, register, trainable
 from components.real_latents import RealLatents, load_real_latents
 from components.teacher import TextConditioning
 
@@ -168,7 +169,7 @@ class DMD2:
                                  max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup_steps),
                        GroupSpec("fake", max_grad_norm=cfg.max_grad_norm,
                                  warmup=cfg.warmup_steps))
-        self.G_theta = teacher.trainable_copy()
+        self.G_theta = teacher.student_copy()
         self.mu_fake = teacher.trainable_copy()
         self.mu_real = teacher.network.requires_grad_(False)
         self.head, self.real = None, None
@@ -214,7 +215,7 @@ class DMD2:
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         if group == "generator":
-            return list(self.G_theta.parameters())
+            return trainable(self.G_theta)
         head = list(self.head.parameters()) if self.head is not None else []
         return list(self.mu_fake.parameters()) + head
 

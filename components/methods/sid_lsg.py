@@ -7,7 +7,8 @@ warm-up, global batch 512, fp32, an EDM-style EMA of G with a 50 kimg half-life 
 (``--ema 0.05``, in Mimg). κ = 1.5 everywhere is the README's best-FID setting (8.15); the example
 command in ``run_sid.sh`` uses κ = 2.0.
 
-Networks: the generator G_θ and the fake score f_ψ are full copies of the teacher f_φ.
+Networks: the generator G_θ and the fake score f_ψ are full copies of the teacher f_φ (G_θ can
+be LoRA adapters over a frozen copy instead: ``distill.student``).
 Generator (one step at t_init = 625, input scaled by σ):
     G_θ(z, y) = (σ_init z − σ_init ε_θ(σ_init z, t_init, y)) / α_init
 
@@ -41,7 +42,7 @@ import torch
 from components.diffusion import guided
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, one_step_x0
-from components.methods import Batch, GroupSpec, Teacher, register
+from components.methods import Batch, GroupSpec, Teacher, register, trainable
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,12 @@ class SiDLSG:
         clip = cfg.max_grad_norm
         self.groups = (GroupSpec("fake", max_grad_norm=clip),
                        GroupSpec("generator", max_grad_norm=clip, fresh_batch=True))
-        self.G_theta = teacher.trainable_copy()
+        self.G_theta = teacher.student_copy()
         self.f_psi = teacher.trainable_copy()
         self.f_phi = teacher.network.requires_grad_(False)
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
-        return list((self.G_theta if group == "generator" else self.f_psi).parameters())
+        return trainable(self.G_theta) if group == "generator" else list(self.f_psi.parameters())
 
     def make_optimizer(self, group: str) -> torch.optim.Optimizer:
         lr = self.cfg.generator_lr if group == "generator" else self.cfg.fake_lr

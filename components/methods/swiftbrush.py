@@ -4,7 +4,8 @@ Nguyen & Tran, "SwiftBrush: One-Step Text-to-Image Diffusion Model with Variatio
 Distillation", CVPR 2024, arXiv:2312.05239 (v2). Defaults follow the authors' training script
 (lr 1e-6 / 1e-3, Adam (0.9, 0.999), LoRA r = 64, α = 108 on to_q/to_v, CFG 4.5, clip 1.0).
 
-Networks: the student f_θ is a full copy of the teacher UNet. The frozen teacher ε_φ and the LoRA
+Networks: the student f_θ is a full copy of the teacher UNet (or LoRA adapters over a frozen
+copy: ``distill.student``). The frozen teacher ε_φ and the LoRA
 "fake teacher" ε_ψ share one UNet: adapters disabled give ε_φ, enabled give ε_ψ.
 
 Generator loss (VSD, paper Eq. 5–6, with the code's σ_t² weighting):
@@ -48,7 +49,7 @@ from components.adapters import add_lora, set_adapters
 from components.diffusion import guided_eps, predict_eps
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, one_step_x0
-from components.methods import Batch, GroupSpec, Teacher, register
+from components.methods import Batch, GroupSpec, Teacher, register, trainable
 
 
 @dataclass(frozen=True)
@@ -93,14 +94,14 @@ class SwiftBrush:
         self.spec = GeneratorSpec(t=cfg.generator_t, input_scale="unit")
         self.groups = (GroupSpec("student", max_grad_norm=cfg.max_grad_norm),
                        GroupSpec("lora", max_grad_norm=cfg.max_grad_norm))
-        self.f_theta = teacher.trainable_copy()
+        self.f_theta = teacher.student_copy()
         # ε_φ with adapters disabled, ε_ψ with them enabled: one network, as in the paper's code
         self.shared = teacher.network
         add_lora(self.shared, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
 
     def parameters(self, group: str) -> list[torch.nn.Parameter]:
         if group == "student":
-            return list(self.f_theta.parameters())
+            return trainable(self.f_theta)
         # looked up each time: sharding (FSDP2) replaces the parameter objects
         return [p for n, p in self.shared.named_parameters() if "lora_" in n]
 

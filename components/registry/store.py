@@ -39,6 +39,7 @@ from components.registry.gate import (
     RegisterConfig,
     should_promote,
 )
+from components.registry.lora import TAG_LORA, log_lora_student
 
 MODEL_ARTIFACT = "student"
 CARD_ARTIFACTS = "model_card"  # artifact folder of the model card and its grid
@@ -131,7 +132,8 @@ def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapp
                      params: Mapping[str, Any] | None = None,
                      artifacts: Sequence[str | Path] = (), run_name: str = "register",
                      model_card: str | None = None, card_files: Sequence[str | Path] = (),
-                     identity: Mapping[str, str] | None = None) -> dict:
+                     identity: Mapping[str, str] | None = None,
+                     base_model: str | None = None) -> dict:
     """Log, register and gate one student; returns run_id, version, promoted, reason, champion,
     experiment_id, run_url (a link for an http tracking server, else None) and reused.
 
@@ -153,7 +155,7 @@ def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapp
     else:
         run_id, version, record = _register_new(
             client, cfg, Path(student_dir), metrics, lineage, experiment_id, params or {},
-            artifacts, run_name, model_card, card_files, identity or {})
+            artifacts, run_name, model_card, card_files, identity or {}, base_model)
     client.set_registered_model_alias(cfg.model_name, cfg.candidate_alias, version)
     decision = _gate(client, cfg, version, record)
     champion = client.get_registered_model(cfg.model_name).aliases.get(cfg.champion_alias)
@@ -161,11 +163,14 @@ def register_student(cfg: RegisterConfig, student_dir: str | Path, metrics: Mapp
             "reason": decision.reason, "champion": None if champion is None else str(champion),
             "model_uri": f"models:/{cfg.model_name}@{cfg.candidate_alias}", "tracking_uri": uri,
             "model_name": cfg.model_name, "experiment_id": experiment_id,
-            "run_url": run_url(uri, experiment_id, run_id), "reused": same is not None}
+            "run_url": run_url(uri, experiment_id, run_id), "reused": same is not None,
+            "lora_model_uri": client.get_model_version(cfg.model_name, version).tags.get(
+                TAG_LORA)}
 
 
 def _register_new(client, cfg, student_dir, metrics, lineage, experiment_id, params, artifacts,
-                  run_name, model_card, card_files, identity) -> tuple[str, str, dict]:
+                  run_name, model_card, card_files, identity,
+                  base_model) -> tuple[str, str, dict]:
     """One MLflow run with everything about the student and a new registered version of it;
     returns the run id, the version and the record the gate compares."""
     numeric = {k: float(v) for k, v in flatten(metrics).items() if _is_number(v)}
@@ -188,8 +193,10 @@ def _register_new(client, cfg, student_dir, metrics, lineage, experiment_id, par
         # 2. the student itself, as a pyfunc model, and a new registered version of it (the
         # client's call: the model exists already, so MLflow's fluent one would say so)
         info = _log_model(student_dir)
+        lora = log_lora_student(student_dir, base_model)  # None for a full student
+        version_tags = {**tags, **({TAG_LORA: lora.model_uri} if lora else {})}
         version = str(client.create_model_version(
-            cfg.model_name, info.model_uri, run_id=run.info.run_id, tags=tags,
+            cfg.model_name, info.model_uri, run_id=run.info.run_id, tags=version_tags,
             model_id=info.model_id).version)
     if model_card is not None:
         client.update_model_version(cfg.model_name, version,

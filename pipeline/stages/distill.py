@@ -38,6 +38,7 @@ from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write
 from components.methods import Teacher, get_method, pair_guidance_range
 from components.pair_cache import PairCache
 from components.policy import TrainingPolicy
+from components.student import save_lora_student
 from components.teacher import load_pipeline, resolve_model, teacher_denoiser
 from components.training import checkpoint_step, train
 from pipeline import paths
@@ -220,7 +221,8 @@ def run(root: Path) -> None:
     cache.verify()  # a corrupt shard stops the run here, before any weight is loaded
     pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
     _, build = get_method(cfg.method)
-    method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe)), cfg.loop.steps)
+    method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe), cfg.student),
+                   cfg.loop.steps)
     batches = _batches(root, cache, pipe, method, local, prompts_sha)
     resolved = _resolved(root, teacher_cfg, cfg, method_cfg, cache, method)
     ckpt_dir = _run_folder(root, run_key(resolved, cfg.method), cfg.loop.steps)
@@ -238,10 +240,15 @@ def run(root: Path) -> None:
 
 
 def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, resolved) -> None:
-    full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
+    extra = {"method": cfg.method, "teacher": teacher_cfg.model, "steps": cfg.loop.steps,
+             "policy": policy.describe(), "student": cfg.student.describe()}
     with atomic_dir(root / paths.STUDENT) as out:
-        save_student(full, spec, out, {"method": cfg.method, "teacher": teacher_cfg.model,
-                                       "steps": cfg.loop.steps, "policy": policy.describe()})
+        if cfg.student.kind == "lora":  # the LoRA, and the full-weight folder of it fused
+            save_lora_student(load_pipeline(teacher_cfg, root), _plain_unet(student).to("cpu"),
+                              cfg.student, spec, out, extra)
+        else:
+            full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
+            save_student(full, spec, out, extra)
     with atomic_dir(root / paths.DISTILL_OUT) as out:
         (out / "samples").mkdir()
         for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours

@@ -12,6 +12,7 @@ from components.registry.card import GRID_FILE, model_card
 from components.registry.gate import Lineage, protocol_id
 from components.registry.review_store import candidate_side, current_champion, publish_review
 from components.registry.store import artifact_location, register_student, tracking_uri
+from components.teacher import resolve_model
 from pipeline import paths
 from pipeline.lineage import git_commit
 from pipeline.params import PARAMS_FILE, load_stage, read_params
@@ -42,7 +43,8 @@ def run(root: Path) -> None:
                               artifact_root=artifact_location(root, uri),
                               params=read_params(root), artifacts=artifacts, model_card=card,
                               card_files=[grid] if grid.exists() else [],
-                              identity=identity(root / paths.STUDENT, cards["student"]["card"]))
+                              identity=identity(root / paths.STUDENT, cards["student"]["card"]),
+                              base_model=base_model(root, student_meta))
     candidate = candidate_side(uri, cfg, result["version"], root / paths.EVAL_OUT,
                                root / paths.LOSS_PLOT, root / paths.PROXY_FID_PLOT)
     review = publish_review(uri, cfg, result, candidate, champion, root / paths.REVIEW_OUT)
@@ -54,6 +56,14 @@ def run(root: Path) -> None:
     same = " (the same student and eval card as before: reused)" if result["reused"] else ""
     log(f"register: {cfg.model_name} version {result['version']}{same} is candidate; {verdict} "
         f"({result['reason']})")
+
+
+def base_model(root: Path, student_meta: dict) -> str | None:
+    """The teacher a LoRA student's adapter applies to (its folder or hub id); None for a full
+    student."""
+    if (student_meta.get("student") or {}).get("kind") != "lora":
+        return None
+    return resolve_model(student_meta["teacher"], root)
 
 
 def identity(student: Path, card: dict) -> dict[str, str]:
