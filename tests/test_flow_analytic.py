@@ -32,6 +32,10 @@ from tests.test_methods_analytic import assert_close_moments
 from tests.threads import one_thread  # noqa: F401  (one torch thread for this module)
 
 PROBLEM, SEED = "planar", 0
+# DMD2's raw generator on the shifted schedule (most draws at high noise) settles slower: at the
+# VP tier's 1,500 iterations its covariance was 0.09 off (tolerance 0.08), at 3,000 within 0.03
+# (mean errors 0.09–0.11), measured on this problem and seed.
+FLOW_STEPS = {"dmd2": 3000}
 
 
 def test_flow_teacher_is_the_exact_gaussian_teacher():
@@ -60,6 +64,7 @@ def test_flow_teacher_is_the_exact_gaussian_teacher():
 def test_student_matches_the_guided_target_on_a_flow_teacher(name, tmp_path):
     P = PROBLEMS[PROBLEM]
     s, _, steps = CASES[name]
+    steps = FLOW_STEPS.get(name, steps)
     torch.manual_seed(SEED)
     method = build(name, P, steps, flow=True)
     displace(method.student(), P)
