@@ -19,10 +19,11 @@ import torch
 
 from components.diffusion import (
     Denoiser,
-    guidance_embedding,
-    guided_eps,
-    predict_eps,
-    x0_from_eps,
+    guided_eps_x0,
+    predict_eps_x0,
+    predict_velocity,
+    predict_x0,
+    w_conditioning,
 )
 from components.teacher import TextConditioning, teacher_denoiser
 
@@ -68,18 +69,18 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
 def one_step_x0(denoiser: Denoiser, z: torch.Tensor, cond: Any, spec: GeneratorSpec) -> torch.Tensor:
     """The one-step generator G(z, y) of ``spec`` (differentiable through ``denoiser``)."""
     t = torch.full((z.shape[0],), spec.t, dtype=torch.long, device=z.device)
-    alpha, sigma = denoiser.schedule.alpha_sigma(t, z)
+    _, sigma = denoiser.schedule.alpha_sigma(t, z)
     x_in = z if spec.input_scale == "unit" else sigma * z
-    return x0_from_eps(x_in, predict_eps(denoiser, x_in, t, cond), alpha, sigma)
+    return predict_x0(denoiser, x_in, t, cond)
 
 
 def rectified_flow_sample(velocity: Denoiser, z: torch.Tensor, cond: Any,
                           steps: int) -> torch.Tensor:
-    """Euler steps ``x ← x + v(x, 1000 (1 − τ)) / N`` from τ = 0 (noise) to τ = 1 (differentiable)."""
+    """Euler steps ``x ← x + v(x, τ) / N`` from τ = 0 (noise) to τ = 1 (differentiable); v is
+    ``predict_velocity`` (a flow network's own velocity, else the network read as one)."""
     x = z
     for i in range(steps):
-        t = torch.full((z.shape[0],), 1000.0 * (1.0 - i / steps), device=z.device)
-        x = x + velocity(x, t, cond) / steps
+        x = x + predict_velocity(velocity, x, i / steps, cond) / steps
     return x
 
 
@@ -100,16 +101,18 @@ def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t_next: in
 
 
 def ddim_student_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, steps: int,
-                        timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
-    """A (w-conditioned) student's own N-step DDIM from pure noise, no CFG (differentiable)."""
+                        timestep_cond: torch.Tensor | None = None,
+                        guidance: torch.Tensor | None = None) -> torch.Tensor:
+    """A (w-conditioned) student's own N-step DDIM from pure noise, no CFG (differentiable);
+    w enters as ``timestep_cond`` or, on a guidance-embedded network, as ``guidance``
+    (``components.diffusion.w_conditioning``). On a flow schedule the DDIM step is the Euler
+    step of the velocity."""
     schedule = denoiser.schedule
     grid = trailing_timesteps(schedule.num_timesteps, steps)
     x = z
     for i, t_now in enumerate(grid):
         t = torch.full((z.shape[0],), t_now, dtype=torch.long, device=z.device)
-        alpha, sigma = schedule.alpha_sigma(t, x)
-        eps = predict_eps(denoiser, x, t, cond, timestep_cond)
-        x0 = x0_from_eps(x, eps, alpha, sigma)
+        eps, x0 = predict_eps_x0(denoiser, x, t, cond, timestep_cond, guidance)
         x = ddim_step(x, x0, eps, grid[i + 1] if i + 1 < len(grid) else -1, schedule)
     return x
 
@@ -122,11 +125,11 @@ def generate_latents(denoiser: Denoiser, z: torch.Tensor, cond: Any,
     if spec.kind == "rectified_flow":
         return rectified_flow_sample(denoiser, z, cond, spec.steps)
     if spec.kind == "ddim":
-        w_emb = None
+        w_inputs = None
         if spec.w_dim:
             w = torch.full((z.shape[0],), spec.guidance_weight, device=z.device)
-            w_emb = guidance_embedding(w, spec.w_dim)
-        return ddim_student_sample(denoiser, z, cond, spec.steps, w_emb)
+            w_inputs = w_conditioning(denoiser, w, spec.w_dim)
+        return ddim_student_sample(denoiser, z, cond, spec.steps, **(w_inputs or {}))
     raise ValueError(f"unknown generator kind {spec.kind!r}; expected x0_from_eps, "
                      "rectified_flow or ddim")
 
@@ -144,9 +147,7 @@ def ddim_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, uncond: Any, ste
     x = z
     for i, t_now in enumerate(ts):
         t = torch.full((z.shape[0],), t_now, dtype=torch.long, device=z.device)
-        eps = guided_eps(denoiser, x, t, cond, uncond, guidance_scale)
-        alpha, sigma = denoiser.schedule.alpha_sigma(t, x)
-        x0 = x0_from_eps(x, eps, alpha, sigma)
+        eps, x0 = guided_eps_x0(denoiser, x, t, cond, uncond, guidance_scale)
         if i + 1 == len(ts):
             return x0
         t_next = torch.full_like(t, ts[i + 1])
@@ -161,8 +162,13 @@ def encode_prompts(pipe: Any, prompts: Sequence[str]) -> TextConditioning:
 
     SD1.x/2.x: the last hidden states (B, 77, D). SDXL (two encoders): the pipeline's own
     ``encode_prompt`` (B, 77, 2048), the pooled embedding (B, 1280) and the size/crop time ids
-    (B, 6) of its default resolution.
+    (B, 6) of its default resolution. Flow transformers (SD3, FLUX): their family's encoding
+    (``components.networks``).
     """
+    if getattr(pipe, "unet", None) is None:
+        from components.networks import encode
+
+        return encode(pipe, prompts)
     if getattr(pipe, "text_encoder_2", None) is not None:
         text, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts),
                                                 device=pipe.text_encoder_2.device,
@@ -231,6 +237,10 @@ def _decode_chunk(vae: Any, latents: torch.Tensor) -> np.ndarray:
 
 def latent_shape(pipe: Any) -> tuple[int, int, int]:
     """(C, h, w) of the pipeline's latents at its native resolution."""
+    if getattr(pipe, "unet", None) is None:
+        from components.networks import latent_shape as flow_latent_shape
+
+        return flow_latent_shape(pipe)
     size = pipe.unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return (pipe.unet.config.in_channels, h, w)

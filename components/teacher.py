@@ -167,6 +167,17 @@ def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.flo
         kwargs["revision"] = cfg.revision
     if cfg.variant:
         kwargs["variant"] = cfg.variant
+    index = Path(source) / "model_index.json"
+    if index.exists():
+        import json
+
+        from components.networks import check_pipeline_class
+
+        entries = json.loads(index.read_text())
+        check_pipeline_class(entries.get("_class_name", "?"), source)
+        # parts saved as absent (SD3 without its T5 encoder) load as absent
+        kwargs.update({k: None for k, v in entries.items()
+                       if v == [None, None] and k not in kwargs})
     if "safety_checker" in _expected_components(source):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -190,8 +201,15 @@ def _expected_components(source: str) -> set[str]:
     return {"safety_checker"}
 
 
-def teacher_denoiser(pipe: Any, compute_dtype: torch.dtype | None = None) -> UNetDenoiser:
-    """The pipeline's UNet as a ``Denoiser`` with the scheduler's own ᾱ table."""
+def teacher_denoiser(pipe: Any, compute_dtype: torch.dtype | None = None,
+                     latent_hw: tuple[int, int] | None = None) -> torch.nn.Module:
+    """The pipeline's network as a ``Denoiser``: a UNet with the scheduler's own ᾱ table, or a
+    flow transformer (SD3, FLUX; ``components.networks``) with its shifted flow schedule
+    (FLUX's shift depends on the latent size ``latent_hw``, default the native one)."""
+    if getattr(pipe, "unet", None) is None:
+        from components.networks import flow_denoiser
+
+        return flow_denoiser(pipe, compute_dtype, latent_hw)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     kind = pipe.scheduler.config.get("prediction_type", "epsilon")
     return UNetDenoiser(pipe.unet, schedule, kind, compute_dtype)

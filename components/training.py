@@ -187,6 +187,31 @@ def _begin_phase(method: Method, step: int, ema: EMA, opts: dict,
         opts[name] = policy.make_optimizer(method, name)
 
 
+def iteration(method: Method, step: int, batches: BatchSource, cfg: LoopConfig, opts: dict,
+              ema: EMA, policy: TrainingPolicy) -> list[dict]:
+    """Iteration ``step`` of the loop: a phase start where one begins, each active group's
+    update in the method's order, then the EMA update; returns each group's metrics."""
+    ctx = distributed.context()
+    if step in method.phase_starts and step > 0:
+        _begin_phase(method, step, ema, opts, policy)
+    gen = step_generator(cfg.seed, step)
+    micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
+    scratch: list[dict] = [{} for _ in micro]
+    out = []
+    student_updated = False
+    for group in method.groups:
+        if not group.active(step):
+            continue
+        if group.fresh_batch:
+            micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
+        out.append(update_group(method, group, opts[group.optimizer_name], micro, scratch,
+                                cfg.batch_size, policy))
+        student_updated |= group.name in method.student_groups
+    if student_updated:
+        ema.update(method.student(), student_updates(method, step + 1))
+    return out
+
+
 def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path, log: LogFn,
           on_sample: Callable[[torch.nn.Module, int], None],
           progress: Callable[[int, int], None] | None = None,
@@ -208,22 +233,8 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
     start = load_checkpoint(ckpt_dir, method, opts, ema)
     window = MetricWindow()
     for step in range(start, cfg.steps):
-        if step in method.phase_starts and step > 0:
-            _begin_phase(method, step, ema, opts, policy)
-        gen = step_generator(cfg.seed, step)
-        micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
-        scratch: list[dict] = [{} for _ in micro]
-        student_updated = False
-        for group in method.groups:
-            if not group.active(step):
-                continue
-            if group.fresh_batch:
-                micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
-            window.add(update_group(method, group, opts[group.optimizer_name], micro, scratch,
-                                    cfg.batch_size, policy))
-            student_updated |= group.name in method.student_groups
-        if student_updated:
-            ema.update(method.student(), student_updates(method, step + 1))
+        for metrics in iteration(method, step, batches, cfg, opts, ema, policy):
+            window.add(metrics)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             metrics = window.flush()  # a collective under torchrun

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from components.diffusion import apply_guidance_scale, concat_conditioning
+from components.diffusion import apply_guidance_scale, concat_conditioning, predict_velocity
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, rectified_flow_sample
 from components.methods import Batch, GroupSpec, Teacher, register
@@ -152,7 +152,7 @@ class InstaFlow:
         cond = batch.cond.where(drop.to(X0.device), batch.uncond)
         tau_ = tau.view(-1, *[1] * (X0.ndim - 1))
         X_tau = tau_ * X1 + (1.0 - tau_) * X0
-        v = self.v(X_tau, 1000.0 * (1.0 - tau), cond)
+        v = predict_velocity(self.v, X_tau, tau, cond)
         per_sample = (((X1 - X0) - v) ** 2).flatten(1).mean(1)
         return per_sample, {"loss_reflow": per_sample.mean()}
 
@@ -163,8 +163,7 @@ class InstaFlow:
         both = concat_conditioning(batch.uncond, batch.cond)
         x = X0
         for i in range(n):
-            t = torch.full((2 * X0.shape[0],), 1000.0 * (1.0 - i / n), device=X0.device)
-            v_u, v_c = self.rf2(torch.cat([x, x]), t, both).chunk(2)
+            v_u, v_c = predict_velocity(self.rf2, torch.cat([x, x]), i / n, both).chunk(2)
             x = x + apply_guidance_scale(v_u, v_c, s) / n
         return x
 

@@ -45,10 +45,10 @@ import torch
 
 from components.diffusion import (
     apply_guidance_weight,
-    guidance_embedding,
     guidance_scale_to_weight,
     guidance_weight_to_scale,
     predict_x0,
+    w_conditioning,
 )
 from components.ema import EMAConfig
 from components.generation import GeneratorSpec, trailing_timesteps
@@ -86,13 +86,27 @@ class MengConfig:
                 raise ValueError("start_steps and final_steps must be powers of two")
         if self.final_steps >= self.start_steps:
             raise ValueError("final_steps must be smaller than start_steps")
-        if not 0.0 < self.stage1_fraction < 1.0:
-            raise ValueError("stage1_fraction must be in (0, 1)")
+        if not 0.0 <= self.stage1_fraction < 1.0:
+            raise ValueError("stage1_fraction must be in [0, 1) (0 only for a teacher that is "
+                             "guidance-distilled already)")
 
 
 def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """ω(λ_t) = max(α_t² / σ_t², 1) (B, 1, ...)."""
     return (alpha**2 / sigma**2).clamp_min(1.0)
+
+
+def _check_stage1(cfg: MengConfig, network: torch.nn.Module) -> None:
+    """Stage 1 distils CFG into a w input; a guidance-distilled teacher (FLUX.1-dev) has one."""
+    embedded = getattr(network, "embedded_guidance", False)
+    if embedded and cfg.stage1_fraction > 0:
+        raise ValueError(
+            "meng.stage1_fraction must be 0 for this teacher: it is guidance-distilled already "
+            "(its guidance input is stage 1's w input, s = 1 + w, and it has no true CFG to "
+            "distil), so the run is progressive distillation of its own guided sampler")
+    if not embedded and cfg.stage1_fraction == 0:
+        raise ValueError("meng.stage1_fraction: 0 skips guidance distillation, which only a "
+                         "guidance-distilled teacher (FLUX.1-dev) may; set it in (0, 1)")
 
 
 class MengGuidedDistillation:
@@ -105,6 +119,7 @@ class MengGuidedDistillation:
     student_groups = ("guidance", "progressive")
 
     def __init__(self, cfg: MengConfig, teacher: Teacher, steps: int):
+        _check_stage1(cfg, teacher.network)
         self.cfg = cfg
         self.ema = cfg.ema
         self.schedule = teacher.schedule
@@ -162,7 +177,7 @@ class MengGuidedDistillation:
         return self.cfg.w_min + (self.cfg.w_max - self.cfg.w_min) * u
 
     def _student_x0(self, net, z_t, t, cond, w) -> torch.Tensor:
-        return predict_x0(net, z_t, t, cond, guidance_embedding(w, self.cfg.w_dim))
+        return predict_x0(net, z_t, t, cond, **w_conditioning(net, w, self.cfg.w_dim))
 
     def guidance_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
         """Stage 1 per sample (B,): match the teacher's w-guided x0 in one forward pass."""

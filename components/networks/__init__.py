@@ -1,0 +1,77 @@
+"""Teacher families behind the ``Denoiser`` protocol, one file each (the only place that knows
+its model's call conventions): diffusers UNets (``components.teacher.UNetDenoiser``), SD3/SD3.5
+MMDiT transformers (``sd3``) and FLUX.1 transformers (``flux``).
+
+``PIPELINES`` names the diffusers pipeline classes of each family; a teacher of any other family
+fails at load with that list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
+             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+class UnsupportedTeacherError(ValueError):
+    """The teacher's pipeline belongs to no supported family; the message lists them."""
+
+
+def supported() -> str:
+    return ", ".join(f"{name} ({family})" for name, family in PIPELINES.items())
+
+
+def check_pipeline_class(class_name: str, source: str) -> str:
+    """The family of pipeline class ``class_name``, or one error listing the supported ones."""
+    if class_name not in PIPELINES:
+        raise UnsupportedTeacherError(
+            f"teacher {source} is a {class_name}, which Distillery cannot distil; supported "
+            f"teacher pipelines: {supported()}")
+    return PIPELINES[class_name]
+
+
+def family(pipe: Any) -> str:
+    """The family of a loaded pipeline (its class name)."""
+    return check_pipeline_class(type(pipe).__name__, "pipeline")
+
+
+def flow_denoiser(pipe: Any, compute_dtype: torch.dtype | None = None,
+                  latent_hw: tuple[int, int] | None = None) -> torch.nn.Module:
+    """The transformer of an SD3 or FLUX pipeline as a ``Denoiser`` (flow prediction)."""
+    kind = family(pipe)
+    if kind == "sd3":
+        from components.networks.sd3 import sd3_denoiser
+
+        return sd3_denoiser(pipe, compute_dtype)
+    if kind == "flux":
+        from components.networks.flux import flux_denoiser
+
+        return flux_denoiser(pipe, compute_dtype, latent_hw)
+    raise UnsupportedTeacherError(f"{type(pipe).__name__} has no flow transformer")
+
+
+@torch.no_grad()
+def encode(pipe: Any, prompts: Sequence[str]):
+    """Text conditioning of a flow pipeline, through its own ``encode_prompt``."""
+    kind = family(pipe)
+    if kind == "sd3":
+        from components.networks.sd3 import encode_sd3
+
+        return encode_sd3(pipe, prompts)
+    from components.networks.flux import encode_flux
+
+    return encode_flux(pipe, prompts)
+
+
+def latent_shape(pipe: Any) -> tuple[int, int, int]:
+    """(C, h, w) of a flow pipeline's latents at its native resolution."""
+    if family(pipe) == "sd3":
+        size = pipe.transformer.config.sample_size
+        return (pipe.transformer.config.in_channels, size, size)
+    # FLUX: 16-channel latents, packed 2×2 into the transformer's 64 input channels
+    side = pipe.default_sample_size
+    return (pipe.transformer.config.in_channels // 4, side, side)

@@ -1,0 +1,112 @@
+"""From traced iterations to a plan: memory per GPU, time, GPU-hours and what would make it fit.
+
+Memory on each GPU is the traced peak (``components.planning.trace``) plus what a CUDA run adds:
+- under FSDP2 (more than one GPU) the gathered parameters of the units in flight: the root unit
+  (parameters outside every block, kept gathered), two blocks (the one computing and the one
+  prefetched) in the compute dtype, and one block's unsharded fp32 gradients before their
+  reduce-scatter;
+- ``ALLOCATOR`` × (activations + temporaries): the caching allocator's block rounding and
+  fragmentation of the short-lived tensors;
+- ``CUDA_CONTEXT_GIB``: the CUDA context, cuBLAS and cuDNN workspaces, NCCL buffers.
+A plan fits when that total leaves ``HEADROOM`` of the GPU's memory free.
+
+Memory grows linearly with the micro-batch (activations do; the state does not): two traces,
+at micro-batches b1 < b2, give the line, and the largest micro-batch that fits follows.
+FLOPs per image are the same at any micro-batch; an iteration's FLOPs weight each group's update
+by how often it runs over the whole run (DMD2's generator every tenth iteration, InstaFlow's
+phases).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from components.planning.gpus import GPU
+from components.planning.trace import KINDS, Trace
+
+GIB = 2**30
+ALLOCATOR = 0.10
+CUDA_CONTEXT_GIB = 1.0
+HEADROOM = 0.10
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run the plan is for: the global batch per iteration, how many GPUs (FSDP2 sharding
+    when more than one), the iterations, and the compute dtype's bytes per parameter."""
+
+    global_batch: int
+    gpus: int
+    steps: int
+    bf16: bool
+
+
+def memory(trace: Trace, gpus: int, bf16: bool) -> dict[str, float]:
+    """Bytes per GPU by kind at the traced micro-batch, with the allowances (see module doc)."""
+    peak = trace.peaks[gpus]
+    out = {k: float(peak[k]) for k in KINDS}
+    unit, root = trace.block_params
+    compute = 0.5 if bf16 else 1.0  # fp32 master weights gathered as bf16 under bf16
+    out["fsdp_buffers"] = (root + 2 * unit) * compute + unit if gpus > 1 else 0.0
+    out["allocator"] = ALLOCATOR * (out["activations"] + out["temporaries"])
+    out["cuda_context"] = CUDA_CONTEXT_GIB * GIB
+    out["total"] = sum(out.values())
+    return out
+
+
+def memory_line(t1: Trace, t2: Trace, gpus: int, bf16: bool) -> tuple[float, float]:
+    """(bytes at micro-batch 0, bytes per image) of the total on one GPU."""
+    m1, m2 = memory(t1, gpus, bf16)["total"], memory(t2, gpus, bf16)["total"]
+    slope = max(0.0, (m2 - m1) / (t2.micro_batch - t1.micro_batch))
+    return m1 - slope * t1.micro_batch, slope
+
+
+def usable_bytes(gpu_memory_gib: float) -> float:
+    return gpu_memory_gib * GIB * (1.0 - HEADROOM)
+
+
+def largest_micro_batch(line: tuple[float, float], gpu_memory_gib: float) -> int:
+    """The largest micro-batch per GPU whose planned memory fits (0: not even one image)."""
+    base, slope = line
+    room = usable_bytes(gpu_memory_gib) - base
+    if room < slope or room <= 0:
+        return 0
+    return 10**6 if slope == 0 else int(room // slope)
+
+
+def accumulation(global_batch: int, gpus: int, max_micro: int) -> tuple[int, int] | None:
+    """(micro-batch, gradient accumulation) reaching ``global_batch`` on ``gpus`` GPUs with
+    micro-batches of at most ``max_micro``; None when the batch cannot be split so."""
+    if max_micro < 1 or global_batch % gpus:
+        return None
+    per_gpu = global_batch // gpus
+    for accum in range(math.ceil(per_gpu / max_micro), per_gpu + 1):
+        if per_gpu % accum == 0:
+            return per_gpu // accum, accum
+    return None
+
+
+def flops_per_image(trace: Trace) -> dict[str, float]:
+    """FLOPs per image of the global batch per iteration, by group, weighted by how often each
+    group updates over the run."""
+    steps = max(trace.run_steps, 1)
+    return {g: f / trace.micro_batch * trace.group_updates[g] / steps
+            for g, f in trace.group_flops.items()}
+
+
+def timing(trace: Trace, run: RunShape, gpu: GPU, mode: str, eff: float) -> dict[str, float]:
+    """Seconds per iteration, images per second (all GPUs) and GPU-hours for the run."""
+    per_image = sum(flops_per_image(trace).values())
+    rate = getattr(gpu, mode) * 1e12 * eff  # FLOP/s one GPU sustains
+    iteration_s = run.global_batch * per_image / (run.gpus * rate)
+    return {"tflop_per_image": per_image / 1e12,
+            "tflop_per_iteration": per_image * run.global_batch / 1e12,
+            "seconds_per_iteration": iteration_s,
+            "images_per_second": run.global_batch / iteration_s,
+            "images_per_second_per_gpu": run.global_batch / iteration_s / run.gpus,
+            "gpu_hours": iteration_s * run.steps * run.gpus / 3600.0}
+
+
+def gib(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v / GIB, 3) for k, v in values.items()}

@@ -1,0 +1,327 @@
+"""Trace one complete training iteration of a method on ``meta`` tensors: memory and FLOPs.
+
+The method is built by its own factory on a ``meta`` teacher of the real architecture, prepared
+by the real training policy and run through the real loop's ``iteration`` (every optimizer group
+in order with its backward and optimizer step, then the EMA update), under
+``torch.distributed._tools.mem_tracker.MemTracker`` (every tensor's storage, by kind) and
+``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; forward, backward
+and recomputation). Nothing is allocated. The optimizers and gradients start as they are in a run in progress
+(``warm_state``), so the peak is that of any later iteration, not of the first.
+Fused attention and CUDA autocast are modelled by ``components.planning.kernels``.
+
+The iterations traced are the first of each group (a method with phases, e.g. InstaFlow's reflow
+then distillation, is traced in each phase), in order, so state made earlier (optimizer moments,
+a phase's frozen copy) is alive later, as in the run. The peak is recorded for one GPU and for
+``shards`` GPUs at once: under FSDP2 the state modules' parameters, gradients, optimizer state
+and EMA are split over the GPUs while activations, temporaries and the frozen teacher are not, so
+the peak on N GPUs is the largest ``sharded / N + replicated`` over the trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils.flop_counter import FlopCounterMode
+
+from components.diffusion import NoiseSchedule
+from components.ema import EMA
+from components.methods import Batch, Teacher
+from components.planning.kernels import ATTENTION_FLOPS, GpuKernels
+from components.policy import PolicyConfig, TrainingPolicy, blocks, frozen_denoisers
+from components.teacher import TextConditioning, UNetDenoiser
+from components.training import LoopConfig, iteration
+
+KINDS = ("params", "buffers", "grads", "optimizer", "ema", "activations", "temporaries")
+_KIND = {_MemRefType.PARAM: "params", _MemRefType.BUFFER: "buffers", _MemRefType.GRAD: "grads",
+         _MemRefType.OPT: "optimizer", _MemRefType.OTH: "ema", _MemRefType.ACT: "activations",
+         _MemRefType.TEMP: "temporaries"}
+SHARDED = ("grads", "optimizer", "ema")  # plus the state modules' parameters
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The teacher's architecture: diffusers ``UNet2DConditionModel`` and scheduler configs,
+    and the text sequence length of its prompts."""
+
+    unet: dict[str, Any]
+    scheduler: dict[str, Any]
+    text_length: int = 77
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        side = self.unet.get("sample_size", 64)
+        side = side if isinstance(side, int) else side[0]
+        return (self.unet.get("in_channels", 4), side, side)
+
+
+@dataclass
+class Trace:
+    """What one traced run of iterations measured at micro-batch ``micro_batch``.
+
+    ``peaks[n]``: bytes by kind (``KINDS``) at the peak on each of n GPUs (kinds in ``SHARDED``
+    and the state parameters already divided by n). ``group_flops``: FLOPs of one update of each
+    group; ``group_updates``: how many updates each makes in the run's ``run_steps`` iterations.
+    ``state_params`` / ``frozen_params``: bytes of the parameters the state modules hold
+    (sharded) and the rest (replicated); ``block_params``: the largest FSDP2 unit's and the
+    parameters outside every block (the root unit's), bytes.
+    """
+
+    micro_batch: int
+    peaks: dict[int, dict[str, int]]
+    group_flops: dict[str, int]
+    state_params: int
+    frozen_params: int
+    block_params: tuple[int, int]
+    steps: tuple[int, ...]
+    seconds: float
+    run_steps: int = 0
+    total_flops: int = 0  # of all the traced iterations
+    group_updates: dict[str, int] = field(default_factory=dict)
+
+
+class _Tracker(MemTracker):
+    """``MemTracker`` keeping only the whole-run peaks (for each GPU count), with tensors made
+    inside ``ema()`` counted as the EMA's (``Other``)."""
+
+    def __init__(self, shards: tuple[int, ...], state_params: int):
+        super().__init__()
+        self.in_ema = False
+        self.shards, self.state_params = shards, state_params
+        self.best = {n: -1 for n in shards}
+        self.peaks: dict[int, dict[str, int]] = {}
+
+    @contextlib.contextmanager
+    def ema(self):
+        self.in_ema = True
+        try:
+            yield
+        finally:
+            self.in_ema = False
+
+    def _track(self, reftype, t):
+        super()._track(_MemRefType.OTH if self.in_ema else reftype, t)
+
+    # MemTracker's module hooks keep per-module snapshots (and refuse a network called twice
+    # in one iteration); only what the categories need is kept: parameters and gradients of
+    # each module seen, and the recomputation of checkpointed blocks counted as activations.
+    def _pre_fw_hook(self, module, inputs) -> None:
+        if module not in self.memory_tracking:
+            self._track_parameters(module)
+            self.memory_tracking[module] = True
+        elif self._mod_tracker.is_bw and self._ac_mod is None:
+            self._ac_mod, self._in_ac = weakref.ref(module), True
+
+    def _track_parameters(self, module) -> None:
+        """Parameters and buffers by kind; gradients (and their hooks) of trained ones only
+        (``MemTracker`` would hook every parameter, which frozen ones refuse)."""
+        def on_grad(p):
+            self._update_and_maybe_create_winfos(p.grad, _MemRefType.GRAD)
+
+        for p in module.parameters():
+            self._update_and_maybe_create_winfos(p, _MemRefType.PARAM)
+            if p.requires_grad and p not in self._param_to_grad_hook_handles:
+                self._param_to_grad_hook_handles[p] = (
+                    p.register_hook(lambda g: g),
+                    p.register_post_accumulate_grad_hook(on_grad))
+        for b in module.buffers():
+            self._update_and_maybe_create_winfos(b, _MemRefType.BUFFER)
+
+    def _post_fw_hook(self, module, inputs, outputs) -> None:
+        if self._mod_tracker.is_bw and self._ac_mod is not None and self._ac_mod() is module:
+            self._ac_mod, self._in_ac = None, False
+
+    def _pre_bw_hook(self, module, args) -> None:
+        pass
+
+    def _post_bw_hook(self, module, args) -> None:
+        pass
+
+    def _update_peak_stats(self, peak_state) -> None:
+        for snap in self._curr_mem_snap.values():
+            kinds = {_KIND[k]: v for k, v in snap.items() if k in _KIND}
+            sharded = sum(kinds[k] for k in SHARDED) + self.state_params
+            replicated = sum(kinds.values()) - sharded + self.state_params
+            for n in self.shards:
+                total = sharded // n + replicated
+                if total > self.best[n]:
+                    self.best[n] = total
+                    self.peaks[n] = _divided(kinds, n, self.state_params)
+
+
+def _divided(kinds: dict[str, int], n: int, state_params: int) -> dict[str, int]:
+    out = {k: kinds.get(k, 0) // n if k in SHARDED else kinds.get(k, 0) for k in KINDS}
+    out["params"] = out["params"] - state_params + state_params // n
+    return out
+
+
+class _TrackedEMA(EMA):
+    """The loop's EMA, its tensors counted as the EMA's by ``tracker``."""
+
+    def __init__(self, module, cfg, batch_size: int, tracker: _Tracker):
+        self.tracker = tracker
+        super().__init__(module, cfg, batch_size)
+
+    def reset(self, module) -> None:
+        with self.tracker.ema():
+            super().reset(module)
+
+    def update(self, module, n: int) -> None:
+        with self.tracker.ema():
+            super().update(module, n)
+
+
+class _TracePolicy(TrainingPolicy):
+    """The training policy with CUDA autocast modelled (``torch.autocast`` has no meta)."""
+
+    def __init__(self, cfg: PolicyConfig, kernels: GpuKernels):
+        super().__init__(cfg)
+        self.kernels = kernels
+
+    def autocast(self, device: torch.device):
+        return self.kernels.region() if self.bf16 else contextlib.nullcontext()
+
+    def prepare(self, method) -> dict:
+        opts = super().prepare(method)
+        if self.cfg.activation_checkpointing:  # recomputation under the same kernel model
+            networks = [*method.state_modules().values(), *frozen_denoisers(method).values()]
+            for module in (m for net in networks for m in net.modules()):
+                if hasattr(module, "enable_gradient_checkpointing") and hasattr(module, "config"):
+                    module.enable_gradient_checkpointing(self.kernels.checkpoint)
+        return opts
+
+
+def spec_teacher(spec: TeacherSpec, device: str = "meta") -> Teacher:
+    """The teacher network built from its configs with random weights (none on ``meta``)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(spec.unet)
+    schedule = NoiseSchedule.from_scheduler(DDIMScheduler.from_config(spec.scheduler))
+    kind = spec.scheduler.get("prediction_type", "epsilon")
+    return Teacher(UNetDenoiser(unet, schedule, kind))
+
+
+class SpecBatches:
+    """Batches of zeros of the teacher's shapes (with teacher pairs), on ``device``."""
+
+    def __init__(self, spec: TeacherSpec, device: str = "meta"):
+        self.spec, self.device = spec, device
+
+    def _cond(self, b: int) -> TextConditioning:
+        u = self.spec.unet
+        dim = u["cross_attention_dim"]
+        dim = dim if isinstance(dim, int) else dim[0]
+        text = torch.zeros(b, self.spec.text_length, dim, device=self.device)
+        if u.get("addition_embed_type") != "text_time":
+            return TextConditioning(text)
+        ids = 6
+        pooled = u["projection_class_embeddings_input_dim"] - ids * u["addition_time_embed_dim"]
+        return TextConditioning(text, torch.zeros(b, pooled, device=self.device),
+                                torch.zeros(b, ids, device=self.device))
+
+    def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0) -> Batch:
+        shape = (batch_size, *self.spec.latent)
+        return Batch(self._cond(batch_size), self._cond(batch_size),
+                     torch.zeros(shape, device=self.device), gen, step,
+                     torch.zeros(shape, device=self.device))
+
+
+def _nbytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[id(st)] = st.nbytes()
+    return sum(seen.values())
+
+
+def _param_split(method) -> tuple[int, int, tuple[int, int]]:
+    """Bytes of the state modules' parameters, of the others, and the FSDP2 unit sizes."""
+    state = list(method.state_modules().values())
+    state_p = [p for m in state for p in m.parameters()]
+    frozen = [p for m in frozen_denoisers(method).values() for p in m.parameters()]
+    units = [_nbytes(b.parameters()) for m in state for b in blocks(m)]
+    in_blocks = {id(p) for m in state for b in blocks(m) for p in b.parameters()}
+    root = _nbytes(p for p in state_p if id(p) not in in_blocks)
+    return _nbytes(state_p), _nbytes(frozen), (max(units, default=0), root)
+
+
+@torch.no_grad()
+def warm_state(opts: dict) -> None:
+    """The state of a run in progress: every optimizer has its moments (Adam makes them at its
+    first step) and every trained parameter a gradient left from its group's last update (a
+    group frees only its own gradients when it starts)."""
+    for opt in opts.values():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        opt.step()
+
+
+def traced_steps(method) -> tuple[int, ...]:
+    """The first iteration of each group (each phase's first, for methods with phases)."""
+    return tuple(sorted({g.start for g in method.groups}))
+
+
+def trace(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int, run_steps: int,
+          shards: tuple[int, ...] = (1,), rules: str = "cuda") -> Trace:
+    """Trace the method that ``build(teacher)`` makes (its factory with its config and the
+    run length ``run_steps``) at ``micro_batch`` images per GPU and micro-batch, with the peaks
+    on each number of GPUs in ``shards``; autocast follows CUDA's ``rules`` (or ``"cpu"``)."""
+    start = time.perf_counter()
+    kernels = GpuKernels(torch.bfloat16 if policy.precision == "bf16" else None, rules)
+    method = build(spec_teacher(spec))
+    run_policy = _TracePolicy(policy, kernels)
+    opts = run_policy.prepare(method)
+    warm_state(opts)
+    state_p, frozen_p, units = _param_split(method)
+    tracker = _Tracker(tuple(sorted(set(shards) | {1})), state_p)
+    ema = _TrackedEMA(method.student(), method.ema, micro_batch, tracker)
+    networks = [*method.state_modules().values(), *frozen_denoisers(method).values()]
+    tracker.track_external(*networks, *opts.values(), *(ema.shadow or {}).values())
+    flops = _GroupFlops(method)
+    loop = LoopConfig(steps=max(traced_steps(method)) + 1, batch_size=micro_batch)
+    batches = SpecBatches(spec)
+    steps = traced_steps(method)
+    with tracker, flops.counter, kernels:
+        for step in steps:
+            iteration(method, step, batches, loop, opts, ema, run_policy)
+    flops.close()
+    updates = {g.name: g.updates_before(run_steps) for g in method.groups}
+    return Trace(micro_batch, tracker.peaks, flops.per_group, state_p, frozen_p, units, steps,
+                 time.perf_counter() - start, run_steps, flops.counter.get_total_flops(),
+                 updates)
+
+
+class _GroupFlops:
+    """FLOPs of each group's update: the counter's total between successive ``loss`` calls."""
+
+    def __init__(self, method):
+        self.counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+        self.per_group: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self.current: str | None = None
+        self.mark = 0
+        loss = method.loss
+
+        def counted_loss(group, batch, scratch):
+            self._switch(group)
+            self.calls[group] = self.calls.get(group, 0) + 1
+            return loss(group, batch, scratch)
+        method.loss = counted_loss
+
+    def _switch(self, group: str | None) -> None:
+        total = self.counter.get_total_flops()
+        if self.current is not None:
+            self.per_group[self.current] = self.per_group.get(self.current, 0) + total - self.mark
+        self.current, self.mark = group, total
+
+    def close(self) -> None:
+        """End counting; ``per_group`` becomes the FLOPs of one update (one loss call each)."""
+        self._switch(None)
+        self.per_group = {g: f // self.calls[g] for g, f in self.per_group.items()}

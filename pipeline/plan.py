@@ -1,0 +1,161 @@
+"""Plan a distillation run before any GPU is touched: memory per GPU, time, GPU-hours.
+
+    uv run python -m pipeline.plan                                # the configured run (params.yaml)
+    uv run python -m pipeline.plan --preset sd15 --method dmd2    # a published recipe
+    uv run python -m pipeline.plan --arch sdxl --method sid_lsg --precision bf16 \\
+        --activation-checkpointing --global-batch 512 --micro-batch 2 --gpus 8 --gpu-memory 80
+
+One complete iteration of the real method (every optimizer group, the optimizer steps, the EMA
+update) runs through the real training loop and policy on ``meta`` tensors of the teacher's real
+architecture (``components.planning``): nothing is allocated and nothing is downloaded. Prints
+the plan and writes it as JSON (``--out``); the distill stage writes the same plan next to its
+outputs (``outputs/distill/plan.json``) and refuses to start on a GPU with too little free memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from components.architectures import ARCHS, scheduler_config, unet_config
+from components.config import ConfigError
+from components.methods import get_method, method_names
+from components.planning import GPUS, PlanRequest, TeacherSpec, get_gpu, make_plan, traceable_config
+from components.policy import PRECISIONS
+from components.teacher import resolve_model
+from pipeline.params import load_stage
+
+RESULTS = Path("bench/results")
+
+
+def teacher_spec(teacher_cfg, root: Path, arch: str | None = None) -> TeacherSpec:
+    """The named architecture's configs, else the configured teacher folder's (configs only)."""
+    if arch:
+        return TeacherSpec(unet_config(arch), scheduler_config(arch))
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    source = resolve_model(teacher_cfg.model, root)
+    try:
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet",
+                                                revision=teacher_cfg.revision)
+        sched = DDIMScheduler.load_config(source, subfolder="scheduler",
+                                          revision=teacher_cfg.revision)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read the teacher's configs from {source} ({err}); name an "
+                          f"architecture with --arch ({', '.join(ARCHS)})") from None
+    return TeacherSpec(dict(unet), dict(sched))
+
+
+def request(teacher: TeacherSpec, cfg, gpu: str = "H100", gpu_memory: float | None = None,
+            root: Path = Path(".")) -> PlanRequest:
+    """The plan request of a ``DistillConfig`` (``params.yaml: distill``)."""
+    _, factory = get_method(cfg.method)
+    method_cfg, notes = traceable_config(cfg.method_config())
+    steps = cfg.loop.steps
+    card = get_gpu(gpu)
+    def build(t):  # the configured student (full weights or a LoRA) on the traced teacher
+        return factory(method_cfg, dataclasses.replace(t, student=cfg.student), steps)
+    return PlanRequest(cfg.method, build, teacher, cfg.policy,
+                       cfg.loop.batch_size, cfg.loop.grad_accum, cfg.processes, steps, card,
+                       gpu_memory or card.memory_gib, root / RESULTS, tuple(notes))
+
+
+def distill_config(root: Path, preset: str | None, method: str | None):
+    """The distill config and teacher of params.yaml, or of a preset with its method."""
+    if preset is None:
+        configs = load_stage(root, "distill")
+        cfg = configs["distill"]
+        return configs["teacher"], replace(cfg, method=method) if method else cfg
+    from pipeline.configure import render_params
+
+    text, _ = render_params(root, preset=preset, method=method)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "params.yaml").write_text(text, encoding="utf-8")
+        configs = load_stage(tmp, "distill")
+    return configs["teacher"], configs["distill"]
+
+
+def _overrides(cfg, args):
+    policy = cfg.policy
+    if args.precision:
+        policy = replace(policy, precision=args.precision)
+    if args.activation_checkpointing is not None:
+        policy = replace(policy, activation_checkpointing=args.activation_checkpointing)
+    gpus = args.gpus or cfg.processes
+    batch = args.global_batch or cfg.loop.batch_size
+    accum = cfg.loop.grad_accum if not args.micro_batch else max(
+        1, batch // (gpus * args.micro_batch))
+    loop = replace(cfg.loop, batch_size=batch, grad_accum=args.grad_accum or accum,
+                   steps=args.steps or cfg.loop.steps)
+    return replace(cfg, policy=policy, processes=gpus, loop=loop)
+
+
+def summary(plan: dict) -> str:
+    """The plan in a few lines."""
+    m, t, r = plan["memory_gib"], plan["time"], plan["recommendation"]
+    run = plan["run"]
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "total")
+    lines = [
+        (f"{plan['method']}: global batch {run['global_batch']} = {run['gpus']} GPU(s) x "
+         f"micro-batch {run['micro_batch']} x accumulation {run['grad_accum']}, "
+         f"{run['steps']} iterations, policy {plan['policy']['precision']}"
+         f"{' + checkpointing' if plan['policy']['activation_checkpointing'] else ''}"),
+        (f"peak per GPU: {m['total']:.2f} GiB ({parts}) of {plan['usable_gib']} GiB usable "
+         f"on {plan['gpu']['name']}: {'fits' if plan['fits'] else 'DOES NOT FIT'}"),
+        (f"{t['tflop_per_image']:.3f} TFLOP per image, {t['seconds_per_iteration']:.2f} s per "
+         f"iteration, {t['images_per_second']:.1f} images/s, {t['gpu_hours']:.0f} GPU-hours "
+         f"(efficiency {plan['gpu']['efficiency']}, {plan['gpu']['efficiency_source']})"),
+        f"recommendation: {r['suggestion']}",
+        *(f"note: {n}" for n in plan["notes"])]
+    return "\n".join(lines)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("."), help="project root (params.yaml)")
+    p.add_argument("--preset", help="a params preset (sd15, sd21, sdxl: published recipes)")
+    p.add_argument("--arch", choices=ARCHS, help="teacher architecture (default: the "
+                   "configured teacher's, or the preset's)")
+    p.add_argument("--method", choices=method_names())
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction)
+    p.add_argument("--global-batch", type=int, help="images per iteration, all GPUs")
+    p.add_argument("--micro-batch", type=int, help="images per GPU per accumulation round")
+    p.add_argument("--grad-accum", type=int, help="accumulation rounds (instead of "
+                   "--micro-batch)")
+    p.add_argument("--gpus", type=int, help="GPUs (more than one: FSDP2 sharding)")
+    p.add_argument("--steps", type=int, help="iterations of the run (GPU-hours)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="H100", help="GPU for time")
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: the GPU's)")
+    p.add_argument("--out", type=Path, help="write the plan JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(argv)
+    try:
+        teacher_cfg, cfg = distill_config(args.root, args.preset, args.method)
+        arch = args.arch or (args.preset if args.preset in ARCHS else None)
+        cfg = _overrides(cfg, args)
+        cfg.validate()
+        req = request(teacher_spec(teacher_cfg, args.root, arch), cfg, args.gpu,
+                      args.gpu_memory, args.root)
+        plan = make_plan(req)
+    except (ConfigError, ValueError) as err:
+        sys.exit(f"plan: {err}")
+    print(summary(plan))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Tiny random-weight flow-transformer pipelines built in code (nothing downloaded): SD3.5-style
+(joint CLIP-L + CLIP-G sequence, no T5, QK RMS-norm, one dual-attention layer) and FLUX.1-dev-style
+(CLIP-L pooled + T5 sequence with an offline-trained T5 vocabulary, guidance embedding)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
+
+from components.networks.t5_tokenizer import build_t5_tokenizer
+from components.world.tokenizer import build_tokenizer
+
+LATENT = (16, 8, 8)
+_CLIP = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+         "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+
+
+def _vae(scaling: float, shift: float) -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+                         scaling_factor=scaling, shift_factor=shift, use_quant_conv=False,
+                         use_post_quant_conv=False)
+
+
+def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3.5-style: 2 MMDiT layers, 16×8×8 latents, joint width 64, shift 3, no T5."""
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=8,
+        dual_attention_layers=(0,), qk_norm="rms_norm")
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(1.5305, 0.0609),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP, projection_dim=32)),
+        tokenizer=build_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP, projection_dim=32)),
+        tokenizer_2=build_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """FLUX.1-dev-style: 1 double + 1 single block, guidance embedding, resolution shift, a
+    2-layer T5 on a trained 16-token vocabulary."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    tokenizer_2 = build_t5_tokenizer(max_length=16)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8,
+                                 num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_vae(0.3611, 0.1159),
+                        text_encoder=CLIPTextModel(CLIPTextConfig(**_CLIP)),
+                        tokenizer=build_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
