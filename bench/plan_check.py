@@ -15,14 +15,20 @@ Prints a table and writes JSON (``--out``).
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from components.architectures import ARCHS, DIVISORS, scheduler_config, unet_config
 from components.ema import EMA
-from components.methods import get_method
+from components.methods import get_method, method_names
 from components.planning import traceable_config
 from components.planning.kernels import ATTENTION_FLOPS
 from components.planning.trace import (
@@ -109,3 +115,60 @@ def compare(name: str, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int
             "flops_ratio": round(predicted["flops"] / max(measured["flops"], 1), 4),
             "breakdown_mib": {k: round(v / 2**20, 3) for k, v in predicted["breakdown"].items()},
             "seconds": round(time.perf_counter() - start, 2)}
+
+
+def reduced_spec(arch: str, divisor: int, latent: int) -> TeacherSpec:
+    """The architecture at 1/``divisor`` width with ``latent``-sized latents."""
+    return TeacherSpec({**unet_config(arch, divisor), "sample_size": latent},
+                       scheduler_config(arch))
+
+
+POLICIES = {"fp32": PolicyConfig(),
+            "bf16 + checkpointing": PolicyConfig(precision="bf16",
+                                                 activation_checkpointing=True)}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| method | policy | micro-batch | predicted peak MiB | measured peak MiB | "
+            "predicted / measured | FLOPs predicted / measured |")
+    lines = [head, "|" + " --- |" * 7]
+    for r in rows:
+        policy = r["precision"] + (" + checkpointing" if r["activation_checkpointing"] else "")
+        lines.append(f"| {r['method']} | {policy} | {r['micro_batch']} | "
+                     f"{r['predicted_peak_mib']:.1f} | {r['measured_peak_mib']:.1f} | "
+                     f"{r['peak_ratio']:.3f} | {r['flops_ratio']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.plan_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=ARCHS, default="sd15")
+    p.add_argument("--divisor", type=int, choices=DIVISORS, default=8)
+    p.add_argument("--latent", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=method_names(), choices=method_names())
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("bench/results/plan-check-cpu.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = reduced_spec(args.arch, args.divisor, args.latent)
+    rows = []
+    for name in args.methods:
+        for policy in args.policies:
+            rows.append(compare(name, spec, POLICIES[policy], args.micro_batch))
+            print(f"{name} {policy}: peak {rows[-1]['peak_ratio']:.3f}, FLOPs "
+                  f"{rows[-1]['flops_ratio']:.4f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+    result = {"device": machine, "torch": torch.__version__, "arch": args.arch,
+              "divisor": args.divisor, "latent": args.latent, "rows": rows}
+    print(f"\n{args.arch} / {args.divisor}, latents {args.latent}x{args.latent}, {machine}\n")
+    print(table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

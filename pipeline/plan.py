@@ -27,6 +27,7 @@ from components.architectures import ARCHS, scheduler_config, unet_config
 from components.config import ConfigError
 from components.methods import get_method, method_names
 from components.planning import GPUS, PlanRequest, TeacherSpec, get_gpu, make_plan, traceable_config
+from components.planning.estimate import GIB
 from components.policy import PRECISIONS
 from components.teacher import resolve_model
 from pipeline.params import load_stage
@@ -94,6 +95,48 @@ def _overrides(cfg, args):
     loop = replace(cfg.loop, batch_size=batch, grad_accum=args.grad_accum or accum,
                    steps=args.steps or cfg.loop.steps)
     return replace(cfg, policy=policy, processes=gpus, loop=loop)
+
+
+def gpu_name(device: str) -> str:
+    """The planner's name of the GPU ``device`` is (H100 when unknown or not a GPU)."""
+    if not device.startswith("cuda"):
+        return "H100"
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((key for key, card in GPUS.items() if any(m in name for m in card.match)),
+                "H100")
+
+
+def free_memory(device: str) -> tuple[int, int] | None:
+    """(free, total) bytes of the GPU ``device`` (``torch.cuda.mem_get_info``); None off GPUs."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.mem_get_info(torch.device(device))
+
+
+def preflight(root: Path, teacher_cfg, cfg, device: str) -> dict | None:
+    """The distill stage's plan, made before any weight loads (None for a teacher the planner
+    cannot trace yet). On a GPU whose free memory is below the planned peak, a ``ValueError``
+    carrying the plan's suggestion stops the stage."""
+    try:
+        spec = teacher_spec(teacher_cfg, root)
+    except ConfigError as err:
+        print(f"distill: no plan for this teacher ({err})", file=sys.stderr)
+        return None
+    memory = free_memory(device)
+    req = request(spec, cfg, gpu_name(device), memory[1] / GIB if memory else None, root)
+    plan = make_plan(req, suggest=False)
+    if memory and plan["memory_gib"]["total"] * GIB > memory[0]:
+        total = req.gpu_memory_gib
+        plan = make_plan(dataclasses.replace(req, gpu_memory_gib=memory[0] / GIB))  # same traces
+        raise ValueError(
+            f"the run needs {plan['memory_gib']['total']:.1f} GiB per GPU (planned peak with "
+            f"allowances) but {device} has {memory[0] / GIB:.1f} GiB free of {total:.1f}; "
+            f"{plan['recommendation']['suggestion']} (details: uv run python -m pipeline.plan)")
+    return plan
 
 
 def summary(plan: dict) -> str:

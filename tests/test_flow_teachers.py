@@ -77,7 +77,7 @@ def teachers(tmp_path_factory):
     return out
 
 
-def _run(family, name, teachers, steps, ckpt, total=None):
+def _run(family, name, teachers, steps, ckpt, total=None, checkpoint_every=10**9):
     pipe, cache = teachers[family]
     cfg_cls, build = get_method(name)
     teacher = teacher_denoiser(pipe, latent_hw=LATENT[1:])
@@ -92,7 +92,7 @@ def _run(family, name, teachers, steps, ckpt, total=None):
         batches = PromptBatches.from_cache(cache, LATENT)
     logs = []
     loop = LoopConfig(steps=steps, batch_size=2, grad_accum=1, log_every=1,
-                      sample_every=100, checkpoint_every=1)
+                      sample_every=100, checkpoint_every=checkpoint_every)
     train(method, batches, loop, ckpt, lambda m, s: logs.append((s, m)), lambda module, s: None)
     return method, logs
 
@@ -119,7 +119,7 @@ def test_method_trains_and_resumes_on_a_flow_teacher(family, name, teachers, tmp
     assert x.shape == (2, *LATENT) and torch.isfinite(x).all()
     # a new run rebuilds everything and resumes from the step-1 checkpoint (for InstaFlow and
     # Meng et al., across their phase boundary)
-    _run(family, name, teachers, 1, tmp_path / "res", total=2)
+    _run(family, name, teachers, 1, tmp_path / "res", total=2, checkpoint_every=1)
     resumed, logs = _run(family, name, teachers, 2, tmp_path / "res")
     assert [s for s, _ in logs] == [2]
     a, b = full.student().state_dict(), resumed.student().state_dict()

@@ -70,7 +70,7 @@ def measured_efficiency(gpu: GPU, mode: str, results: Path) -> tuple[float, str]
         return None
     _, path, rows = max(found, key=lambda f: f[0])
     achieved = sum(r["achieved_tflops"] for r in rows) / len(rows)
-    return achieved / getattr(gpu, mode), str(path)
+    return achieved / getattr(gpu, mode), f"{Path(results).name}/{path.name}"
 
 
 def efficiency(gpu: GPU, mode: str, results: Path | None) -> tuple[float, str]:

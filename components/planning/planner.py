@@ -81,7 +81,7 @@ def _option(req: PlanRequest, policy: PolicyConfig, gpus: int, traces) -> dict:
             "fits": split is not None, "largest_micro_batch": largest,
             "micro_batch": split[0] if split else None,
             "grad_accum": split[1] if split else None,
-            "gib_per_image": round(line[1] / GIB, 3), "gpu_hours": _sig(time["gpu_hours"])}
+            "gib_per_image": _sig(line[1] / GIB), "gpu_hours": _sig(time["gpu_hours"])}
 
 
 def _switches(req: PlanRequest, traces) -> list[dict]:
@@ -157,9 +157,8 @@ def make_plan(req: PlanRequest, suggest: bool = True) -> dict:
                         "attention": "fused (FlashAttention-like saved tensors)",
                         "communication": "FSDP2 collectives overlapped with compute"},
         "notes": list(req.notes),
-        "trace": {"iterations": list(traces[0].steps), "micro_batches":
-                  [t.micro_batch for t in traces],
-                  "seconds": round(sum(t.seconds for t in traces), 1)},
+        "trace": {"iterations": list(traces[0].steps),
+                  "micro_batches": [t.micro_batch for t in traces]},
     }
 
 

@@ -46,6 +46,7 @@ from pipeline import paths
 from pipeline.checkpoints import RunRecord, code_hash, prune_runs, run_key
 from pipeline.launch import torchrun
 from pipeline.params import load_stage
+from pipeline.plan import preflight
 from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
 
@@ -227,6 +228,7 @@ def run(root: Path) -> None:
     if is_main and (warning := recipe_warning(teacher_unet_config(teacher_cfg, root), cfg,
                                               teacher_cfg.model)):
         log(warning)  # a real teacher with another preset's settings
+    plan = preflight(root, teacher_cfg, cfg, local.device)  # too little GPU memory stops here
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
@@ -250,11 +252,12 @@ def run(root: Path) -> None:
     ema.copy_to(method.student())
     student = policy.full_module(method.student())  # every process gathers; rank 0 keeps it
     if is_main:
-        _save(root, teacher_cfg, method.spec, student, policy, cfg, record, resolved)
+        _save(root, teacher_cfg, method.spec, student, policy, cfg, record, resolved, plan)
     distributed.finish()
 
 
-def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, resolved) -> None:
+def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, resolved,
+          plan: dict | None = None) -> None:
     extra = {"method": cfg.method, "teacher": teacher_cfg.model, "steps": cfg.loop.steps,
              "policy": policy.describe(), "student": cfg.student.describe()}
     with atomic_dir(root / paths.STUDENT) as out:
@@ -266,6 +269,8 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
             save_student(full, spec, out, extra)
     with atomic_dir(root / paths.DISTILL_OUT) as out:
         (out / "samples").mkdir()
+        if plan is not None:  # the run's memory and time plan (MLflow gets it with the run)
+            write_json(out / "plan.json", plan)
         for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
             if int(grid.stem.split("-")[1]) <= cfg.loop.steps:
                 shutil.copy2(grid, out / "samples" / grid.name)
