@@ -33,6 +33,7 @@ from components.checkpoint import (  # noqa: F401  (re-exported for the stage an
 )
 from components.ema import EMA
 from components.methods import Batch, GroupSpec, Method
+from components.monitor import Monitor
 from components.policy import TrainingPolicy
 
 LogFn = Callable[[dict, int], None]
@@ -226,9 +227,9 @@ def iteration(method: Method, step: int, batches: BatchSource, cfg: LoopConfig, 
 
 
 def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path, log: LogFn,
-          on_sample: Callable[[torch.nn.Module, int], None],
+          on_sample: Callable[[torch.nn.Module, int], dict | None],
           progress: Callable[[int, int], None] | None = None,
-          policy: TrainingPolicy | None = None) -> EMA:
+          policy: TrainingPolicy | None = None, monitor: Monitor | None = None) -> EMA:
     """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA.
 
     ``batches(batch_size, generator, step)`` draws iteration ``step``'s batch (prompts, or teacher
@@ -237,7 +238,9 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
     process reads only its rows (``draw_batch``, ``components.distributed``); ``policy`` sets
     precision, checkpointing and FSDP2 sharding (``components.policy``). Every process runs the loop; rank
     0 logs and samples, all write their checkpoint shards. ``on_sample`` gets the student with
-    its EMA weights (what is saved).
+    its EMA weights (what is saved) and may return statistics of its samples; ``monitor``
+    (``components.monitor``) checks those and every logged loss window, and stops the run by
+    raising when it is set to.
     """
     ctx = distributed.context()
     policy = policy or TrainingPolicy()
@@ -253,11 +256,14 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
             metrics = window.flush()  # a collective under torchrun
             if ctx.is_main:
                 log(metrics, done)
+                if monitor is not None:
+                    monitor.observe_losses(metrics, done)
         if done % cfg.sample_every == 0 or done == cfg.steps:
             with ema.applied(method.student()) as averaged:
                 student = policy.full_module(averaged)  # gathered on rank 0
-                if ctx.is_main:
-                    on_sample(student, done)
+                stats = on_sample(student, done) if ctx.is_main else None
+            if monitor is not None and stats:
+                monitor.observe_samples(stats, done)  # under torchrun a stop ends every process
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(ckpt_dir, method, opts, ema, done)
         if progress and ctx.is_main:
