@@ -236,11 +236,11 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
     pairs) from that iteration's generator (``components.batches``); a group with
     ``fresh_batch`` draws another one after it. Under torchrun the batch is global and each
     process reads only its rows (``draw_batch``, ``components.distributed``); ``policy`` sets
-    precision, checkpointing and FSDP2 sharding (``components.policy``). Every process runs the loop; rank
-    0 logs and samples, all write their checkpoint shards. ``on_sample`` gets the student with
-    its EMA weights (what is saved) and may return statistics of its samples; ``monitor``
-    (``components.monitor``) checks those and every logged loss window, and stops the run by
-    raising when it is set to.
+    precision, checkpointing and FSDP2 sharding (``components.policy``). Every process runs the
+    loop; rank 0 logs and samples, all write their checkpoint shards. ``on_sample`` gets the
+    student with its EMA weights (what is saved) and may return statistics of its samples;
+    ``monitor`` (``components.monitor``) checks those and every logged loss window, and stops the
+    run by raising when it is set to.
     """
     ctx = distributed.context()
     policy = policy or TrainingPolicy()

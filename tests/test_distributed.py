@@ -43,6 +43,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from components.batches import PairBatches, PromptBatches
@@ -146,8 +147,7 @@ def _assert_same(a: dict, b: dict, tolerance: float = DEFAULT_TOLERANCE) -> None
                                    msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
+def _write_cache(folder: Path) -> Path:
     pipe = tiny_pipeline()
 
     def encode(prompts):
@@ -155,18 +155,21 @@ def cache(tmp_path_factory) -> Path:
                              truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             return pipe.text_encoder(ids)[0]
-    folder = tmp_path_factory.mktemp("dp") / "cache"
     write_cache(folder, PROMPTS, encode, CacheConfig(shard_size=4), "tiny", log=lambda _: None)
     return folder
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache) -> Path:
+def cache(tmp_path_factory) -> Path:
+    return _write_cache(tmp_path_factory.mktemp("dp") / "cache")
+
+
+def _train_every_method(root: Path) -> None:
     """Every method trained three ways, in three launches: 1 process to 4 iterations (``one``),
     2 FSDP2 processes to 2 (``two``), and ``two``'s checkpoint resumed in 1 process to 4
     (``resumed``); plus SwiftBrush's 1-process checkpoint at 2 resumed in 2 processes
     (``back``)."""
-    root = tmp_path_factory.mktemp("runs")
+    cache = _write_cache(root / "cache")
     methods = method_names()
     _launch(cache, [(m, root / "one" / m, 4) for m in methods], processes=1)
     back = root / "back" / "swiftbrush"
@@ -178,6 +181,21 @@ def runs(tmp_path_factory, cache) -> Path:
     for m in methods:
         shutil.copytree(root / "two" / m, root / "resumed" / m)
     _launch(cache, [(m, root / "resumed" / m, 4) for m in methods], processes=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, worker_id) -> Path:
+    """The runs of ``_train_every_method``, made once per test session: under pytest-xdist the
+    first worker to need them trains them in the session's shared folder while the others wait
+    on a file lock (xdist's ``loadgroup`` does not keep a module on one worker under pytest 9:
+    it renames ``item._nodeid``, which pytest 9 no longer reads)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "dp-runs"
+    with FileLock(f"{root}.lock"):
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            _train_every_method(root)
+            (root / "done").touch()
     return root
 
 
