@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from components.diffusion import NoiseSchedule, PredictionType, sinusoidal_embedding
+from components.schedules import FlowSchedule
 from components.teacher import TextConditioning
 
 
@@ -55,8 +56,8 @@ class LinearFieldNet(nn.Module):
     ``time_cond_proj_dim`` path.
     """
 
-    def __init__(self, schedule: NoiseSchedule, means: torch.Tensor, cov: torch.Tensor,
-                 prediction_type: PredictionType = "epsilon", hidden: int = 64,
+    def __init__(self, schedule: NoiseSchedule | FlowSchedule, means: torch.Tensor,
+                 cov: torch.Tensor, prediction_type: PredictionType = "epsilon", hidden: int = 64,
                  t_features: int = 16, w_dim: int = 0, null_is_mixture: bool = False):
         super().__init__()
         dim = means.shape[1]
@@ -92,8 +93,11 @@ class LinearFieldNet(nn.Module):
         return net
 
     def closed_form(self, x_t: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The Gaussian part ``σ_t A_t⁻¹ (x − α_t μ(c))`` (B, d); with ``null_is_mixture`` the
-        empty prompt's μ is the posterior mean of the class means, Σ_k r_k(x_t) μ_k."""
+        """The Gaussian part (B, d) in this network's prediction type: ``ε̂ = σ_t A_t⁻¹ (x − α_t
+        μ(c))``, ``x̂0 = μ(c) + α_t Σ A_t⁻¹ (x − α_t μ(c))`` (posterior means), the flow velocity
+        ``ε̂ − x̂0`` or ``v = α_t ε̂ − σ_t x̂0``; with ``null_is_mixture`` the empty prompt's μ is
+        the posterior mean of the class means, Σ_k r_k(x_t) μ_k (the same forms hold, Σ being
+        shared)."""
         alpha, sigma = self.schedule.alpha_sigma(t, x_t)  # (B, 1)
         L = self.cov.weight
         Sigma = L @ L.T
@@ -103,7 +107,13 @@ class LinearFieldNet(nn.Module):
         if self.null_is_mixture:
             mu = torch.where(c[:, -1:] > 0.5, self._mixture_mean(x_t, alpha, A), mu)
         r = (x_t - alpha * mu)[..., None]
-        return sigma * torch.linalg.solve(A, r)[..., 0]
+        if self.prediction_type == "epsilon":
+            return sigma * torch.linalg.solve(A, r)[..., 0]
+        solved = torch.linalg.solve(A, r)  # (B, d, 1)
+        eps = sigma * solved[..., 0]
+        x0 = mu + alpha * (Sigma @ solved)[..., 0]
+        return {"sample": x0, "flow": eps - x0, "v_prediction": alpha * eps - sigma * x0}[
+            self.prediction_type]
 
     def _mixture_mean(self, x_t: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor):
         """Σ_k r_k μ_k (B, d), r_k ∝ N(x_t; α μ_k, A) over the K classes (the table's rows but
@@ -126,8 +136,8 @@ class LinearFieldNet(nn.Module):
         h = self.head(self.hyper(torch.cat(parts, dim=1)))
         M = h[:, : self.dim * self.dim].view(-1, self.dim, self.dim)
         b = h[:, self.dim * self.dim:]
-        t_int = t.round().long().clamp(0, self.schedule.num_timesteps - 1)
-        return self.closed_form(x_t, t_int, c) + (M @ x_t[..., None])[..., 0] + b
+        # the discrete VP table reads rounded timesteps; a flow schedule reads t as it is
+        return self.closed_form(x_t, self.schedule.snap(t), c) + (M @ x_t[..., None])[..., 0] + b
 
 
 class GaussianClassTeacher:
@@ -136,7 +146,10 @@ class GaussianClassTeacher:
     null_is_mixture = False
 
     def __init__(self, means: torch.Tensor, cov: torch.Tensor,
-                 schedule: NoiseSchedule | None = None, null_mean: torch.Tensor | None = None):
+                 schedule: NoiseSchedule | FlowSchedule | None = None,
+                 null_mean: torch.Tensor | None = None,
+                 prediction_type: PredictionType = "epsilon"):
+        self.prediction_type = prediction_type  # "flow" on a FlowSchedule: a flow teacher
         self.class_means = means.float()  # (K, d)
         self.cov = cov.float()  # (d, d)
         self.null_mean = (self.class_means.mean(0) if null_mean is None else null_mean).float()
@@ -153,7 +166,7 @@ class GaussianClassTeacher:
     def network(self, w_dim: int = 0) -> LinearFieldNet:
         """The teacher as a frozen ``LinearFieldNet`` (exact ε at initialisation)."""
         table = torch.cat([self.class_means, self.null_mean[None]])
-        net = LinearFieldNet(self.schedule, table, self.cov, w_dim=w_dim,
+        net = LinearFieldNet(self.schedule, table, self.cov, self.prediction_type, w_dim=w_dim,
                              null_is_mixture=self.null_is_mixture)
         return net.eval().requires_grad_(False)
 

@@ -1,8 +1,8 @@
 """Where training batches come from: prompts only (score-distillation methods) or teacher pairs
 (reflow-type methods). Every random draw of iteration k comes from that iteration's generator,
-and only the rows a batch draws are read from the caches (``EmbeddingCache``, ``PairCache``
-read shards lazily), so a batch is the same whether the rows come from a table in memory or
-from the disk."""
+and only the rows a batch draws (under torchrun: this process's share of them) are read from the
+caches (``EmbeddingCache``, ``PairCache`` read shards lazily), so a batch is the same whether the
+rows come from a table in memory or from the disk."""
 
 from __future__ import annotations
 
@@ -78,11 +78,16 @@ class PromptBatches:
     def _uncond(self, batch_size: int) -> TextConditioning:
         return self.null_row.expand(batch_size).to(self.device)
 
-    def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0) -> Batch:
+    def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0,
+                 rows: slice | None = None) -> Batch:
+        """The rows ``rows`` (default: all) of a global batch of ``batch_size``; the draws are
+        the whole batch's, so a row is the same whichever process reads it."""
         idx = torch.randint(0, len(self), (batch_size,), generator=gen)
         z = torch.randn((batch_size, *self.latent_shape), generator=gen)
+        if rows is not None:
+            idx, z = idx[rows], z[rows]
         cond = self.source.conditioning(idx, self.dtype).to(self.device)
-        return Batch(cond, self._uncond(batch_size), z.to(self.device), gen, step)
+        return Batch(cond, self._uncond(len(idx)), z.to(self.device), gen, step)
 
 
 class PairBatches(PromptBatches):
@@ -96,14 +101,18 @@ class PairBatches(PromptBatches):
         if len(pairs) == 0:
             raise ValueError("the pair cache is empty; set cache.pairs.count > 0")
 
-    def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0) -> Batch:
+    def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0,
+                 rows: slice | None = None) -> Batch:
+        """The rows ``rows`` (default: all) of a global batch of ``batch_size`` pairs."""
         idx = torch.randint(0, len(self.pairs), (batch_size,), generator=gen)
+        if rows is not None:
+            idx = idx[rows]
         prompts = self.pairs.prompts(idx)
         if int(prompts.max()) >= len(self):
             raise ValueError("pair cache refers to prompts beyond the embedding cache; rebuild "
                              "both with `dvc repro cache_teacher --force`")
         cond = self.source.conditioning(prompts, self.dtype).to(self.device)
         scales = self.pairs.guidance(idx)
-        return Batch(cond, self._uncond(batch_size), self.pairs.noise(idx).to(self.device), gen,
+        return Batch(cond, self._uncond(len(idx)), self.pairs.noise(idx).to(self.device), gen,
                      step, self.pairs.samples(idx, self.dtype).to(self.device),
                      None if scales is None else scales.to(self.device))

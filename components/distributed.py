@@ -1,12 +1,13 @@
 """Processes of a training job (``torchrun``; NCCL on GPUs, gloo on CPUs) and their batch rows.
 
-The training loop's batch is the *global* batch. Every process draws the same global batch from
-the step's generator, keeps its own rows, and splits them into ``grad_accum`` micro-batches; the
-global micro-batch ``m`` (of ``world_size * grad_accum``) always covers the same rows and carries
-its own generator, so what a micro-batch computes does not depend on which process runs it.
+The training loop's batch is the *global* batch. Every process makes the same draws of the global
+batch from the step's generator, reads only its own rows from the caches, and splits them into
+``grad_accum`` micro-batches; the global micro-batch ``m`` (of ``world_size * grad_accum``) always
+covers the same rows and carries its own generator, so what a micro-batch computes does not
+depend on which process runs it.
 Gradients are reduced by FSDP2 (``components.policy``) during the backward of the last
 micro-batch; 1 process x 4 micro-batches, 2 x 2 and 4 x 1 give the same update up to float
-summation order.
+summation order (``tests/test_distributed.py``).
 """
 
 from __future__ import annotations

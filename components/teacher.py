@@ -115,7 +115,8 @@ class UNetDenoiser(torch.nn.Module):
                 raise ValueError(f"cannot add a w embedding to this UNet: missing {missing}, "
                                  f"unexpected {unexpected}")
             torch.nn.init.zeros_(unet.time_embedding.cond_proj.weight)
-            unet.to(source.dtype)
+            if unet.dtype != source.dtype:  # even a no-op Module.to fails on fake tensors
+                unet.to(source.dtype)
         return UNetDenoiser(unet, self.schedule, self.prediction_type, self.compute_dtype)
 
 

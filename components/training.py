@@ -33,10 +33,13 @@ from components.checkpoint import (  # noqa: F401  (re-exported for the stage an
 )
 from components.ema import EMA
 from components.methods import Batch, GroupSpec, Method
+from components.monitor import Monitor
 from components.policy import TrainingPolicy
 
 LogFn = Callable[[dict, int], None]
-BatchSource = Callable[[int, torch.Generator, int], Batch]
+# batches(batch_size, generator, step) -> the global batch; under several processes the loop
+# passes ``rows=`` (this process's slice of it) and the source reads only those rows
+BatchSource = Callable[..., Batch]
 
 
 @dataclass(frozen=True)
@@ -67,20 +70,30 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def draw_batch(batches: BatchSource, batch_size: int, gen: torch.Generator, step: int,
+               ctx: distributed.Context = distributed.SINGLE) -> Batch:
+    """This process's rows of iteration ``step``'s global batch. Every process draws the whole
+    batch's indices and noise from ``gen`` (the same on all), but reads only its own rows from
+    the caches (``rows=``, see ``components.batches``)."""
+    if ctx.world_size == 1:
+        return batches(batch_size, gen, step)
+    return batches(batch_size, gen, step, rows=distributed.local_rows(batch_size, ctx))
+
+
 def split_batch(batch: Batch, parts: int,
                 ctx: distributed.Context = distributed.SINGLE) -> list[Batch]:
-    """This process's ``parts`` micro-batches of the global ``batch``, each with its own generator
-    (see ``components.distributed``); a single micro-batch keeps the step's generator."""
+    """This process's batch (its rows of the global batch, ``draw_batch``) as ``parts``
+    micro-batches, each with its own generator (see ``components.distributed``); a single
+    micro-batch keeps the step's generator."""
     if parts * ctx.world_size == 1:
         return [batch]
-    rows = distributed.local_rows(batch.z.shape[0], ctx)
-    n, rest = divmod(rows.stop - rows.start, parts)
+    n, rest = divmod(batch.z.shape[0], parts)
     if rest:
-        raise ValueError(f"the per-process batch {rows.stop - rows.start} is not divisible by "
+        raise ValueError(f"the per-process batch {batch.z.shape[0]} is not divisible by "
                          f"grad_accum {parts}")
     out = []
     for k, gen in enumerate(distributed.micro_generators(batch.generator, parts, ctx)):
-        mb = batch.rows(slice(rows.start + k * n, rows.start + (k + 1) * n))
+        mb = batch.rows(slice(k * n, (k + 1) * n))
         mb.generator = gen
         out.append(mb)
     return out
@@ -195,7 +208,7 @@ def iteration(method: Method, step: int, batches: BatchSource, cfg: LoopConfig, 
     if step in method.phase_starts and step > 0:
         _begin_phase(method, step, ema, opts, policy)
     gen = step_generator(cfg.seed, step)
-    micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
+    micro = split_batch(draw_batch(batches, cfg.batch_size, gen, step, ctx), cfg.grad_accum, ctx)
     scratch: list[dict] = [{} for _ in micro]
     out = []
     student_updated = False
@@ -203,7 +216,8 @@ def iteration(method: Method, step: int, batches: BatchSource, cfg: LoopConfig, 
         if not group.active(step):
             continue
         if group.fresh_batch:
-            micro = split_batch(batches(cfg.batch_size, gen, step), cfg.grad_accum, ctx)
+            micro = split_batch(draw_batch(batches, cfg.batch_size, gen, step, ctx),
+                                cfg.grad_accum, ctx)
         out.append(update_group(method, group, opts[group.optimizer_name], micro, scratch,
                                 cfg.batch_size, policy))
         student_updated |= group.name in method.student_groups
@@ -213,18 +227,20 @@ def iteration(method: Method, step: int, batches: BatchSource, cfg: LoopConfig, 
 
 
 def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path, log: LogFn,
-          on_sample: Callable[[torch.nn.Module, int], None],
+          on_sample: Callable[[torch.nn.Module, int], dict | None],
           progress: Callable[[int, int], None] | None = None,
-          policy: TrainingPolicy | None = None) -> EMA:
+          policy: TrainingPolicy | None = None, monitor: Monitor | None = None) -> EMA:
     """Run ``cfg.steps`` iterations (resuming from ``ckpt_dir``); return the student's EMA.
 
     ``batches(batch_size, generator, step)`` draws iteration ``step``'s batch (prompts, or teacher
     pairs) from that iteration's generator (``components.batches``); a group with
     ``fresh_batch`` draws another one after it. Under torchrun the batch is global and each
-    process takes its rows (``components.distributed``); ``policy`` sets precision,
-    checkpointing and FSDP2 sharding (``components.policy``). Every process runs the loop; rank
+    process reads only its rows (``draw_batch``, ``components.distributed``); ``policy`` sets
+    precision, checkpointing and FSDP2 sharding (``components.policy``). Every process runs the loop; rank
     0 logs and samples, all write their checkpoint shards. ``on_sample`` gets the student with
-    its EMA weights (what is saved).
+    its EMA weights (what is saved) and may return statistics of its samples; ``monitor``
+    (``components.monitor``) checks those and every logged loss window, and stops the run by
+    raising when it is set to.
     """
     ctx = distributed.context()
     policy = policy or TrainingPolicy()
@@ -240,11 +256,14 @@ def train(method: Method, batches: BatchSource, cfg: LoopConfig, ckpt_dir: Path,
             metrics = window.flush()  # a collective under torchrun
             if ctx.is_main:
                 log(metrics, done)
+                if monitor is not None:
+                    monitor.observe_losses(metrics, done)
         if done % cfg.sample_every == 0 or done == cfg.steps:
             with ema.applied(method.student()) as averaged:
                 student = policy.full_module(averaged)  # gathered on rank 0
-                if ctx.is_main:
-                    on_sample(student, done)
+                stats = on_sample(student, done) if ctx.is_main else None
+            if monitor is not None and stats:
+                monitor.observe_samples(stats, done)  # under torchrun a stop ends every process
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(ckpt_dir, method, opts, ema, done)
         if progress and ctx.is_main:

@@ -24,7 +24,8 @@ import yaml
 from components.io import atomic_write_text, read_json, sha256_bytes, sha256_file, write_json
 
 CADENCE_KEYS = ("log_every", "sample_every", "checkpoint_every")  # of distill.loop
-MONITOR_KEYS = ("sample_prompts", "sample_seed", "proxy_fid_images", "keep_runs")  # of distill
+MONITOR_KEYS = ("sample_prompts", "sample_seed", "proxy_fid_images", "keep_runs",
+                "monitor")  # of distill: watching a run does not change it
 # checkpoints reshard, and the update does not depend on the process count: a run saved with N
 # processes resumes with M
 PLACEMENT_KEYS = ("processes",)

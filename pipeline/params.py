@@ -23,6 +23,7 @@ from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
 from components.generation import precision_dtype
 from components.methods import get_method, lora_unsupported, method_names
+from components.monitor import MonitorConfig
 from components.policy import PolicyConfig
 from components.prompts import PromptsConfig
 from components.student import StudentConfig
@@ -37,12 +38,14 @@ class DistillConfig:
     """``params.yaml: distill``: the method, the loop, a section of settings per method, the
     training policy (precision, checkpointing, compile) and the process count (``processes`` > 1
     runs the stage under ``torch.distributed.run``, one process per GPU). ``student``: what the
-    student trains, full weights or a LoRA (``components.student``)."""
+    student trains, full weights or a LoRA (``components.student``); ``monitor``: the training
+    monitor's checks and whether a flagged run warns or stops (``components.monitor``)."""
 
     method: str
     loop: LoopConfig
     methods: dict = field(default_factory=dict)
     student: StudentConfig = field(default_factory=StudentConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     processes: int = 1
     device: str = "cpu"

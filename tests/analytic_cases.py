@@ -24,6 +24,7 @@ from components.batches import PairBatches, PromptBatches
 from components.config import from_dict
 from components.generation import ddim_sample, generate_latents, seeded_noise
 from components.methods import Teacher, get_method
+from components.schedules import FlowSchedule
 from components.training import LoopConfig, train
 
 
@@ -41,8 +42,16 @@ class Problem:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
-    def teacher(self) -> GaussianClassTeacher:
+    def teacher(self, flow: bool = False) -> GaussianClassTeacher:
+        """The exact teacher: ε on SD's VP table, or (``flow``) the flow velocity on the
+        rectified-flow schedule with SD3's shift."""
+        if flow:
+            return GaussianClassTeacher(self.means, self.cov, FLOW_SCHEDULE,
+                                        prediction_type="flow")
         return GaussianClassTeacher(self.means, self.cov)
+
+
+FLOW_SCHEDULE = FlowSchedule(shift=3.0)
 
 
 PROBLEMS = {
@@ -97,7 +106,7 @@ class TeacherPairs:
     CFG scale or, with ``scale_range``, at a scale per pair drawn uniformly from it."""
 
     def __init__(self, problem: Problem, guidance_scale: float,
-                 scale_range: tuple[float, float] | None = None):
+                 scale_range: tuple[float, float] | None = None, flow: bool = False):
         K, n = problem.K, 4096
         g = torch.Generator().manual_seed(1)
         self.dim = problem.dim
@@ -110,7 +119,7 @@ class TeacherPairs:
             self.scale = lo + (hi - lo) * torch.rand(n, generator=g)
             scale = self.scale[:, None]
         with torch.no_grad():
-            self.x1 = ddim_sample(problem.teacher().network(), self.noise(torch.arange(n)),
+            self.x1 = ddim_sample(problem.teacher(flow).network(), self.noise(torch.arange(n)),
                                   class_conditioning(self.prompt, K), null_conditioning(n, K),
                                   50, scale)
 
@@ -132,8 +141,9 @@ class TeacherPairs:
 
 @functools.cache
 def teacher_pairs(problem_name: str, guidance_scale: float,
-                  scale_range: tuple[float, float] | None = None) -> TeacherPairs:
-    return TeacherPairs(PROBLEMS[problem_name], guidance_scale, scale_range)
+                  scale_range: tuple[float, float] | None = None,
+                  flow: bool = False) -> TeacherPairs:
+    return TeacherPairs(PROBLEMS[problem_name], guidance_scale, scale_range, flow)
 
 
 def student_samples(net, spec, problem: Problem, c: int, n: int = 4000) -> torch.Tensor:
@@ -148,20 +158,21 @@ def displace(student: torch.nn.Module, problem: Problem) -> None:
     student.means.weight[:, : problem.K] += DISPLACEMENT
 
 
-def build(name: str, problem: Problem, steps: int, overrides: dict | None = None):
+def build(name: str, problem: Problem, steps: int, overrides: dict | None = None,
+          flow: bool = False):
     _, settings, _ = CASES[name]
     cfg_cls, factory = get_method(name)
     cfg = from_dict(cfg_cls, {**settings, **(overrides or {})}, name)
-    return factory(cfg, Teacher(problem.teacher().network()), steps)
+    return factory(cfg, Teacher(problem.teacher(flow).network()), steps)
 
 
-def batches_for(method, problem: Problem, guidance_scale: float):
+def batches_for(method, problem: Problem, guidance_scale: float, flow: bool = False):
     table = class_conditioning(torch.arange(problem.K), problem.K)
     null = null_conditioning(1, problem.K)
     if method.needs_pairs:
         # Meng et al. trains each sample at the w its pair was sampled with (a scale per pair)
         scale_range = getattr(method.cfg, "pair_guidance_range", lambda: None)()
-        pairs = teacher_pairs(problem.name, guidance_scale, scale_range)
+        pairs = teacher_pairs(problem.name, guidance_scale, scale_range, flow)
         return PairBatches(table, null, pairs, (problem.dim,))
     return PromptBatches(table, null, (problem.dim,))
 

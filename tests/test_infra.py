@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -142,24 +144,27 @@ def test_training_image_matches_the_lock_file():
             assert f"!{src}" in ignore or f"!{src}/**" in ignore, f"{src} excluded from context"
 
 
-def _render_k8s_job(gpus: int) -> dict:
+def _render_k8s_job(gpus: int, template_file: str = "gpu-job-template.json", **values) -> dict:
     from prefect.client.schemas.objects import FlowRun
     from prefect.utilities.templating import apply_values
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    template = json.loads((INFRA / "k8s/gpu-job-template.json").read_text())
+    template = json.loads((INFRA / "k8s" / template_file).read_text())
     props = template["variables"]["properties"]
-    values = {k: v["default"] for k, v in props.items() if "default" in v} | {"gpu_count": gpus}
+    values = ({k: v["default"] for k, v in props.items() if "default" in v}
+              | {"gpu_count": gpus} | values)
     config = KubernetesWorkerJobConfiguration(**apply_values(template["job_configuration"],
                                                              values))
     config.prepare_for_flow_run(FlowRun(flow_id=uuid.uuid4(), name="nightly"))
     return config.job_manifest
 
 
-def test_k8s_template_extends_the_worker_default():
+@pytest.mark.parametrize("template_file", ["gpu-job-template.json",
+                                           "multinode-job-template.json"])
+def test_k8s_template_extends_the_worker_default(template_file):
     from prefect_kubernetes.worker import KubernetesWorker
 
-    template = json.loads((INFRA / "k8s/gpu-job-template.json").read_text())
+    template = json.loads((INFRA / "k8s" / template_file).read_text())
     default = KubernetesWorker.get_default_base_job_template()
     assert set(default["job_configuration"]) <= set(template["job_configuration"])
     props = template["variables"]["properties"]
@@ -188,6 +193,74 @@ def test_k8s_job_requests_gpus():
     assert pod["restartPolicy"] == "Never"
 
 
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion of an env value (variables defined before it)."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def test_k8s_multinode_job_runs_one_torchrun_rendezvous_over_its_nodes(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from torch.distributed.run import get_args_parser
+
+    from pipeline.launch import torchrun_command
+
+    with temporary_settings({PREFECT_API_URL: "http://prefect-server:4200/api"}):
+        manifest = _render_k8s_job(4, "multinode-job-template.json", nodes=3,
+                                   rendezvous_port=29500, rendezvous_service="rdzv")
+    manifest = yaml.safe_load(yaml.safe_dump(manifest))  # as kubectl reads it
+    spec = manifest["spec"]
+    pod, container = spec["template"]["spec"], spec["template"]["spec"]["containers"][0]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == 3
+    assert pod["subdomain"] == "rdzv"
+    assert spec["template"]["metadata"]["labels"]["distillery/rendezvous"] == "rdzv"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["ports"] == [{"name": "rendezvous", "containerPort": 29500}]
+    assert all(isinstance(e["value"], str) for e in container["env"] if "value" in e)
+    # the environment as Kubernetes resolves it in the pods of a job named nightly-x7k2p
+    env = {"JOB_NAME": "nightly-x7k2p"}
+    for entry in container["env"]:
+        if "value" in entry:
+            env[entry["name"]] = _expand(entry["value"], env)
+    assert "PREFECT__FLOW_RUN_ID" in env
+    for key in [k for k in os.environ if k.startswith("PET_")]:
+        monkeypatch.delenv(key)
+    for key in (k for k in env if k.startswith("PET_")):
+        monkeypatch.setenv(key, env[key])
+    # pod 0 runs the flow (the worker's command), whose distill stage launches torchrun; the
+    # other pods run torchrun's worker of the distill stage: both join one rendezvous
+    shell, flag, script, name, *flow_command = [*container["command"], *container["args"]]
+    assert flow_command[:3] == ["prefect", "flow-run", "execute"]
+    worker = shlex.split(script.split("exec python ", 1)[1])
+    assert worker[:2] == ["-m", "torch.distributed.run"]
+    launched = torchrun_command("pipeline.stages.distill", Path("."), 4)
+    for argv in (worker[2:], launched[3:]):
+        args = get_args_parser().parse_args(argv)  # torchrun's own parser, PET_* defaults
+        assert (args.nnodes, args.nproc_per_node, args.rdzv_backend, args.rdzv_endpoint,
+                args.rdzv_id) == ("3:3", "4", "c10d", "nightly-x7k2p-0.rdzv:29500",
+                                  "nightly-x7k2p")
+        assert "join_timeout=7200" in args.rdzv_conf and not args.standalone
+        assert args.module and args.training_script == "pipeline.stages.distill"
+    first = subprocess.run([shell, flag, script, name, "echo", "the flow run"], text=True,
+                           env={"JOB_COMPLETION_INDEX": "0", "PATH": "/usr/bin:/bin"},
+                           capture_output=True, check=True)
+    assert first.stdout == "the flow run\n"
+
+
+def test_k8s_rendezvous_service_names_the_multinode_pods():
+    service = yaml.safe_load((INFRA / "k8s/rendezvous-service.yaml").read_text())
+    props = json.loads((INFRA / "k8s/multinode-job-template.json").read_text())[
+        "variables"]["properties"]
+    name = props["rendezvous_service"]["default"]
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert service["metadata"]["name"] == name
+    assert service["spec"]["selector"] == {"distillery/rendezvous": name}
+    assert service["spec"]["ports"][0]["port"] == props["rendezvous_port"]["default"]
+    with_defaults = _render_k8s_job(1, "multinode-job-template.json")
+    assert with_defaults["spec"]["template"]["metadata"]["labels"][
+        "distillery/rendezvous"] == name
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_dvc_remote_script_configures_dvc(tmp_path):
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "DVC_NO_ANALYTICS": "1",
@@ -212,16 +285,21 @@ def test_prefect_deployments_match_the_flow_and_pools(compose):
     spec = yaml.safe_load((INFRA / "prefect.yaml").read_text())
     assert spec["prefect-version"] == prefect.__version__
     pools = {d["work_pool"]["name"] for d in spec["deployments"]}
-    assert pools == {"distillery-k8s", "distillery-gpu"}
+    assert pools == {"distillery-k8s", "distillery-k8s-multinode", "distillery-gpu"}
     worker_cmd = compose["services"]["prefect-worker"]["command"]
     assert worker_cmd[worker_cmd.index("--pool") + 1] == "distillery-gpu"
     guide = (INFRA / "README.md").read_text()
     assert "create distillery-k8s --type kubernetes" in guide
     assert "--base-job-template infra/k8s/gpu-job-template.json" in guide
-    k8s_vars = json.loads((INFRA / "k8s/gpu-job-template.json").read_text())["variables"]
+    assert "--base-job-template infra/k8s/multinode-job-template.json" in guide
+    templates = {"distillery-k8s": "gpu-job-template.json",
+                 "distillery-k8s-multinode": "multinode-job-template.json"}
     for deployment in spec["deployments"]:
         path, name = deployment["entrypoint"].split(":")
         flow = load_flow_from_entrypoint(str(ROOT / path) + ":" + name)
         assert set(deployment["parameters"]) <= set(flow.parameters.properties)
-        if deployment["work_pool"]["name"] == "distillery-k8s":
-            assert set(deployment["work_pool"]["job_variables"]) <= set(k8s_vars["properties"])
+        pool = deployment["work_pool"]["name"]
+        if pool in templates:
+            props = json.loads((INFRA / "k8s" / templates[pool]).read_text())
+            assert set(deployment["work_pool"]["job_variables"]) <= set(
+                props["variables"]["properties"])

@@ -40,7 +40,8 @@ def _vae(scaling: float, shift: float) -> AutoencoderKL:
 
 
 def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """SD3.5-style: 2 MMDiT layers, 16×8×8 latents, joint width 64, shift 3, no T5."""
+    """SD3.5-style: 2 MMDiT layers (the first with dual attention, the last text-pre-only),
+    16×8×8 latents, joint width 64, shift 3, no T5."""
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,

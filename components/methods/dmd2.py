@@ -40,6 +40,13 @@ data-free (``gan_weight: 0``, lr 1e-5); stage 2 resumes its generator and fake s
 ``init_from`` (a stage-1 checkpoint folder; optimizer state and step start afresh, D at random
 unless the checkpoint holds one) and adds the GAN term at SD1.5's published values ``gan_weight: 1e-3``,
 ``gan_head_weight: 1e-2``, ``generator_lr: 5e-7``, ``fake_lr: 5e-7`` (SDXL: ``gan_weight: 5e-3``).
+
+On a flow teacher (``x_t = (1 − σ) x0 + σ ε``, u = ε − x0): x̂ = x_t − σ u, so the DM direction is
+g = σ (u_real − u_fake) / mean|x − x̂_real|, the velocity difference (normalised per sample);
+the fake score's ε-MSE is (1 − σ)² ‖u_fake − (ε − x0)‖², flow matching with weight (1 − σ)². The
+generator at t = 999 is σ = 1: x = z − u(z) (α = 0, no division). The real score's CFG on a
+guidance-distilled teacher (FLUX.1-dev) is its guidance input s = 1.75 (one call); the GAN head
+reads a UNet's mid block, so ``gan_weight > 0`` fails at build on a transformer teacher.
 """
 
 from __future__ import annotations

@@ -22,6 +22,14 @@ repeated pair: the pair cache's noises are phase 1's only). The 2-RF is the EMA 
 the student starts from it with a fresh optimizer state and a fresh EMA (a new run, as in the
 paper; ``components.methods.Method``). LPIPS compares decoded images and needs ImageNet backbone
 weights; without them the run stops before training, naming what to supply.
+
+On a flow teacher the teacher *is* a 1-rectified flow: with σ = 1 − τ its velocity from noise to
+image is dx/dτ = −u(x, t(σ)) (``components.diffusion.predict_velocity``, t the timestep of σ on
+its shifted schedule), so the student starts as the teacher's own ODE, L_reflow regresses −u on
+X1 − X0, i.e. u on the straight-line velocity X0 − X1 = ε − x0 of the teacher's own pairs (the
+teacher's flow-matching loss on its coupled pairs), and the one-step student is X0 − u(X0, σ = 1).
+A UNet teacher's network is instead *read* as a velocity network at t = 1000 (1 − τ), as the
+paper re-trains SD's.
 """
 
 from __future__ import annotations

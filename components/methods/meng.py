@@ -34,6 +34,15 @@ sampler, halving after halving, so the one-step student can at best reach the st
 sampler (on the analytic problem 4 steps give a variance of 0.10 where the data has 0.30, 64 give
 0.275); 64 steps are within a few percent of 50-step samplers on SD, at the cost of six rounds
 instead of three.
+
+On a flow teacher (``x_t = (1 − σ) x0 + σ ε``, u = ε − x0): stage 1 matches x̂0 = x_t − σ u, and
+since CFG is linear the w-guided x0 is x_t − σ u^w with u^w = (1 + w) u_c − w u; ω = max(α²/σ², 1)
+with α = 1 − σ. The DDIM step of stage 2 is the flow's Euler step: α' x̂0 + σ' ε̂ = x_t + (σ' − σ) u.
+The w input: SD3 and FLUX.1-schnell get a zero-initialised w projection into the pooled text
+embedding. A guidance-distilled teacher (FLUX.1-dev) already *is* a stage-1 model: its
+guidance input is the w input (s = 1 + w) and it has no true CFG to distil, so stage 1 means
+nothing more: ``stage1_fraction: 0`` is required there (any other value fails at build,
+naming why) and the rounds halve the teacher's own guided sampler.
 """
 
 from __future__ import annotations

@@ -31,6 +31,14 @@ Generator loss (the score-identity loss with α; second), fresh prompts, z, ε, 
 No stop-gradient: L_θ back-propagates through f_φ and f_ψ (their weights frozen in this step)
 into x_g and θ. That is where SiD's memory goes; the loop's policy (``distill.policy``:
 activation checkpointing, bf16) is what reduces it.
+
+On a flow teacher (``x_t = (1 − σ) x0 + σ ε``, u = ε − x0) the score-identity loss is in x0:
+y = x_t − σ u, so y_real − y_fake = σ (u_fake − u_real) and L_θ reads as the same inner product
+of velocity differences scaled by σ (ω normalises the scale away). The fake-score loss is
+‖ε̂_ψ − ε‖² = (1 − σ)² ‖u_ψ − (ε − x0)‖², flow matching with weight (1 − σ)². The generator's
+t_init = 625 is σ_init = shift(0.626) (0.83 at SD3's shift 3) and its input σ_init z, the noisy
+input of x0 = 0, as in the VP form. CFG with κ on a guidance-distilled teacher is its guidance
+input κ (one call).
 """
 
 from __future__ import annotations

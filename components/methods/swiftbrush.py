@@ -37,6 +37,17 @@ on g; grad-norm clip 1.0 on each network; separate Adam optimizers, constant lr,
 The student's EMA is diffusers' ``EMAModel`` with its defaults (``--use_ema``): decay capped at
 0.9999 with the (1 + s)/(10 + s) warm-up (``ema: {kind: warmup}``). The other loop-level settings
 of the release (16 per device, 3 epochs over the prompts) are ``distill.loop`` keys.
+
+On a flow teacher (SD3, FLUX; ``x_t = (1 − σ) x0 + σ ε``, the network's u = ε − x0) the losses
+stay in ε and go through the protocol's conversions: ε̂ = x_t + (1 − σ) u and x̂0 = x_t − σ u.
+Hence g = σ_t² (ε̂_φ − ε̂_ψ) = σ_t² (1 − σ_t) (u_φ − u_ψ), a velocity difference with weight
+σ²(1 − σ); the LoRA loss is α² ‖ε̂_ψ − ε‖² = (1 − σ)⁴ ‖u_ψ − (ε − x0)‖², flow matching with weight
+(1 − σ)⁴ (ε̂ − ε = (1 − σ)(u − (ε − x0))). The generator at t = 999 is σ = 1: x̂_0 = z − u(z), one
+Euler step from pure noise (α = 0, no division). t ~ U{20, …, 980} lands on the teacher's
+shifted σ grid, so its shift's weight on high noise carries over. A guidance-distilled teacher
+(FLUX.1-dev) is called once per CFG evaluation with ``guidance = s``, its LoRA copy too; the LoRA
+teacher learns at the default guidance input 1 (Distillery's choice: no published SwiftBrush
+recipe for such teachers exists).
 """
 
 from __future__ import annotations

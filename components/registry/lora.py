@@ -1,4 +1,5 @@
-"""A LoRA student in MLflow's own ``mlflow.diffusers`` flavor, beside the project's pyfunc.
+"""A LoRA student in MLflow's own ``mlflow.diffusers`` flavor, beside the project's pyfunc, and
+the student folder of a registered version, downloaded (for exports).
 
 MLflow 3.17's ``mlflow.diffusers`` stores a diffusers LoRA adapter (``adapter_weights/``) with a
 reference to its base model; ``mlflow.diffusers.load_model(uri).load_pipeline()`` loads the base
@@ -42,3 +43,26 @@ def log_lora_student(student_dir: Path, base_model: str | None) -> Any | None:
     reference = str(local.resolve()) if local.exists() else base_model
     return mlflow.diffusers.log_model(adapter_path=str(adapter), base_model=reference,
                                       name=LORA_ARTIFACT)
+
+
+def download_student(uri: str, model_uri: str, dst: Path) -> Path:
+    """The student folder of a registered model (``models:/<name>@<alias>``,
+    ``models:/<name>/<version>``) from the tracking server ``uri``, downloaded under ``dst``."""
+    import mlflow
+
+    from components.registry.store import MODEL_ARTIFACT
+
+    before = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)  # models:/ resolves through the registry of this server
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                         dst_path=str(dst)))
+    except mlflow.exceptions.MlflowException as err:
+        raise FileNotFoundError(f"{model_uri} not found at {uri}: {err.message}") from None
+    finally:
+        mlflow.set_tracking_uri(before)
+    folder = local / "artifacts" / MODEL_ARTIFACT
+    if not (folder / "student.json").exists():
+        raise FileNotFoundError(f"{model_uri} is not a Distillery student model (no "
+                                f"artifacts/{MODEL_ARTIFACT}/student.json in it)")
+    return folder

@@ -36,6 +36,7 @@ from components.generation import (
 )
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from components.methods import Teacher, get_method, pair_guidance_range
+from components.monitor import Monitor, image_statistics
 from components.pair_cache import PairCache
 from components.policy import TrainingPolicy
 from components.student import save_lora_student
@@ -50,9 +51,12 @@ from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
 
 
-def _images(pipe, student, cache: EmbeddingCache, spec, n: int, seed: int, device: str):
-    """Student images of the first n cached prompts (cycled), image i seeded with seed + i."""
-    cond = cache.conditioning(torch.arange(n) % len(cache)).to(device)
+def _images(pipe, student, cache: EmbeddingCache, spec, n: int, seed: int, device: str,
+            prompts: int | None = None):
+    """Student images of the first ``prompts`` (default: all) cached prompts, cycled, n in all;
+    image i seeded with seed + i."""
+    cond = cache.conditioning(torch.arange(n) % min(prompts or len(cache), len(cache)))
+    cond = cond.to(device)
     z = seeded_noise([seed + i for i in range(n)], latent_shape(pipe)).to(device)
     out = []
     with torch.no_grad():
@@ -78,20 +82,30 @@ def _proxy_fid(root: Path, cfg):
 
 def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunRecord):
     """A callback writing a grid of the student's images at fixed prompts and seeds into the
-    run's folder, and the proxy FID when enabled."""
+    run's folder, and the proxy FID when enabled; it returns the monitor's image statistics
+    (``components.monitor``) and the proxy FID, also kept in the run's sample rows."""
     fid = _proxy_fid(root, cfg)
 
-    def on_sample(student: torch.nn.Module, step: int) -> None:
+    def on_sample(student: torch.nn.Module, step: int) -> dict:
         student.eval()
         n = min(cfg.sample_prompts, len(cache))
         images = _images(pipe, student, cache, spec, n, cfg.sample_seed, cfg.device)
         save_png(image_grid(images, cols=min(n, 8), upscale=4),
                  record.samples / f"step-{step:07d}.png")
+        row = {}
+        if cfg.monitor.action != "off":
+            prompts = min(cfg.monitor.prompts, len(cache))
+            images = _images(pipe, student, cache, spec, prompts * cfg.monitor.seeds,
+                             cfg.sample_seed, cfg.device, prompts)
+            row.update({k: round(v, 6) for k, v in image_statistics(images, prompts).items()})
         if fid is not None:
             images = _images(pipe, student, cache, spec, cfg.proxy_fid_images, cfg.sample_seed,
                              cfg.device)
-            record.add({"step": step, "proxy_fid": round(fid(images), 4)})
+            row["proxy_fid"] = round(fid(images), 4)
+        if row:
+            record.add({"step": step, **row})
         student.train()
+        return row
     return on_sample
 
 
@@ -232,7 +246,8 @@ def run(root: Path) -> None:
     _resume(ckpt_dir, cfg.loop.steps, record)
     progress, bar = _progress(root, cfg, record, ckpt_dir.name, is_main)
     ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
-                _sampler(root, pipe, cache, method.spec, local, record), progress, policy)
+                _sampler(root, pipe, cache, method.spec, local, record), progress, policy,
+                Monitor(cfg.monitor, lambda message: log(f"distill: {message}")))
     bar.close()
     ema.copy_to(method.student())
     student = policy.full_module(method.student())  # every process gathers; rank 0 keeps it
@@ -262,8 +277,9 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
         write_resolved(out / "resolved_config.json", **{
             k: v for k, v in resolved.items() if k in ("teacher", "distill", "method_config")})
     rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]
-    losses = [r for r in rows if "proxy_fid" not in r]
-    fids = [r for r in rows if "proxy_fid" in r]
+    sampled = [r for r in rows if "proxy_fid" in r or "monitor_diversity" in r]
+    losses = [r for r in rows if r not in sampled]
+    fids = [r for r in sampled if "proxy_fid" in r]
     _write_losses(root / paths.LOSS_PLOT, losses)
     _write_losses(root / paths.PROXY_FID_PLOT, fids)
     last = {**(losses[-1] if losses else {}), **(fids[-1] if fids else {})}

@@ -12,7 +12,6 @@ from components.registry.card import GRID_FILE, model_card
 from components.registry.gate import Lineage, protocol_id
 from components.registry.review_store import candidate_side, current_champion, publish_review
 from components.registry.store import artifact_location, register_student, tracking_uri
-from components.teacher import resolve_model
 from pipeline import paths
 from pipeline.lineage import git_commit
 from pipeline.params import PARAMS_FILE, load_stage, read_params
@@ -59,11 +58,13 @@ def run(root: Path) -> None:
 
 
 def base_model(root: Path, student_meta: dict) -> str | None:
-    """The teacher a LoRA student's adapter applies to (its folder or hub id); None for a full
-    student."""
+    """The teacher a LoRA student's adapter applies to (its folder, absolute, or its hub id);
+    None for a full student."""
     if (student_meta.get("student") or {}).get("kind") != "lora":
         return None
-    return resolve_model(student_meta["teacher"], root)
+    teacher = student_meta["teacher"]
+    local = root / teacher
+    return str(local.resolve()) if local.exists() else teacher
 
 
 def identity(student: Path, card: dict) -> dict[str, str]:

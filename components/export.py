@@ -1,0 +1,75 @@
+"""A student in the formats other tools load: a diffusers folder, a LoRA file, and a single-file
+checkpoint in the original SD1.x / SDXL layout (ComfyUI, A1111; ``components.ldm_layout``).
+
+Each writer reads a student folder (``components.generation.save_student``) and writes one file
+or folder atomically; ``python -m pipeline.export`` is the command.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from components.generation import STUDENT_FILE, precision_dtype
+from components.io import atomic_dir
+from components.student import LORA_FILE, LORA_FOLDER
+
+FORMATS = ("diffusers", "lora", "single-file")
+
+
+def _meta(student: Path) -> dict:
+    path = student / STUDENT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{student} is not a Distillery student (no {STUDENT_FILE}); "
+                                "produce one with the distill stage (`dvc repro distill`)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _pipeline(student: Path):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(student, dtype=torch.float32)
+
+
+def export_diffusers(student: Path, out: Path) -> Path:
+    """The full-weight diffusers pipeline folder (a LoRA student's fused weights), loaded and
+    saved again by diffusers, with ``student.json`` (the call that reproduces the student)."""
+    _meta(student)
+    with atomic_dir(out) as tmp:
+        _pipeline(student).save_pretrained(tmp, safe_serialization=True)
+        shutil.copy2(student / STUDENT_FILE, tmp / STUDENT_FILE)
+    return out
+
+
+def export_lora(student: Path, out: Path) -> Path:
+    """A LoRA student's diffusers LoRA file (``pipe.load_lora_weights(out)`` on the teacher)."""
+    entry = _meta(student).get("student") or {"kind": "full"}
+    if entry["kind"] != "lora":
+        raise ValueError(f"{student} is a full student: it has no LoRA to export; train one with "
+                         "`distill.student: {kind: lora}` or export diffusers / single-file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.copy2(student / LORA_FOLDER / LORA_FILE, tmp)
+    tmp.replace(out)
+    return out
+
+
+def export_single_file(student: Path, out: Path, precision: str = "fp16") -> Path:
+    """The whole pipeline (UNet, VAE, text encoders) as one safetensors checkpoint in the original
+    layout, its tensors in ``precision`` (fp16, as the published SD checkpoints; bf16; fp32)."""
+    from safetensors.torch import save_file
+
+    from components.ldm_layout import pipeline_to_ldm
+
+    dtype = torch.float16 if precision == "fp16" else precision_dtype(precision)
+    _meta(student)
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in pipeline_to_ldm(_pipeline(student)).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out)
+    return out
