@@ -154,19 +154,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = reduced_spec(args.arch, args.divisor, args.latent)
-    rows = []
-    for name in args.methods:
-        for policy in args.policies:
-            rows.append(compare(name, spec, POLICIES[policy], args.micro_batch))
-            print(f"{name} {policy}: peak {rows[-1]['peak_ratio']:.3f}, FLOPs "
-                  f"{rows[-1]['flops_ratio']:.4f} ({rows[-1]['seconds']:.0f} s)", flush=True)
     machine = f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
     result = {"device": machine, "torch": torch.__version__, "arch": args.arch,
-              "divisor": args.divisor, "latent": args.latent, "rows": rows}
-    print(f"\n{args.arch} / {args.divisor}, latents {args.latent}x{args.latent}, {machine}\n")
-    print(table(rows))
+              "divisor": args.divisor, "latent": args.latent, "rows": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name in args.methods:
+        for policy in args.policies:
+            row = compare(name, spec, POLICIES[policy], args.micro_batch)
+            result["rows"].append(row)
+            print(f"{name} {policy}: peak {row['peak_ratio']:.3f}, FLOPs "
+                  f"{row['flops_ratio']:.4f} ({row['seconds']:.0f} s)", flush=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")  # kept if interrupted
+    print(f"\n{args.arch} / {args.divisor}, latents {args.latent}x{args.latent}, {machine}\n")
+    print(table(result["rows"]))
     print(f"\nwrote {args.out}")
 
 

@@ -125,3 +125,35 @@ def test_method_trains_and_resumes_on_a_flow_teacher(family, name, teachers, tmp
     a, b = full.student().state_dict(), resumed.student().state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_flux_guidance_is_an_input_not_two_calls(teachers):
+    """FLUX.1-dev has no true CFG: a guided prediction is one call with ``guidance = s``."""
+    from components.diffusion import guided
+
+    pipe, cache = teachers["flux"]
+    net = teacher_denoiser(pipe, latent_hw=LATENT[1:])
+    calls = []
+    net.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs.get("guidance")),
+                              with_kwargs=True)
+    x, t = torch.randn(2, *LATENT), torch.tensor([500, 900])
+    cond = cache.conditioning(torch.tensor([0, 1]))
+    with torch.no_grad():
+        a = guided(net, x, t, cond, cache.null(2), 4.5)
+        b = guided(net, x, t, cond, cache.null(2), 1.0)
+    assert len(calls) == 2 and calls[0].tolist() == [4.5, 4.5] and calls[1].tolist() == [1, 1]
+    assert not torch.allclose(a, b)  # the guidance embedding is live
+
+
+def test_methods_that_cannot_apply_fail_at_build_naming_why(teachers):
+    cfg_cls, build = get_method("meng")
+    flux = Teacher(teacher_denoiser(teachers["flux"][0], latent_hw=LATENT[1:]))
+    with pytest.raises(ValueError, match="guidance-distilled already"):
+        build(from_dict(cfg_cls, {"stage1_fraction": 0.5}, "meng"), flux, 4)
+    sd3 = Teacher(teacher_denoiser(teachers["sd3"][0]))
+    with pytest.raises(ValueError, match="only a guidance-distilled teacher"):
+        build(from_dict(cfg_cls, {"stage1_fraction": 0.0}, "meng"), sd3, 4)
+    cfg_cls, build = get_method("dmd2")
+    with pytest.raises(ValueError, match="UNet's mid block"):
+        build(from_dict(cfg_cls, {"gan_weight": 1e-3, "real_latents": "latents.safetensors"},
+                        "dmd2"), sd3, 4)

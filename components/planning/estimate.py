@@ -66,13 +66,41 @@ def usable_bytes(gpu_memory_gib: float) -> float:
     return gpu_memory_gib * GIB * (1.0 - HEADROOM)
 
 
-def largest_micro_batch(line: tuple[float, float], gpu_memory_gib: float) -> int:
-    """The largest micro-batch per GPU whose planned memory fits (0: not even one image)."""
-    base, slope = line
-    room = usable_bytes(gpu_memory_gib) - base
-    if room < slope or room <= 0:
+def largest_micro_batch(t1: Trace, t2: Trace, gpus: int, bf16: bool,
+                        gpu_memory_gib: float) -> int:
+    """The largest micro-batch per GPU whose planned memory fits (0: not even one image).
+
+    Each traced operator's memory is linear in the micro-batch (its activations are, the state
+    is not), so the peak at micro-batch b is the largest of those lines at b: the peak may move
+    (from the optimizer step to a backward) as b grows. Without matching traces, the line
+    through the two peaks."""
+    extra = memory(t1, gpus, bf16)
+    fixed = extra["fsdp_buffers"] + extra["cuda_context"]
+    (s1, r1), (s2, r2) = t1.series, t2.series
+    if len(s1) != len(s2) or not s1:
+        base, slope = memory_line(t1, t2, gpus, bf16)
+        lines = [(base - fixed, slope)]
+    else:
+        db = t2.micro_batch - t1.micro_batch
+        lines = [(a / gpus + b - t1.micro_batch * ((c - a) / gpus + (d - b)) / db,
+                  ((c - a) / gpus + (d - b)) / db) for a, b, c, d in zip(s1, r1, s2, r2)]
+
+    def fits(batch: int) -> bool:
+        peak = max(base + slope * batch for base, slope in lines)
+        act = max(slope for _, slope in lines) * batch
+        return peak + fixed + ALLOCATOR * act <= usable_bytes(gpu_memory_gib)
+
+    if not fits(1):
         return 0
-    return 10**6 if slope == 0 else int(room // slope)
+    lo, hi = 1, 2
+    while fits(hi):
+        if hi >= 2**20:
+            return hi
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def accumulation(global_batch: int, gpus: int, max_micro: int) -> tuple[int, int] | None:

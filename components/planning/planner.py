@@ -70,7 +70,7 @@ def _option(req: PlanRequest, policy: PolicyConfig, gpus: int, traces) -> dict:
     """How a policy and GPU count would run: largest micro-batch, accumulation, time."""
     bf16 = policy.precision == "bf16"
     line = estimate.memory_line(*traces, gpus, bf16)
-    largest = estimate.largest_micro_batch(line, req.gpu_memory_gib)
+    largest = estimate.largest_micro_batch(*traces, gpus, bf16, req.gpu_memory_gib)
     split = estimate.accumulation(req.global_batch, gpus, largest)
     mode = math_mode(policy.precision, policy.tf32)
     eff, _ = efficiency(req.gpu, mode, req.results)

@@ -82,6 +82,7 @@ class Trace:
     seconds: float
     run_steps: int = 0
     total_flops: int = 0  # of all the traced iterations
+    series: tuple[list[int], list[int]] = ((), ())  # (sharded, replicated) bytes after each op
     group_updates: dict[str, int] = field(default_factory=dict)
 
 
@@ -95,6 +96,7 @@ class _Tracker(MemTracker):
         self.shards, self.state_params = shards, state_params
         self.best = {n: -1 for n in shards}
         self.peaks: dict[int, dict[str, int]] = {}
+        self.series: tuple[list[int], list[int]] = ([], [])  # (sharded, replicated) per op
 
     @contextlib.contextmanager
     def ema(self):
@@ -147,6 +149,8 @@ class _Tracker(MemTracker):
             kinds = {_KIND[k]: v for k, v in snap.items() if k in _KIND}
             sharded = sum(kinds[k] for k in SHARDED) + self.state_params
             replicated = sum(kinds.values()) - sharded + self.state_params
+            self.series[0].append(sharded)
+            self.series[1].append(replicated)
             for n in self.shards:
                 total = sharded // n + replicated
                 if total > self.best[n]:
@@ -295,7 +299,7 @@ def trace(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int, run_
     updates = {g.name: g.updates_before(run_steps) for g in method.groups}
     return Trace(micro_batch, tracker.peaks, flops.per_group, state_p, frozen_p, units, steps,
                  time.perf_counter() - start, run_steps, flops.counter.get_total_flops(),
-                 updates)
+                 tracker.series, updates)
 
 
 class _GroupFlops:
