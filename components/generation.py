@@ -165,9 +165,9 @@ def encode_prompts(pipe: Any, prompts: Sequence[str]) -> TextConditioning:
     (B, 6) of its default resolution. Flow transformers (SD3, FLUX): their family's encoding
     (``components.networks``).
     """
-    if getattr(pipe, "unet", None) is None:
-        from components.networks import encode
+    from components.networks import encode, is_flow
 
+    if is_flow(pipe):
         return encode(pipe, prompts)
     if getattr(pipe, "text_encoder_2", None) is not None:
         text, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts),
@@ -237,7 +237,9 @@ def _decode_chunk(vae: Any, latents: torch.Tensor) -> np.ndarray:
 
 def latent_shape(pipe: Any) -> tuple[int, int, int]:
     """(C, h, w) of the pipeline's latents at its native resolution."""
-    if getattr(pipe, "unet", None) is None:
+    from components.networks import is_flow
+
+    if is_flow(pipe):
         from components.networks import latent_shape as flow_latent_shape
 
         return flow_latent_shape(pipe)

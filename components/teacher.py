@@ -207,9 +207,9 @@ def teacher_denoiser(pipe: Any, compute_dtype: torch.dtype | None = None,
     """The pipeline's network as a ``Denoiser``: a UNet with the scheduler's own ᾱ table, or a
     flow transformer (SD3, FLUX; ``components.networks``) with its shifted flow schedule
     (FLUX's shift depends on the latent size ``latent_hw``, default the native one)."""
-    if getattr(pipe, "unet", None) is None:
-        from components.networks import flow_denoiser
+    from components.networks import flow_denoiser, is_flow
 
+    if is_flow(pipe):
         return flow_denoiser(pipe, compute_dtype, latent_hw)
     schedule = NoiseSchedule.from_scheduler(pipe.scheduler)
     kind = pipe.scheduler.config.get("prediction_type", "epsilon")

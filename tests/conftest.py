@@ -33,22 +33,3 @@ def _share_the_cores() -> None:
 
 
 _share_the_cores()
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``--dist loadgroup``) keep the tests that share a module-scoped fixture
-    on one worker, so that fixture (a whole DVC pipeline, a trained student, a server-backed
-    registry) is built once, as in a plain run; every other test is distributed on its own."""
-    import pytest
-
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None:
-            continue
-        shared = [name for name, defs in info.name2fixturedefs.items()
-                  if name not in CHEAP_MODULE_FIXTURES and any(d.scope == "module" for d in defs)]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-
-
-CHEAP_MODULE_FIXTURES = {"one_thread"}  # tests/threads.py: sets the thread count, builds nothing

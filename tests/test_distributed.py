@@ -185,10 +185,10 @@ def _train_every_method(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, worker_id) -> Path:
-    """The runs of ``_train_every_method``, made once per test session: under pytest-xdist the
-    first worker to need them trains them in the session's shared folder while the others wait
-    on a file lock (xdist's ``loadgroup`` does not keep a module on one worker under pytest 9:
-    it renames ``item._nodeid``, which pytest 9 no longer reads)."""
+    """The runs of ``_train_every_method``, made once per test session. The project's
+    ``--dist loadfile`` keeps this module on one worker; should its tests be spread over workers
+    (``--dist load``), the first one to need the runs trains them in the session's shared folder
+    while the others wait on a file lock."""
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if worker_id != "master" else base) / "dp-runs"
     with FileLock(f"{root}.lock"):

@@ -34,6 +34,12 @@ def check_pipeline_class(class_name: str, source: str) -> str:
     return PIPELINES[class_name]
 
 
+def is_flow(pipe: Any) -> bool:
+    """Whether a loaded pipeline is of a flow-transformer family (by its class, so a UNet
+    pipeline loaded with ``unet=None`` is still a UNet pipeline)."""
+    return PIPELINES.get(type(pipe).__name__, "unet") != "unet"
+
+
 def family(pipe: Any) -> str:
     """The family of a loaded pipeline (its class name)."""
     return check_pipeline_class(type(pipe).__name__, "pipeline")
