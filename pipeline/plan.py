@@ -29,7 +29,7 @@ from components.methods import get_method, method_names
 from components.planning import GPUS, PlanRequest, TeacherSpec, get_gpu, make_plan, traceable_config
 from components.planning.estimate import GIB
 from components.policy import PRECISIONS
-from components.teacher import resolve_model
+from components.teacher import TeacherNotFoundError, resolve_model
 from pipeline.params import load_stage
 
 RESULTS = Path("bench/results")
@@ -121,6 +121,10 @@ def preflight(root: Path, teacher_cfg, cfg, device: str) -> dict | None:
     """The distill stage's plan, made before any weight loads (None for a teacher the planner
     cannot trace yet). On a GPU whose free memory is below the planned peak, a ``ValueError``
     carrying the plan's suggestion stops the stage."""
+    try:
+        resolve_model(teacher_cfg.model, root)
+    except TeacherNotFoundError:
+        return None  # no teacher here to plan for: the stage's own loading says so, in its turn
     try:
         spec = teacher_spec(teacher_cfg, root)
     except ConfigError as err:

@@ -228,13 +228,13 @@ def run(root: Path) -> None:
     if is_main and (warning := recipe_warning(teacher_unet_config(teacher_cfg, root), cfg,
                                               teacher_cfg.model)):
         log(warning)  # a real teacher with another preset's settings
-    prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
-        "train_sha256"]
-    cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
-    cache.verify()  # a corrupt shard stops the run here, before any plan or weight
     plan = preflight(root, teacher_cfg, cfg, local.device)  # too little GPU memory stops here
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
+    prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
+        "train_sha256"]
+    cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
+    cache.verify()  # a corrupt shard stops the run here, before any weight is loaded
     pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
     _, build = get_method(cfg.method)
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe), cfg.student),
