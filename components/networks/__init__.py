@@ -34,6 +34,18 @@ def check_pipeline_class(class_name: str, source: str) -> str:
     return PIPELINES[class_name]
 
 
+def zero_w_projection(transformer: torch.nn.Module, w_dim: int) -> torch.nn.Linear:
+    """A zero-initialised map from a ``w_dim`` guidance-weight embedding onto the transformer's
+    pooled text projection (Meng et al.'s w input: the untrained student is the teacher), on the
+    transformer's device and dtype."""
+    param = next(transformer.parameters())
+    pooled = transformer.config.pooled_projection_dim
+    proj = torch.nn.Linear(w_dim, pooled, device=param.device, dtype=param.dtype)
+    torch.nn.init.zeros_(proj.weight)
+    torch.nn.init.zeros_(proj.bias)
+    return proj
+
+
 def is_flow(pipe: Any) -> bool:
     """Whether a loaded pipeline is of a flow-transformer family (by its class, so a UNet
     pipeline loaded with ``unet=None`` is still a UNet pipeline)."""

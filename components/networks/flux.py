@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from components.networks import zero_w_projection
 from components.schedules import FlowSchedule
 from components.teacher import TextConditioning
 
@@ -65,11 +66,7 @@ class FluxDenoiser(torch.nn.Module):
         self.embedded_guidance = bool(transformer.config.guidance_embeds)
         self.w_proj = None
         if w_dim and not self.embedded_guidance:
-            param = next(transformer.parameters())
-            pooled = transformer.config.pooled_projection_dim
-            self.w_proj = torch.nn.Linear(w_dim, pooled, device=param.device, dtype=param.dtype)
-            torch.nn.init.zeros_(self.w_proj.weight)
-            torch.nn.init.zeros_(self.w_proj.bias)
+            self.w_proj = zero_w_projection(transformer, w_dim)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: TextConditioning,
                 timestep_cond: torch.Tensor | None = None,
