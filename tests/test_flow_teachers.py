@@ -11,10 +11,11 @@ import torch
 from components.batches import PairBatches, PromptBatches
 from components.config import from_dict
 from components.embed_cache import CacheConfig, EmbeddingCache, write_cache
-from components.generation import ddim_sample, encode_prompts, generate_latents, seeded_noise
+from components.generation import encode_prompts, generate_latents
 from components.methods import Teacher, get_method, method_names
 from components.teacher import teacher_denoiser
 from components.training import LoopConfig, train
+from tests.memory_pairs import MemoryPairs
 from tests.tiny_flow import LATENT, tiny_flux_pipeline, tiny_sd3_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle on the left", "a yellow circle"]
@@ -36,32 +37,6 @@ FAMILY_SETTINGS = {("flux", "meng"): {"stage1_fraction": 0.0}}
 
 def _settings(family: str, name: str) -> dict:
     return {**SETTINGS[name], **FAMILY_SETTINGS.get((family, name), {})}
-
-
-class _Pairs:
-    """8 noises and the teacher's 2-step guided samples (the flow's Euler sampler)."""
-
-    def __init__(self, denoiser, cache: EmbeddingCache):
-        self.prompt = torch.arange(8) % len(cache)
-        self.seed = torch.arange(8) + 100
-        with torch.no_grad():
-            self.x1 = ddim_sample(denoiser, self.noise(torch.arange(8)),
-                                  cache.conditioning(self.prompt), cache.null(8), 2, 3.0)
-
-    def __len__(self) -> int:
-        return 8
-
-    def noise(self, idx):
-        return seeded_noise(self.seed[idx].tolist(), LATENT)
-
-    def prompts(self, idx):
-        return self.prompt[idx]
-
-    def samples(self, idx, dtype=torch.float32):
-        return self.x1[idx].to(dtype)
-
-    def guidance(self, idx):
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +62,7 @@ def _run(family, name, teachers, steps, ckpt, total=None, checkpoint_every=10**9
     method = build(from_dict(cfg_cls, _settings(family, name), name),
                    Teacher(copy.deepcopy(teacher)), total or steps)
     if method.needs_pairs:
-        batches = PairBatches(cache, cache.null(1), _Pairs(teacher, cache), LATENT)
+        batches = PairBatches(cache, cache.null(1), MemoryPairs(teacher, cache, LATENT), LATENT)
     else:
         batches = PromptBatches.from_cache(cache, LATENT)
     logs = []

@@ -8,10 +8,11 @@ import torch
 from components.batches import PairBatches, PromptBatches
 from components.config import from_dict
 from components.embed_cache import CacheConfig, EmbeddingCache, write_cache
-from components.generation import ddim_sample, generate_latents, seeded_noise
+from components.generation import generate_latents
 from components.methods import Batch, Teacher, get_method, method_names
 from components.teacher import teacher_denoiser
 from components.training import LoopConfig, checkpoint_weights, train
+from tests.memory_pairs import MemoryPairs
 from tests.tiny import tiny_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle on the left", "a yellow circle"]
@@ -40,32 +41,6 @@ def _cache(tmp_path, pipe) -> EmbeddingCache:
     return EmbeddingCache(tmp_path / "cache")
 
 
-class _Pairs:
-    """Teacher pairs in memory: 8 noises and the teacher's 2-step guided DDIM samples."""
-
-    def __init__(self, pipe, cache: EmbeddingCache):
-        self.prompt = torch.arange(8) % len(cache)
-        self.seed = torch.arange(8) + 100
-        with torch.no_grad():
-            self.x1 = ddim_sample(teacher_denoiser(pipe), self.noise(torch.arange(8)),
-                                  cache.conditioning(self.prompt), cache.null(8), 2, 3.0)
-
-    def __len__(self) -> int:
-        return 8
-
-    def noise(self, idx):
-        return seeded_noise(self.seed[idx].tolist(), LATENT)
-
-    def prompts(self, idx):
-        return self.prompt[idx]
-
-    def samples(self, idx, dtype=torch.float32):
-        return self.x1[idx].to(dtype)
-
-    def guidance(self, idx):
-        return None  # every pair at one CFG scale
-
-
 def _run(name, tmp_path, steps, ckpt, total=None):
     pipe = tiny_pipeline()
     cache = _cache(tmp_path, pipe)
@@ -73,7 +48,7 @@ def _run(name, tmp_path, steps, ckpt, total=None):
     method = build(from_dict(cfg_cls, SETTINGS[name], name),
                    Teacher(teacher_denoiser(pipe)), total or steps)
     if method.needs_pairs:
-        batches = PairBatches(cache, cache.null(1), _Pairs(pipe, cache), LATENT)
+        batches = PairBatches(cache, cache.null(1), MemoryPairs(teacher_denoiser(pipe), cache, LATENT), LATENT)
     else:
         batches = PromptBatches.from_cache(cache, LATENT)
     logs = []
