@@ -193,6 +193,20 @@ def moment_errors(x, mean, cov) -> tuple[float, float]:
     return float((m - mean).abs().max()), float((C - cov).abs().max())
 
 
+def assert_close_moments(x, mean, cov, mean_tol, cov_tol, what):
+    mean_err, cov_err = moment_errors(x, mean, cov)
+    assert mean_err < mean_tol, f"{what}: mean {moments(x)[0]} vs {mean}"
+    assert cov_err < cov_tol, f"{what}: covariance {moments(x)[1]} vs {cov}"
+
+
+def assert_learned(untrained, x, mean, cov, tol: float, what: str) -> None:
+    """The untrained student's samples miss the target (so passing means learning) and the
+    trained student's samples ``x`` meet it, within ``tol`` times the tolerances."""
+    mean_err, cov_err = moment_errors(untrained, mean, cov)
+    assert mean_err > tol * MEAN_TOL or cov_err > tol * COV_TOL, (what, mean_err, cov_err)
+    assert_close_moments(x, mean, cov, tol * MEAN_TOL, tol * COV_TOL, what)
+
+
 def guidance_along_classes(x: torch.Tensor, teacher: GaussianClassTeacher, c: int) -> float:
     """The effective guidance scale of samples x of class c: where their mean sits on the line
     μ̄ + s (μ_c − μ̄) (1 at the conditional mean, s at the CFG target's)."""
