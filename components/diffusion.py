@@ -296,12 +296,19 @@ def guided_output(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: 
     """The CFG-guided raw network output with scale s ([uncond; cond] in one call). A network
     with ``embedded_guidance`` has no true CFG: one call with ``guidance = s``, ``uncond``
     unused."""
+    return _guide(_call, denoiser, x_t, t, cond, uncond, guidance_scale)
+
+
+def _guide(predict, denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
+           uncond: Any, guidance_scale: float | torch.Tensor) -> torch.Tensor:
+    """CFG of ``predict`` (the raw output, ε or x0): one call with ``guidance = s`` for an
+    embedded-guidance network, one conditional call at s = 1, else [uncond; cond] in one call."""
     if getattr(denoiser, "embedded_guidance", False):
-        return _call(denoiser, x_t, t, cond, guidance=_per_sample(guidance_scale, x_t))
+        return predict(denoiser, x_t, t, cond, guidance=_per_sample(guidance_scale, x_t))
     if not torch.is_tensor(guidance_scale) and guidance_scale == 1.0:
-        return _call(denoiser, x_t, t, cond)
-    both = _call(denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                 concat_conditioning(uncond, cond))
+        return predict(denoiser, x_t, t, cond)
+    both = predict(denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                   concat_conditioning(uncond, cond))
     u, c = both.chunk(2)
     return apply_guidance_scale(u, c, guidance_scale)
 
@@ -313,14 +320,7 @@ def guided(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any, un
     a tensor of per-sample scales shaped to broadcast against ``x_t`` (e.g. (B, 1, 1, 1)).
     A network with ``embedded_guidance`` is called once, with ``guidance = s``."""
     predict = predict_eps if kind == "eps" else predict_x0
-    if getattr(denoiser, "embedded_guidance", False):
-        return predict(denoiser, x_t, t, cond, guidance=_per_sample(guidance_scale, x_t))
-    if not torch.is_tensor(guidance_scale) and guidance_scale == 1.0:
-        return predict(denoiser, x_t, t, cond)
-    both = predict(denoiser, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                   concat_conditioning(uncond, cond))
-    u, c = both.chunk(2)
-    return apply_guidance_scale(u, c, guidance_scale)
+    return _guide(predict, denoiser, x_t, t, cond, uncond, guidance_scale)
 
 
 def guided_eps(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any,
