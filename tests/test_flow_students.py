@@ -42,7 +42,7 @@ def stock_images(folder, prompts=PROMPTS, seeds=SEEDS) -> np.ndarray:
     """What a plain diffusers user gets from the call ``student.json`` names."""
     entry = json.loads((folder / "student.json").read_text())["diffusers"]
     assert entry["pipeline"] == "StableDiffusion3Pipeline"
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32,
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32,
                                                     **entry.get("from_pretrained", {}))
     pipe.set_progress_bar_config(disable=True)
     images = [pipe(p, generator=torch.Generator().manual_seed(s), output_type="np",
