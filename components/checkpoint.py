@@ -21,9 +21,16 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from components import distributed
+
+
+def _dcp():
+    """``torch.distributed.checkpoint``, imported when a checkpoint is read or written: it pulls
+    in DTensor and sympy (seconds), which stages that never checkpoint should not pay for."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
 
 
 class CheckpointError(RuntimeError):
@@ -83,7 +90,7 @@ def save_checkpoint(ckpt_dir: Path, method, opts: dict, ema, step: int) -> None:
     for name, opt in opts.items():
         tensors, meta["optimizers"][name] = _optimizer_state(name, opt, names)
         state.update(tensors)
-    dcp.save(state, checkpoint_id=tmp, no_dist=ctx.world_size == 1)
+    _dcp().save(state, checkpoint_id=tmp, no_dist=ctx.world_size == 1)
     if ctx.is_main:
         (tmp / "state.json").write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
@@ -145,13 +152,13 @@ def load_checkpoint(ckpt_dir: Path, method, opts: dict, ema) -> int:
         return 0
     src = ckpt_dir / pointer.read_text().strip()
     meta = json.loads((src / "state.json").read_text())
-    saved = dcp.FileSystemReader(src).read_metadata().state_dict_metadata
+    saved = _dcp().FileSystemReader(src).read_metadata().state_dict_metadata
     names = _names(method)
     live = {**model_state(method, opts), **_ema_state(ema)}
     targets = {name: _optimizer_targets(name, opt, names, saved) for name, opt in opts.items()}
     expected = set(live).union(*targets.values())
     _check_keys(set(saved), expected, src)
-    dcp.load({**live, **{k: v for t in targets.values() for k, v in t.items()}},
+    _dcp().load({**live, **{k: v for t in targets.values() for k, v in t.items()}},
              checkpoint_id=src, no_dist=distributed.context().world_size == 1)
     for name, opt in opts.items():
         _restore_optimizer(opt, name, targets[name], meta["optimizers"][name], names)
@@ -178,10 +185,10 @@ def checkpoint_weights(path: Path, name: str) -> dict[str, torch.Tensor] | None:
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no state.json): give a "
                                 "run's checkpoint directory or one of its step-N folders")
     prefix = f"model/{name}/"
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = _dcp().FileSystemReader(path).read_metadata().state_dict_metadata
     state = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in saved.items()
              if k.startswith(prefix)}
     if not state:
         return None
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    _dcp().load(state, checkpoint_id=path, no_dist=True)
     return {k[len(prefix):]: v for k, v in state.items()}

@@ -6,8 +6,10 @@ Each method runs as a DVC experiment of the current params (``dvc exp run -S
 distill.method=<m> -n methods-<m>``): the upstream stages come from the DVC cache, so only
 distill, evaluate and register run, with the same loop (iterations, batch) for every method.
 Afterwards ``dvc exp show`` lists the experiments side by side, and the report holds a table
-(FID, CLIP score, wall time, images seen) and a plot of the in-training proxy FID per method.
-``params.yaml`` is restored at the end.
+(FID and CLIP score with their standard errors, attribute accuracies, wall time, images seen;
+the floors and the teacher above the methods) and a plot of the in-training proxy FID per
+method. ``params.yaml`` is restored at the end. ``--results reports/methods.json`` writes the
+report again from a finished run's results, without running anything.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from components.comparison import NOISE_MULTIPLE, inside_noise, with_noise
 from components.evaluation.plots import metric_curves
 from components.io import atomic_write_text, read_json, write_json
 from components.methods import method_names
@@ -60,27 +63,48 @@ LoRA teacher, q_c = p_c is VSD's fixed point whatever the scale, and the scale o
 (`tests/test_swiftbrush_guidance.py`; the SwiftBrush module docstring has the argument)."""
 
 
+ATTRIBUTES = ("colour", "shape", "size", "position", "all")
+FLOORS = (("real_renders", "floor: real renders"),
+          ("vae_reconstruction", "floor: teacher VAE's reconstructions"),
+          ("teacher", "teacher (DDIM, CFG)"),
+          ("teacher_1step", "untrained student (teacher, 1 step)"))
+
+
+def _row(label: str, metrics: dict, marks: str = "", wall: str = "–", seen: str = "–") -> str:
+    """One table row: FID and CLIP score with their standard errors, attribute accuracies."""
+    attrs = metrics.get("attribute_accuracy") or {}
+    steps = metrics.get("steps")
+    cells = [f"{label}{marks}", str(steps) if steps else "–",  # floors generate nothing
+             with_noise(metrics, "fid", "{:.1f}"),
+             with_noise(metrics, "clip_score", "{:.3f}") if "clip_score" in metrics else "–",
+             *(f"{attrs[a]:.2f}" if a in attrs else "–" for a in ATTRIBUTES), wall, seen]
+    return "| " + " | ".join(cells) + " |"
+
+
 def report(results: list[dict], out: Path) -> str:
-    """The markdown report (and its plot) from the experiments' results."""
+    """The markdown report (and its plot) from the experiments' results: FID and CLIP score with
+    their standard errors (the evaluation's delete-half jackknife), ``≈`` on a method whose FID
+    is inside the noise of the best one's, and the world's attribute accuracies."""
     first = results[0]["eval"]
     d0 = results[0]["distill"]
     intro = (f"Machine: {platform.machine()} CPU, {os.cpu_count()} cores visible, "
              f"Python {platform.python_version()}. Every method ran {d0['steps']} iterations "
              f"of batch {d0['images_seen'] // d0['steps']}; evaluation protocol "
              f"`{first['protocol']}` (FID against the held-out reference renders, CLIP score "
-             "with the world's scorer).")
+             "with the world's scorer, attribute accuracy by the world's judge). Values are "
+             f"± one standard error; ≈ marks a FID within {NOISE_MULTIPLE:g} standard errors "
+             "of the best method's (inside the noise, not a loss); * marks the best.")
     lines = ["# Methods on the miniature world, at equal compute", "", intro, "",
-             "| model | steps | FID ↓ | CLIP score ↑ | distill wall time | images seen |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for key, label in (("teacher", "teacher (DDIM, CFG)"),
-                       ("teacher_1step", "untrained student (teacher, 1 step)")):
-        row = first[key]
-        lines.append(f"| {label} | {row['steps']} | {row['fid']:.1f} | {row['clip_score']:.3f} "
-                     "| – | – |")
+             ("| model | steps | FID ↓ | CLIP score ↑ | colour | shape | size | position | all "
+              "attributes | distill wall time | images seen |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [_row(label, first[key]) for key, label in FLOORS if key in first]
+    best = min(results, key=lambda r: r["eval"]["student"]["fid"])["eval"]["student"]
     for r in results:
         st, d = r["eval"]["student"], r["distill"]
-        lines.append(f"| {r['method']} | {st['steps']} | {st['fid']:.1f} | "
-                     f"{st['clip_score']:.3f} | {d['wall_seconds']:.0f} s | {d['images_seen']} |")
+        marks = " *" if st is best else (" ≈" if inside_noise(st, best, "fid") else "")
+        lines.append(_row(r["method"], st, marks, f"{d['wall_seconds']:.0f} s",
+                          str(d["images_seen"])))
     curves = {r["method"]: r["proxy_fid"] for r in results if r["proxy_fid"][0]}
     if curves:
         metric_curves(curves, out / "methods_fid.png", "proxy FID",
@@ -97,8 +121,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated methods (default: all)")
     parser.add_argument("--root", default=".", type=Path)
     parser.add_argument("--out", default="reports", type=Path)
+    parser.add_argument("--results", type=Path, default=None,
+                        help="write the report from a finished run's methods.json instead of "
+                             "running the experiments again")
     args = parser.parse_args(argv)
     root = args.root.resolve()
+    out = root / args.out
+    if args.results is not None:
+        if not args.results.is_file():
+            sys.exit(f"--results {args.results}: no such file (a methods.json that "
+                     "`python -m pipeline.methods_report` wrote)")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "methods.md", report(read_json(args.results), out))
+        print(f"wrote {out / 'methods.md'} from {args.results}")
+        return
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
@@ -108,7 +144,6 @@ def main(argv: list[str] | None = None) -> None:
         results = [run_experiment(root, m) for m in methods]
     finally:
         (root / PARAMS_FILE).write_text(params)
-    out = root / args.out
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "methods.md", report(results, out))
     write_json(out / "methods.json", results)

@@ -31,7 +31,7 @@ class MetaStore:
         self.loaded: dict[str, str] = {}  # key -> device type of the destination
 
     def install(self, monkeypatch, module) -> None:
-        """Route ``module.dcp`` (``components.checkpoint``) through this storage."""
+        """Route ``module._dcp()`` (``components.checkpoint``) through this storage."""
         real_save, real_load = dcp.save, dcp.load
         store = self
 
@@ -45,7 +45,7 @@ class MetaStore:
             @staticmethod
             def load(state, checkpoint_id, **kw):
                 return real_load(state, storage_reader=_Reader(store, checkpoint_id), **kw)
-        monkeypatch.setattr(module, "dcp", _DCP)
+        monkeypatch.setattr(module, "_dcp", lambda: _DCP)
         # DCP materialises meta destinations on the process group's device before loading;
         # here the meta tensors are the run's own and must be loaded into as they are
         monkeypatch.setattr(default_planner, "_init_state_dict", lambda state_dict: None)
