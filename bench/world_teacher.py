@@ -28,6 +28,7 @@ import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from components.config import from_dict, to_dict
+from components.generation import latents_from_vae
 from components.world.build import build_denoiser, train_autoencoder
 from components.world.config import WorldConfig
 from components.world.dataset import render_splits
@@ -58,7 +59,7 @@ def autoencoder(cfg: WorldConfig, images: torch.Tensor, reference, cache: Path |
     folder = cache / hashlib.sha256(key.encode()).hexdigest()[:16] if cache else None
     if folder is not None and (folder / "report.json").exists():
         vae = AutoencoderKL.from_pretrained(folder)
-        latents = encode_latents(vae, images) * vae.config.scaling_factor
+        latents = latents_from_vae(encode_latents(vae, images), vae)
         return vae, latents, {**json.loads((folder / "report.json").read_text()), "cached": True}
     vae, latents, report = train_autoencoder(cfg, images, reference, emit)
     if folder is not None:

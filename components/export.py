@@ -31,7 +31,10 @@ def _meta(student: Path) -> dict:
 def _pipeline(student: Path):
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(student, dtype=torch.float32)
+    from components.teacher import absent_parts
+
+    return DiffusionPipeline.from_pretrained(student, dtype=torch.float32,
+                                             **absent_parts(student))
 
 
 def export_diffusers(student: Path, out: Path) -> Path:
@@ -63,11 +66,16 @@ def export_single_file(student: Path, out: Path, precision: str = "fp16") -> Pat
     from safetensors.torch import save_file
 
     from components.ldm_layout import pipeline_to_ldm
+    from components.networks import is_flow
 
     dtype = torch.float16 if precision == "fp16" else precision_dtype(precision)
     _meta(student)
+    pipe = _pipeline(student)
+    if is_flow(pipe):
+        raise ValueError(f"{student} is a {type(pipe).__name__} student: the single-file layout "
+                         "is SD1.x / SDXL's; export it as diffusers")
     state = {k: v.to(dtype) if v.is_floating_point() else v
-             for k, v in pipeline_to_ldm(_pipeline(student)).items()}
+             for k, v in pipeline_to_ldm(pipe).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})

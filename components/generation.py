@@ -33,7 +33,8 @@ from components.few_step import (
     step_grid,
     trailing_timesteps,
 )
-from components.teacher import TextConditioning, teacher_denoiser
+from components.networks import network_device
+from components.teacher import TextConditioning, absent_parts, teacher_denoiser
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -290,8 +291,22 @@ def _set_tiling(vae: Any, tile_size: int) -> tuple:
     return saved
 
 
+def latents_from_vae(raw: torch.Tensor, vae: Any) -> torch.Tensor:
+    """The model's latents of the VAE's raw latents: ``(z − shift) · scale`` (SD3 and FLUX VAEs
+    have a ``shift_factor``; SD's have none, so ``z · scale``)."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return (raw - shift) * vae.config.scaling_factor
+
+
+def latents_to_vae(latents: torch.Tensor, vae: Any) -> torch.Tensor:
+    """Inverse of ``latents_from_vae``: what the VAE decodes, ``x / scale + shift``, in the
+    VAE's dtype."""
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents / vae.config.scaling_factor + shift).to(vae.dtype)
+
+
 def _decode_chunk(vae: Any, latents: torch.Tensor) -> np.ndarray:
-    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    x = vae.decode(latents_to_vae(latents, vae), return_dict=False)[0]
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -322,7 +337,8 @@ def sample_teacher(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], step
     null = unconditional(pipe)
     out = []
     for start, chunk in _batched(list(prompts), batch_size):
-        z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(pipe)).to(pipe.unet.device)
+        z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(pipe))
+        z = z.to(network_device(pipe))
         cond = encode_prompts(pipe, chunk)
         latents = ddim_sample(denoiser, z, cond, null.expand(len(chunk)), steps, guidance_scale)
         out.append(decode_latents(pipe, latents))
@@ -330,12 +346,13 @@ def sample_teacher(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], step
 
 
 class Student:
-    """A distilled one- or few-step generator: the teacher pipeline with the student UNet."""
+    """A distilled one- or few-step generator: the teacher pipeline with the student network
+    (a UNet or a flow transformer)."""
 
     def __init__(self, pipe: Any, spec: GeneratorSpec):
         self.pipe = pipe
         self.spec = spec
-        self.denoiser = teacher_denoiser(pipe)  # the student UNet, read like the teacher's
+        self.denoiser = teacher_denoiser(pipe)  # the student network, read like the teacher's
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 16,
@@ -348,7 +365,7 @@ class Student:
         out = []
         for start, chunk in _batched(list(prompts), batch_size):
             noise = SeededNoise(seeds[start:start + len(chunk)])
-            z = noise(latent_shape(self.pipe)).to(self.pipe.unet.device)
+            z = noise(latent_shape(self.pipe)).to(network_device(self.pipe))
             cond = encode_prompts(self.pipe, chunk)
             latents = generate_latents(self.denoiser, z, cond, spec, noise.like)
             out.append(decode_latents(self.pipe, latents))
@@ -362,14 +379,17 @@ def save_student(pipe: Any, spec: GeneratorSpec, folder: str | Path, extra: dict
     """Write the student as a diffusers pipeline folder plus ``student.json`` (its generator).
 
     The folder's scheduler is the stock one with which diffusers' own pipeline reproduces
-    ``Student.generate`` (``components.stock_scheduler``; ``student.json: diffusers`` says how to
-    call it, or why no stock scheduler can), and no config holds a machine path: the same
-    weights give the same files in every clone.
+    ``Student.generate`` (``components.stock_scheduler``; a flow teacher's own flow scheduler,
+    ``components.flow_stock``; ``student.json: diffusers`` says how to call it, or why no stock
+    call can), and no config holds a machine path: the same weights give the same files in
+    every clone.
     """
+    from components.flow_stock import flow_stock_call
+    from components.networks import is_flow
     from components.stock_scheduler import stock_call
 
     folder = Path(folder)
-    call = stock_call(pipe.scheduler, spec)
+    call = flow_stock_call(pipe, spec) if is_flow(pipe) else stock_call(pipe.scheduler, spec)
     if call.scheduler is not None:
         pipe = copy.copy(pipe)  # the caller's pipeline keeps its scheduler
         pipe.scheduler = call.scheduler  # diffusers records the new class in model_index.json
@@ -410,6 +430,7 @@ def load_student(folder: str | Path, device: str = "cpu", dtype: torch.dtype = t
 
         pipe = lora_pipeline(base, folder, dtype).to(device)
     else:
-        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype,
+                                                 **absent_parts(folder)).to(device)
     pipe.set_progress_bar_config(disable=True)
     return Student(pipe, GeneratorSpec(**meta["generator"]))

@@ -123,9 +123,10 @@ def load_image(path: Path, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[i
 def encode_images(pipe: Any, files: Sequence[Path], captions: Sequence[str],
                   latent_hw: tuple[int, int], batch: int = 16, seed: int = 0) -> RealLatents:
     """Encode images with the pipeline's VAE at latent size ``latent_hw`` (a posterior sample,
-    seeded, times the scaling factor, as DMD2's data script does) and their captions with its
+    seeded, in the model's latent space: ``(z − shift) · scale``, as DMD2's data script
+    and SD3's training scripts do) and their captions with its
     text encoder(s). The pipeline's UNet is not needed."""
-    from components.generation import encode_prompts
+    from components.generation import encode_prompts, latents_from_vae
 
     size = (latent_hw[0] * pipe.vae_scale_factor, latent_hw[1] * pipe.vae_scale_factor)
     vae, gen = pipe.vae, torch.Generator().manual_seed(seed)
@@ -135,7 +136,7 @@ def encode_images(pipe: Any, files: Sequence[Path], captions: Sequence[str],
         pixels = torch.stack([p for p, _ in loaded]).to(vae.device, vae.dtype)
         dist = vae.encode(pixels).latent_dist
         eps = torch.randn(dist.mean.shape, generator=gen).to(dist.mean)
-        latents.append((dist.mean + dist.std * eps).float().cpu() * vae.config.scaling_factor)
+        latents.append(latents_from_vae((dist.mean + dist.std * eps).float(), vae).cpu())
         cond = encode_prompts(pipe, captions[start:start + batch])
         if cond.time_ids is not None:  # each image's own size and crop, as SDXL was trained
             ids = [[oh, ow, top, left, size[0], size[1]] for _, (oh, ow, top, left) in loaded]

@@ -32,7 +32,7 @@ the guidance distilled in).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,15 +51,22 @@ class StockCall:
     num_inference_steps: int
     guidance_scale: float
     reason: str | None = None  # set when no stock scheduler reproduces the student
+    pipeline: str = "StableDiffusionPipeline"
+    extra: dict = field(default_factory=dict)  # further call arguments (a flow's sigmas)
+    scheduler_name: str | None = None  # the saved scheduler's class when ``scheduler`` is None
+    load: dict = field(default_factory=dict)  # from_pretrained arguments (parts saved absent)
 
     def describe(self) -> dict:
         """The ``diffusers`` entry of ``student.json``."""
         if self.reason is not None:
             return {"reproduces_student": False, "reason": self.reason}
-        return {"reproduces_student": True, "pipeline": "StableDiffusionPipeline",
-                "scheduler": type(self.scheduler).__name__,
-                "call": {"num_inference_steps": self.num_inference_steps,
-                         "guidance_scale": self.guidance_scale}}
+        name = self.scheduler_name or type(self.scheduler).__name__
+        out = {"reproduces_student": True, "pipeline": self.pipeline, "scheduler": name,
+               "call": {"num_inference_steps": self.num_inference_steps,
+                        "guidance_scale": self.guidance_scale, **self.extra}}
+        if self.load:
+            out["from_pretrained"] = self.load
+        return out
 
 
 def stock_call(scheduler: Any, spec: GeneratorSpec) -> StockCall:

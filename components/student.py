@@ -59,8 +59,12 @@ class StudentConfig:
 
 
 def lora_module(network: torch.nn.Module) -> torch.nn.Module:
-    """Where the adapters go: a ``Denoiser``'s diffusers UNet, else the network itself."""
-    return getattr(network, "unet", network)
+    """Where the adapters go: a ``Denoiser``'s diffusers UNet or flow transformer, else the
+    network itself."""
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(network, name, None), torch.nn.Module):
+            return getattr(network, name)
+    return network
 
 
 def student_network(teacher: torch.nn.Module, cfg: StudentConfig) -> torch.nn.Module:
@@ -96,17 +100,24 @@ def lora_metadata(cfg: StudentConfig) -> dict[str, Any]:
 
 def save_lora(pipe: Any, network: torch.nn.Module, cfg: StudentConfig, folder: Path) -> Path:
     """Write the student's adapters as a diffusers LoRA into ``folder``; returns the file."""
-    type(pipe).save_lora_weights(folder, unet_lora_layers=lora_state_dict(network),
-                                 unet_lora_adapter_metadata=lora_metadata(cfg),
+    from components.networks import network_component
+
+    name = network_component(pipe)  # the UNet's or the flow transformer's adapters
+    type(pipe).save_lora_weights(folder, **{f"{name}_lora_layers": lora_state_dict(network),
+                                            f"{name}_lora_adapter_metadata": lora_metadata(cfg)},
                                  weight_name=LORA_FILE, safe_serialization=True)
     return Path(folder) / LORA_FILE
 
 
 def fuse_into(pipe: Any, lora: Path) -> Any:
-    """``pipe`` (the teacher) with the LoRA at ``lora`` merged into its UNet's weights and the
-    adapter layers removed: a plain full-weight UNet (diffusers' ``fuse_lora``)."""
+    """``pipe`` (the teacher) with the LoRA at ``lora`` merged into its UNet's (or flow
+    transformer's) weights and the adapter layers removed: a plain full-weight network
+    (diffusers' ``fuse_lora``)."""
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="student")
-    pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["student"])
+    from components.networks import network_component
+
+    pipe.fuse_lora(components=[network_component(pipe)], lora_scale=1.0,
+                   adapter_names=["student"])
     pipe.unload_lora_weights()
     return pipe
 

@@ -174,11 +174,8 @@ def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.flo
 
         from components.networks import check_pipeline_class
 
-        entries = json.loads(index.read_text())
-        check_pipeline_class(entries.get("_class_name", "?"), source)
-        # parts saved as absent (SD3 without its T5 encoder) load as absent
-        kwargs.update({k: None for k, v in entries.items()
-                       if v == [None, None] and k not in kwargs})
+        check_pipeline_class(json.loads(index.read_text()).get("_class_name", "?"), source)
+        kwargs.update({k: v for k, v in absent_parts(source).items() if k not in kwargs})
     if "safety_checker" in _expected_components(source):
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -191,6 +188,19 @@ def load_pipeline(cfg: TeacherConfig, root: Path, dtype: torch.dtype = torch.flo
                 "on a connected machine and point `teacher.model` at the local folder, or run "
                 "with DISTILLERY_OFFLINE=0 where the hub is reachable.") if offline else ""
         raise TeacherNotFoundError(f"cannot load teacher {cfg.model!r}: {err}.{hint}") from None
+
+
+def absent_parts(folder: str | Path) -> dict[str, None]:
+    """The parts a pipeline folder was saved without (``[null, null]`` in ``model_index.json``:
+    SD3 without its T5 encoder), each ``None``: diffusers loads a folder only when they are
+    passed so (``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None,
+    tokenizer_3=None)``)."""
+    import json
+
+    index = Path(folder) / "model_index.json"
+    if not index.exists():
+        return {}
+    return {k: None for k, v in json.loads(index.read_text()).items() if v == [None, None]}
 
 
 def _expected_components(source: str) -> set[str]:

@@ -22,12 +22,13 @@ from components.config import ConfigError, from_dict
 from components.embed_cache import CacheConfig
 from components.evaluation.protocols import get_protocol
 from components.generation import precision_dtype
-from components.methods import get_method, lora_unsupported, method_names
+from components.methods import get_method, lora_unsupported, method_names, teacher_unsupported
 from components.monitor import MonitorConfig
+from components.networks import UnsupportedTeacherError, folder_traits
 from components.policy import PolicyConfig
 from components.prompts import PromptsConfig
 from components.student import StudentConfig
-from components.teacher import TeacherConfig
+from components.teacher import TeacherConfig, TeacherNotFoundError, resolve_model
 from components.training import LoopConfig
 
 PARAMS_FILE = "params.yaml"
@@ -220,7 +221,28 @@ def load_all(root: str | Path) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{Path(root) / PARAMS_FILE}: missing section(s) "
                           f"{', '.join(map(repr, missing))}")
-    return {name: from_dict(cls, data[name], name) for name, cls in SECTIONS.items()}
+    configs = {name: from_dict(cls, data[name], name) for name, cls in SECTIONS.items()}
+    check_teacher(root, configs["teacher"], configs["distill"])
+    return configs
+
+
+def check_teacher(root: str | Path, teacher: TeacherConfig, distill: DistillConfig) -> None:
+    """The teacher folder's family (from its configs, no weights) is supported, and the method
+    applies to it; a hub id or a folder not built yet is checked when the stage loads it."""
+    try:
+        folder = Path(resolve_model(teacher.model, Path(root)))
+    except TeacherNotFoundError:
+        return  # the stage's own loading says how to supply it
+    try:
+        traits = folder_traits(folder) if folder.is_dir() else None
+    except UnsupportedTeacherError as err:
+        raise ConfigError(f"teacher.model: {err}") from None
+    if traits is None:
+        return
+    why = teacher_unsupported(distill.method, distill.method_config(), traits)
+    if why:
+        raise ConfigError(f"distill.method {distill.method!r} does not apply to the "
+                          f"{traits['family']} teacher {teacher.model}: {why}")
 
 
 def _register_late_sections() -> None:

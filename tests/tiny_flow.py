@@ -39,22 +39,33 @@ def _vae(scaling: float, shift: float) -> AutoencoderKL:
                          use_post_quant_conv=False)
 
 
-def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+def _t5(width: int):
+    """A 2-layer T5 encoder of ``width`` on a trained 16-token vocabulary, and its tokenizer."""
+    tokenizer = build_t5_tokenizer(max_length=16)
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=64, d_kv=8,
+                                   num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
+                                   decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1)), tokenizer
+
+
+def tiny_sd3_pipeline(seed: int = 0, t5: bool = False) -> StableDiffusion3Pipeline:
     """SD3.5-style: 2 MMDiT layers (the first with dual attention, the last text-pre-only),
-    16×8×8 latents, joint width 64, shift 3, no T5."""
+    16×8×8 latents, joint width 64, shift 3; no T5 unless ``t5`` (a 2-layer one)."""
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
         caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=8,
         dual_attention_layers=(0,), qk_norm="rms_norm")
+    text_encoder_3, tokenizer_3 = _t5(64) if t5 else (None, None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(1.5305, 0.0609),
         text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP, projection_dim=32)),
         tokenizer=build_tokenizer(),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_CLIP, projection_dim=32)),
-        tokenizer_2=build_tokenizer(), text_encoder_3=None, tokenizer_3=None)
+        tokenizer_2=build_tokenizer(), text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -67,10 +78,7 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
         guidance_embeds=True, axes_dims_rope=(2, 2, 4))
-    tokenizer_2 = build_t5_tokenizer(max_length=16)
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=64, d_kv=8,
-                                 num_heads=4, num_layers=2, feed_forward_proj="gated-gelu",
-                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    t5, tokenizer_2 = _t5(32)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)

@@ -215,6 +215,17 @@ def lora_unsupported(name: str) -> str | None:
     return getattr(typing.get_type_hints(build)["return"], "lora_unsupported", None)
 
 
+def teacher_unsupported(name: str, cfg: Any, traits: dict) -> str | None:
+    """Why method ``name`` with config ``cfg`` cannot apply to a teacher of ``traits``
+    (``components.networks.folder_traits``: its family, whether its guidance is an input), from
+    its class's ``teacher_unsupported``; ``None`` when it can."""
+    import typing
+
+    _, build = get_method(name)
+    check = getattr(typing.get_type_hints(build)["return"], "teacher_unsupported", None)
+    return None if check is None else check(cfg, traits)
+
+
 def pair_guidance_range(name: str, cfg: Any = None) -> tuple[float, float] | None:
     """The CFG scales over which method ``name`` wants its pairs sampled, one scale per pair
     (its config's ``pair_guidance_range()``), or ``None`` for pairs at one fixed scale."""

@@ -174,6 +174,15 @@ class DMD2:
     """Distribution matching with a full-copy fake score and TTUR; see the module docstring."""
 
     needs_pairs = False
+
+    @staticmethod
+    def teacher_unsupported(cfg: DMD2Config, traits: dict) -> str | None:
+        """The GAN head (stage 2) needs a UNet teacher; the data-free stage fits every family."""
+        if cfg.gan_weight > 0 and traits["family"] != "unet":
+            return (f"DMD2's GAN head reads a diffusers UNet's mid block and a {traits['family']} "
+                    "teacher is a transformer without one; set gan_weight: 0 (the data-free "
+                    "stage)")
+        return None
     student_groups = ("generator",)
     phase_starts: tuple[int, ...] = ()
 

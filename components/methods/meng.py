@@ -105,17 +105,23 @@ def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tens
     return (alpha**2 / sigma**2).clamp_min(1.0)
 
 
+def stage1_problem(cfg: MengConfig, embedded_guidance: bool) -> str | None:
+    """Stage 1 distils CFG into a w input; a guidance-distilled teacher (FLUX.1-dev) has one.
+    Why ``cfg`` does not fit a teacher with or without that input, or None."""
+    if embedded_guidance and cfg.stage1_fraction > 0:
+        return ("meng.stage1_fraction must be 0 for this teacher: it is guidance-distilled "
+                "already (its guidance input is stage 1's w input, s = 1 + w, and it has no true "
+                "CFG to distil), so the run is progressive distillation of its own guided "
+                "sampler")
+    if not embedded_guidance and cfg.stage1_fraction == 0:
+        return ("meng.stage1_fraction: 0 skips guidance distillation, which only a "
+                "guidance-distilled teacher (FLUX.1-dev) may; set it in (0, 1)")
+    return None
+
+
 def _check_stage1(cfg: MengConfig, network: torch.nn.Module) -> None:
-    """Stage 1 distils CFG into a w input; a guidance-distilled teacher (FLUX.1-dev) has one."""
-    embedded = getattr(network, "embedded_guidance", False)
-    if embedded and cfg.stage1_fraction > 0:
-        raise ValueError(
-            "meng.stage1_fraction must be 0 for this teacher: it is guidance-distilled already "
-            "(its guidance input is stage 1's w input, s = 1 + w, and it has no true CFG to "
-            "distil), so the run is progressive distillation of its own guided sampler")
-    if not embedded and cfg.stage1_fraction == 0:
-        raise ValueError("meng.stage1_fraction: 0 skips guidance distillation, which only a "
-                         "guidance-distilled teacher (FLUX.1-dev) may; set it in (0, 1)")
+    if why := stage1_problem(cfg, getattr(network, "embedded_guidance", False)):
+        raise ValueError(why)
 
 
 class MengGuidedDistillation:
@@ -126,6 +132,11 @@ class MengGuidedDistillation:
         "Meng et al.'s student adds a guidance-weight embedding layer the teacher lacks "
         "(diffusers' time_cond_proj_dim), which a LoRA on the teacher cannot carry")
     student_groups = ("guidance", "progressive")
+
+    @staticmethod
+    def teacher_unsupported(cfg: MengConfig, traits: dict) -> str | None:
+        """The config-load check of ``_check_stage1`` from the teacher folder's configs."""
+        return stage1_problem(cfg, traits["embedded_guidance"])
 
     def __init__(self, cfg: MengConfig, teacher: Teacher, steps: int):
         _check_stage1(cfg, teacher.network)

@@ -8,7 +8,9 @@ fails at load with that list.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +36,22 @@ def check_pipeline_class(class_name: str, source: str) -> str:
     return PIPELINES[class_name]
 
 
+def folder_traits(folder: str | Path) -> dict[str, Any] | None:
+    """What config checks need of a local teacher folder, from its configs alone (no weights):
+    ``family`` (``unet``, ``sd3``, ``flux``) and ``embedded_guidance`` (a guidance-distilled
+    FLUX.1-dev transformer); None for a folder without ``model_index.json``. A pipeline of an
+    unsupported family raises ``UnsupportedTeacherError`` listing the supported ones."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return None
+    kind = check_pipeline_class(json.loads(index.read_text()).get("_class_name", "?"),
+                                str(folder))
+    config = Path(folder) / "transformer" / "config.json"
+    embedded = kind == "flux" and config.is_file() and bool(
+        json.loads(config.read_text()).get("guidance_embeds", False))
+    return {"family": kind, "embedded_guidance": embedded}
+
+
 def zero_w_projection(transformer: torch.nn.Module, w_dim: int) -> torch.nn.Linear:
     """A zero-initialised map from a ``w_dim`` guidance-weight embedding onto the transformer's
     pooled text projection (Meng et al.'s w input: the untrained student is the teacher), on the
@@ -46,10 +64,57 @@ def zero_w_projection(transformer: torch.nn.Module, w_dim: int) -> torch.nn.Line
     return proj
 
 
+@torch.no_grad()
+def fold_w_projection(denoiser: torch.nn.Module, w: float) -> torch.nn.Module:
+    """A copy of a w-conditioned flow denoiser's transformer with its w input fixed at ``w``:
+    the projection of the w embedding is a constant added to the pooled text projection,
+    whose first use is a linear layer, so it folds into that layer's bias
+    (``b + W c``). The copy is a stock transformer that computes what the student computes at
+    ``w``."""
+    import copy
+
+    from components.diffusion import guidance_embedding
+
+    transformer = copy.deepcopy(denoiser.transformer)
+    proj = denoiser.w_proj
+    linear = transformer.time_text_embed.text_embedder.linear_1
+    param = proj.weight
+    c = proj(guidance_embedding(torch.tensor([float(w)], device=param.device),
+                                proj.in_features).to(param.dtype))[0]
+    linear.bias.add_((linear.weight.double() @ c.double().to(linear.weight.device)).to(
+        linear.bias.dtype))
+    return transformer
+
+
+def saved_network(student: torch.nn.Module, spec: Any) -> tuple[str, torch.nn.Module, Any]:
+    """What a student folder holds of a trained ``Denoiser``: the pipeline component's name
+    (``unet`` or ``transformer``), its plain diffusers module and the generator spec that
+    reproduces the student with it (a flow student's w input folded in at its guidance
+    weight, so its spec has no w embedding left)."""
+    import dataclasses
+
+    if hasattr(student, "unet"):
+        return "unet", student.unet, spec
+    if getattr(student, "w_proj", None) is None:
+        return "transformer", student.transformer, spec
+    folded = fold_w_projection(student, spec.guidance_weight)
+    return "transformer", folded, dataclasses.replace(spec, w_dim=0)
+
+
 def is_flow(pipe: Any) -> bool:
     """Whether a loaded pipeline is of a flow-transformer family (by its class, so a UNet
     pipeline loaded with ``unet=None`` is still a UNet pipeline)."""
     return PIPELINES.get(type(pipe).__name__, "unet") != "unet"
+
+
+def network_component(pipe: Any) -> str:
+    """The name of the pipeline component that denoises: ``unet`` or ``transformer``."""
+    return "transformer" if is_flow(pipe) else "unet"
+
+
+def network_device(pipe: Any) -> torch.device:
+    """The device of the pipeline's denoising network (where its noise goes)."""
+    return getattr(pipe, network_component(pipe)).device
 
 
 def family(pipe: Any) -> str:

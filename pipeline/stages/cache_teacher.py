@@ -23,6 +23,7 @@ from components.generation import (
     unconditional,
 )
 from components.methods import needs_pairs, pair_guidance_range
+from components.networks import network_device
 from components.pair_cache import write_pairs
 from components.teacher import load_pipeline, teacher_denoiser
 from pipeline import paths
@@ -32,7 +33,7 @@ from pipeline.stages.common import entry, log, require, write_resolved
 
 def _pair_sampler(pipe, cache: EmbeddingCache, steps: int, guidance_scale: float):
     denoiser = teacher_denoiser(pipe)
-    device = pipe.unet.device
+    device = network_device(pipe)
 
     def sample(prompt_ids: torch.Tensor, z: torch.Tensor, scales) -> torch.Tensor:
         cond = cache.conditioning(prompt_ids).to(device)

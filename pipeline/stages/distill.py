@@ -32,11 +32,13 @@ from components.generation import (
     decode_latents,
     generate_latents,
     latent_shape,
+    latents_to_vae,
     save_student,
 )
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from components.methods import Teacher, get_method, pair_guidance_range
 from components.monitor import Monitor, image_statistics
+from components.networks import saved_network
 from components.pair_cache import PairCache
 from components.policy import TrainingPolicy
 from components.student import save_lora_student
@@ -112,9 +114,7 @@ def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunReco
 
 def _decoder(pipe):
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        vae = pipe.vae
-        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor,
-                          return_dict=False)[0].float()
+        return pipe.vae.decode(latents_to_vae(latents, pipe.vae), return_dict=False)[0].float()
     return decode
 
 
@@ -263,11 +263,14 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
              "policy": policy.describe(), "student": cfg.student.describe()}
     with atomic_dir(root / paths.STUDENT) as out:
         if cfg.student.kind == "lora":  # the LoRA, and the full-weight folder of it fused
-            save_lora_student(load_pipeline(teacher_cfg, root), _plain_unet(student).to("cpu"),
+            save_lora_student(load_pipeline(teacher_cfg, root), _plain(student).to("cpu"),
                               cfg.student, spec, out, extra)
-        else:
-            full = load_pipeline(teacher_cfg, root, unet=_plain_unet(student.unet).to("cpu"))
-            save_student(full, spec, out, extra)
+        else:  # the UNet or flow transformer (a flow student's w input folded in)
+            name, network, saved = saved_network(student, spec)
+            if saved != spec:
+                extra["w_embedding"] = f"folded in at guidance_weight {spec.guidance_weight:g}"
+            full = load_pipeline(teacher_cfg, root, **{name: _plain(network).to("cpu")})
+            save_student(full, saved, out, extra)
     with atomic_dir(root / paths.DISTILL_OUT) as out:
         (out / "samples").mkdir()
         if plan is not None:  # the run's memory and time plan (MLflow gets it with the run)
@@ -293,7 +296,7 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
         f"segment of the run); student saved to {paths.STUDENT}")
 
 
-def _plain_unet(student: torch.nn.Module) -> torch.nn.Module:
+def _plain(student: torch.nn.Module) -> torch.nn.Module:
     """The student without any training wrappers, in eval mode."""
     return student.eval().requires_grad_(False)
 
