@@ -36,6 +36,9 @@ def _reason(spec: GeneratorSpec, pipe: Any) -> str | None:
     if name != "StableDiffusion3Pipeline":
         return (f"the stock {name} call is not checked against this student; generate with "
                 "components.generation.load_student")
+    if spec.kind == "x0_from_eps" and spec.steps > 1:
+        return ("the few-step generator re-noises x0 between its steps, which no stock call is "
+                "checked against here; generate with components.generation.load_student")
     if spec.kind == "x0_from_eps" and spec.input_scale == "sigma":
         return ("the student's input is sigma_t z (SiD) and StableDiffusion3Pipeline starts from "
                 "unscaled noise; generate with components.generation.load_student")

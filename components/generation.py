@@ -1,7 +1,8 @@
 """Image generation: per-image-seeded noise, prompt encoding, the teacher's DDIM sampler with CFG,
-one-step generators, and the ``Student`` a distillation run produces.
+one- and few-step generators, and the ``Student`` a distillation run produces.
 
-Image *i* is always generated from ``torch.Generator().manual_seed(seeds[i])`` on the CPU, so the
+Image *i* is always generated from ``torch.Generator().manual_seed(seeds[i])`` on the CPU (its
+starting noise, then the fresh noise of each re-noising step of a few-step generator), so the
 same seeds give the same images whatever the batch size or device.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,13 @@ from components.diffusion import (
     predict_velocity,
     predict_x0,
     w_conditioning,
+)
+from components.few_step import (
+    NoiseFn,
+    divisor_steps,
+    multistep_x0,
+    step_grid,
+    trailing_timesteps,
 )
 from components.networks import network_device
 from components.teacher import TextConditioning, absent_parts, teacher_denoiser
@@ -45,7 +53,9 @@ class GeneratorSpec:
 
     ``x0_from_eps`` (SwiftBrush, DMD2, SiD): one step, ``x_in = input_scale * z`` and
     ``x̂0 = (x_in − σ_t ε(x_in, t)) / α_t`` at fixed ``t``; ``input_scale`` is ``"unit"`` (pure
-    noise at t = 999) or ``"sigma"`` (SiD: ``x_in = σ_t z`` at t = 625).
+    noise at t = 999) or ``"sigma"`` (SiD: ``x_in = σ_t z`` at t = 625). With ``steps`` N > 1,
+    DMD2's N-step generator from pure noise (``components.few_step``: x̂0 at each step of
+    [999, 749, 499, 249] for N = 4, re-noised to the next with fresh noise; ``t`` = 999, unit).
     ``rectified_flow`` (InstaFlow): ``steps`` Euler steps of the velocity network from noise
     (τ = 0) to image (τ = 1), the network called at ``t_unet = 1000 (1 − τ)``.
     ``ddim`` (Meng et al.): ``steps`` deterministic DDIM steps on the trailing grid, the network
@@ -59,12 +69,61 @@ class GeneratorSpec:
     guidance_weight: float = 0.0
     w_dim: int = 0
 
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"a generator takes at least one step, got steps={self.steps}")
+        if self.kind == "x0_from_eps" and self.steps > 1 and self.input_scale != "unit":
+            raise ValueError("a few-step x0_from_eps generator starts from pure noise: "
+                             "input_scale must be 'unit'")
+
+
+def score_generator(steps: int, t: int, input_scale: Literal["unit", "sigma"],
+                    num_timesteps: int) -> GeneratorSpec:
+    """A score method's generator: one step at ``t`` on ``input_scale`` noise, or DMD2's
+    ``steps``-step generator on ``step_grid`` (which says why a step count is not allowed)."""
+    if steps == 1:
+        return GeneratorSpec(t=t, input_scale=input_scale)
+    return GeneratorSpec(t=step_grid(num_timesteps, steps)[0], input_scale="unit", steps=steps)
+
+
+def sampling_steps(spec: GeneratorSpec) -> list[int]:
+    """The step counts a student of ``spec`` samples with: the divisors of a few-step
+    ``x0_from_eps`` student's N (grids on its own), every other kind its own ``steps`` only."""
+    return divisor_steps(spec.steps) if spec.kind == "x0_from_eps" else [spec.steps]
+
+
+def with_steps(spec: GeneratorSpec, steps: int | None) -> GeneratorSpec:
+    """``spec`` sampled with ``steps`` (None: as trained); one clear error when not allowed."""
+    if steps is None or steps == spec.steps:
+        return spec
+    allowed = sampling_steps(spec)
+    if steps not in allowed:
+        raise ValueError(f"this {spec.kind} student was trained for {spec.steps} step(s) and "
+                         f"samples with steps in {allowed} (grids on the one it trained on), "
+                         f"not {steps}")
+    return replace(spec, steps=steps)
+
+
+class SeededNoise:
+    """Per-image noise streams: row i from its own CPU generator seeded with ``seeds[i]``; the
+    first draw is the starting noise, later ones a few-step generator's fresh noise (the order
+    diffusers' pipelines draw in, given one generator per image)."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor:
+        """The next draw (N, *shape), in float32 on the CPU."""
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        """The next draw shaped like x (N, ...), on its device in its dtype (a ``NoiseFn``)."""
+        return self(x.shape[1:]).to(x)
+
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     """Noise (N, *shape), row i drawn from its own CPU generator seeded with ``seeds[i]``."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)))
-            for s in seeds]
-    return torch.stack(rows)
+    return SeededNoise(seeds)(shape)
 
 
 def one_step_x0(denoiser: Denoiser, z: torch.Tensor, cond: Any, spec: GeneratorSpec) -> torch.Tensor:
@@ -83,12 +142,6 @@ def rectified_flow_sample(velocity: Denoiser, z: torch.Tensor, cond: Any,
     for i in range(steps):
         x = x + predict_velocity(velocity, x, i / steps, cond) / steps
     return x
-
-
-def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The N-step grid ``round(T (N − i) / N) − 1``: [999], [999, 499], [999, 749, 499, 249].
-    The 2N-step grid contains the N-step one, as progressive distillation needs."""
-    return [round(num_timesteps * (steps - i) / steps) - 1 for i in range(steps)]
 
 
 def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, t_next: int,
@@ -118,9 +171,17 @@ def ddim_student_sample(denoiser: Denoiser, z: torch.Tensor, cond: Any, steps: i
     return x
 
 
-def generate_latents(denoiser: Denoiser, z: torch.Tensor, cond: Any,
-                     spec: GeneratorSpec) -> torch.Tensor:
-    """The student's sample for noise z (B, C, h, w) under ``spec`` (differentiable)."""
+def generate_latents(denoiser: Denoiser, z: torch.Tensor, cond: Any, spec: GeneratorSpec,
+                     noise: NoiseFn | None = None) -> torch.Tensor:
+    """The student's sample for noise z (B, C, h, w) under ``spec`` (differentiable); a
+    few-step ``x0_from_eps`` generator draws its fresh noise from ``noise`` (e.g.
+    ``SeededNoise(seeds).like``, whose first draw was z)."""
+    if spec.kind == "x0_from_eps" and spec.steps > 1:
+        if noise is None:
+            raise ValueError("a few-step generator re-noises between its steps: pass noise= "
+                             "(e.g. SeededNoise(seeds).like)")
+        grid = step_grid(denoiser.schedule.num_timesteps, spec.steps)
+        return multistep_x0(denoiser, z, cond, grid, noise)
     if spec.kind == "x0_from_eps":
         return one_step_x0(denoiser, z, cond, spec)
     if spec.kind == "rectified_flow":
@@ -285,8 +346,8 @@ def sample_teacher(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], step
 
 
 class Student:
-    """A distilled one-step generator: the teacher pipeline with the student network (a UNet
-    or a flow transformer)."""
+    """A distilled one- or few-step generator: the teacher pipeline with the student network
+    (a UNet or a flow transformer)."""
 
     def __init__(self, pipe: Any, spec: GeneratorSpec):
         self.pipe = pipe
@@ -294,19 +355,20 @@ class Student:
         self.denoiser = teacher_denoiser(pipe)  # the student network, read like the teacher's
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int],
-                 batch_size: int = 16) -> np.ndarray:
-        """Images (N, H, W, 3) uint8 (``spec.steps`` network evaluations each); image i from
-        ``seeds[i]``."""
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], batch_size: int = 16,
+                 steps: int | None = None) -> np.ndarray:
+        """Images (N, H, W, 3) uint8 (``steps`` network evaluations each: the student's own by
+        default, or one of ``sampling_steps(spec)``); image i from ``seeds[i]``."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        spec = with_steps(self.spec, steps)
         out = []
         for start, chunk in _batched(list(prompts), batch_size):
-            z = seeded_noise(seeds[start:start + len(chunk)], latent_shape(self.pipe))
-            z = z.to(network_device(self.pipe))
+            noise = SeededNoise(seeds[start:start + len(chunk)])
+            z = noise(latent_shape(self.pipe)).to(network_device(self.pipe))
             cond = encode_prompts(self.pipe, chunk)
-            out.append(decode_latents(self.pipe, generate_latents(self.denoiser, z, cond,
-                                                                  self.spec)))
+            latents = generate_latents(self.denoiser, z, cond, spec, noise.like)
+            out.append(decode_latents(self.pipe, latents))
         return np.concatenate(out)
 
 
@@ -333,7 +395,8 @@ def save_student(pipe: Any, spec: GeneratorSpec, folder: str | Path, extra: dict
         pipe.scheduler = call.scheduler  # diffusers records the new class in model_index.json
     pipe.save_pretrained(folder, safe_serialization=True)
     _drop_machine_paths(folder)
-    meta = {"generator": asdict(spec), "diffusers": call.describe(), **extra}
+    meta = {"generator": asdict(spec), "sampling_steps": sampling_steps(spec),
+            "diffusers": call.describe(), **extra}
     (folder / STUDENT_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 

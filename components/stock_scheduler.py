@@ -9,6 +9,15 @@ Per generator kind (``components.generation.GeneratorSpec``):
 - ``x0_from_eps`` on ``σ_t z`` (SiD) or at another t: ``EulerDiscreteScheduler`` with one Karras
   sigma equal to the student's σ_t / α_t. Its initial noise is scaled by that sigma and its model
   input by 1 / √(σ² + 1), which is exactly ``σ_t z`` (trailing spacing) or ``z`` (leading).
+- ``x0_from_eps`` with N > 1 steps (DMD2's few-step generator): ``LCMScheduler`` with
+  ``original_inference_steps = N``, so ``num_inference_steps = n`` steps on the n-step grid
+  ([999, 749, 499, 249] for 4, [999, 499] for 2) for every n in ``student.json:
+  sampling_steps``. Each step takes x̂0 and re-noises it to the next timestep with fresh noise
+  drawn from the call's generator, after the starting noise: the order ``Student.generate`` draws
+  in, so one generator per image reproduces it. LCM's boundary condition ``c_skip x_t + c_out x̂0``
+  (c_skip = σ_d² / ((s t)² + σ_d²), c_out = s t / √((s t)² + σ_d²)) is made exactly x̂0 with
+  ``timestep_scaling`` s = 1e15: c_out rounds to 1 and c_skip is below 1e-35 on the grid
+  (DMD2's own model card keeps s = 10, which mixes 4e-8 of x_t into x̂0 at t = 249).
 - ``ddim`` (Meng et al.): ``DDIMScheduler`` with trailing spacing, when its step size T // N lands
   on the student's own trailing grid (N = 1, 2, 4, 8, ...). A w-conditioned UNet has
   ``time_cond_proj_dim``, so the pipeline itself feeds w = s − 1 as ``timestep_cond`` and skips
@@ -29,6 +38,8 @@ from typing import Any
 import torch
 
 from components.generation import GeneratorSpec, trailing_timesteps
+
+LCM_EXACT_X0_SCALING = 1e15  # LCM's boundary condition is x̂0 (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,9 @@ def stock_call(scheduler: Any, spec: GeneratorSpec) -> StockCall:
         scale = 1.0 + spec.guidance_weight if spec.w_dim else 1.0
         return _checked(_ddim(scheduler), scheduler, spec.steps, scale,
                         trailing_timesteps(T, spec.steps))
+    if spec.steps > 1:
+        return _checked(_lcm(scheduler, spec.steps), scheduler, spec.steps, 1.0,
+                        trailing_timesteps(T, spec.steps))
     if spec.input_scale == "unit" and spec.t == T - 1:
         return _checked(_ddim(scheduler), scheduler, 1, 1.0, [T - 1])
     return _checked(_euler(scheduler, spec), scheduler, 1, 1.0, [spec.t])
@@ -81,6 +95,14 @@ def _ddim(scheduler: Any) -> Any:
     return DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing",
                                      steps_offset=1, set_alpha_to_one=True, clip_sample=False,
                                      thresholding=False)
+
+
+def _lcm(scheduler: Any, steps: int) -> Any:
+    from diffusers import LCMScheduler
+
+    return LCMScheduler.from_config(scheduler.config, original_inference_steps=steps,
+                                    timestep_scaling=LCM_EXACT_X0_SCALING, set_alpha_to_one=True,
+                                    clip_sample=False, thresholding=False)
 
 
 def _euler(scheduler: Any, spec: GeneratorSpec) -> Any:

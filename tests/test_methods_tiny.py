@@ -41,11 +41,11 @@ def _cache(tmp_path, pipe) -> EmbeddingCache:
     return EmbeddingCache(tmp_path / "cache")
 
 
-def _run(name, tmp_path, steps, ckpt, total=None):
+def _run(name, tmp_path, steps, ckpt, total=None, overrides=None):
     pipe = tiny_pipeline()
     cache = _cache(tmp_path, pipe)
     cfg_cls, build = get_method(name)
-    method = build(from_dict(cfg_cls, SETTINGS[name], name),
+    method = build(from_dict(cfg_cls, {**SETTINGS[name], **(overrides or {})}, name),
                    Teacher(teacher_denoiser(pipe)), total or steps)
     if method.needs_pairs:
         batches = PairBatches(cache, cache.null(1), MemoryPairs(teacher_denoiser(pipe), cache, LATENT), LATENT)
@@ -90,6 +90,30 @@ def test_resume_continues_exactly(name, tmp_path):
     a, b = full.student().state_dict(), resumed.student().state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_four_step_student_trains_resumes_exactly_and_samples_in_four_steps(tmp_path):
+    """DMD2's four-step generator with backward simulation (iterations 1 and 3 train steps
+    k = 1 and 2: the student's own earlier steps feed the generator), resumed from step 2."""
+    from components.few_step import simulated_step
+    from components.generation import SeededNoise
+
+    assert [simulated_step(i, 4) for i in range(4)] == [0, 1, 0, 2]  # torch's generator, pinned
+    four = {"generator_steps": 4, "gen_update_ratio": 1}
+    _, cache, full, _, logs = _run("dmd2", tmp_path / "a", 4, tmp_path / "full", overrides=four)
+    assert full.spec.steps == 4 and all(torch.isfinite(torch.tensor(m["loss_fake"]))
+                                        for _, m in logs)
+    _run("dmd2", tmp_path / "b", 2, tmp_path / "res", total=4, overrides=four)
+    _, _, resumed, _, logs = _run("dmd2", tmp_path / "c", 4, tmp_path / "res", overrides=four)
+    assert [s for s, _ in logs] == [3, 4]
+    a, b = full.student().state_dict(), resumed.student().state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    noise = SeededNoise([0, 1])
+    with torch.no_grad():
+        x = generate_latents(full.student(), noise(LATENT), cache.conditioning(torch.tensor([0, 1])),
+                             full.spec, noise.like)
+    assert x.shape == (2, *LATENT) and torch.isfinite(x).all()
 
 
 def test_swiftbrush_trains_only_student_and_lora(tmp_path):

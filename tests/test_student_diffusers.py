@@ -32,20 +32,26 @@ import numpy as np, torch
 from diffusers import StableDiffusionPipeline
 assert not any(m.split(".")[0] in ("components", "pipeline", "tests") for m in sys.modules)
 prompts, seeds = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-for folder in sys.argv[3:]:
+for arg in sys.argv[3:]:  # a folder, or folder=n: that student with n steps
+    folder, _, steps = arg.partition("=")
     call = json.loads((Path(folder) / "student.json").read_text())["diffusers"]["call"]
+    call.update({"num_inference_steps": int(steps)} if steps else {})
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     images = [pipe(p, generator=torch.Generator().manual_seed(s), output_type="np",
                    **call).images[0] for p, s in zip(prompts, seeds)]
-    np.save(Path(folder) / "plain.npy", (np.stack(images) * 255).round().astype(np.uint8))
+    out = (np.stack(images) * 255).round().astype(np.uint8)
+    np.save(Path(folder) / f"plain{steps}.npy", out)
 """
 
+FEWER = (2, 1)  # the step counts the four-step student is also sampled with
 KINDS = {
     "one_step_unit": GeneratorSpec(),  # SwiftBrush, DMD2
     "one_step_sigma": GeneratorSpec(t=625, input_scale="sigma"),  # SiD-LSG
     "one_step_unit_t500": GeneratorSpec(t=500, input_scale="unit"),  # DMD2 at another t
     "few_step_ddim": GeneratorSpec(kind="ddim", steps=4),
+    "four_step_unit": GeneratorSpec(steps=4),  # DMD2's four-step generator (LCMScheduler)
+    "two_step_unit": GeneratorSpec(steps=2),
     "w_conditioned_ddim": GeneratorSpec(kind="ddim", steps=2, guidance_weight=3.0, w_dim=8),
 }
 
@@ -68,7 +74,9 @@ def students(tmp_path_factory):
 
 
 def test_plain_diffusers_pipeline_reproduces_every_expressible_kind(students, tmp_path):
-    folders = [str(students / name) for name in KINDS]
+    # and a four-step student sampled with two steps and one (student.json: sampling_steps)
+    folders = [str(students / name) for name in KINDS] + [
+        f"{students / 'four_step_unit'}={n}" for n in FEWER]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", PLAIN_USER, json.dumps(PROMPTS),
                            json.dumps(SEEDS), *folders], cwd=tmp_path, env=env,
@@ -80,6 +88,12 @@ def test_plain_diffusers_pipeline_reproduces_every_expressible_kind(students, tm
         diff = np.abs(ours.astype(int) - plain.astype(int)).max()
         assert diff <= 1, f"{name}: plain diffusers differs from Student.generate by {diff}/255"
         assert ours.std() > 0
+    four = load_student(students / "four_step_unit")
+    for n in FEWER:
+        ours = four.generate(PROMPTS, SEEDS, steps=n)
+        diff = np.abs(ours.astype(int) - np.load(students / f"four_step_unit/plain{n}.npy")).max()
+        assert diff <= 1, f"four-step student at {n} steps differs by {diff}/255"
+    assert len({four.generate(PROMPTS, SEEDS, steps=n).tobytes() for n in (1, 2, 4)}) == 3
 
 
 def test_student_json_names_the_stock_call(students):
@@ -89,6 +103,9 @@ def test_student_json_names_the_stock_call(students):
         "scheduler": "DDIMScheduler", "call": {"num_inference_steps": 2, "guidance_scale": 4.0}}
     sched = json.loads((students / "one_step_sigma/scheduler/scheduler_config.json").read_text())
     assert sched["_class_name"] == "EulerDiscreteScheduler"
+    four = json.loads((students / "four_step_unit" / "student.json").read_text())
+    assert four["diffusers"]["scheduler"] == "LCMScheduler" and four["sampling_steps"] == [1, 2, 4]
+    assert four["diffusers"]["call"] == {"num_inference_steps": 4, "guidance_scale": 1.0}
 
 
 def test_rectified_flow_says_no_stock_scheduler_reproduces_it(tmp_path):

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import torch
 
 from components.ema import EMAConfig
+from components.few_step import backward_simulated_x0, simulated_step, step_grid
+from components.generation import one_step_x0
 from components.student import StudentConfig, student_network
 from components.teacher import TextConditioning
 
@@ -147,6 +149,22 @@ class Method(Protocol):
     def state_modules(self) -> dict[str, torch.nn.Module]:
         """Modules whose trainable weights a checkpoint must hold."""
         ...
+
+
+def student_x0(network: torch.nn.Module, batch: Batch, spec: Any,
+               cond: TextConditioning | None = None) -> torch.Tensor:
+    """The student's x̂0 (B, C, h, w) that a score method's losses are applied to, under
+    ``cond`` (default: the batch's prompts): G(z) of a one-step generator, or, for an N-step
+    one, its x̂0 at the step the iteration trains, the input simulated by the student itself
+    (DMD2's backward simulation, arXiv:2405.14867 §4.4; ``components.few_step``)."""
+    cond = batch.cond if cond is None else cond
+    if spec.steps == 1:
+        return one_step_x0(network, batch.z, cond, spec)
+    gen = batch.generator
+    grid = step_grid(network.schedule.num_timesteps, spec.steps)
+    return backward_simulated_x0(network, batch.z, cond, grid,
+                                 simulated_step(batch.step, spec.steps),
+                                 lambda x: torch.randn(x.shape, generator=gen).to(x))
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -10,7 +10,11 @@ Networks: generator G_θ and fake score μ_fake are full copies of the teacher (
 adapters over a frozen copy instead: ``distill.student``); the real score μ_real is the frozen
 teacher.
 
-Generator (one step): ``x = G_θ(z) = (z − σ_T ε_θ(z, T, y)) / α_T``, T = 999.
+Generator (one step): ``x = G_θ(z) = (z − σ_T ε_θ(z, T, y)) / α_T``, T = 999. With
+``generator_steps`` N = 2 or 4, the paper's multi-step generator (§4.4) on [999, 749, 499, 249]
+(N = 4) or [999, 499]: x is its x̂0 at the step k each iteration trains, the input produced by
+backward simulation (the generator itself, without gradients, through steps 0 … k − 1 from
+pure noise; ``components.few_step``), and the fake score trains on those same samples.
 
 Distribution-matching gradient (the paper's DMD gradient with the code's normalisation), t ~ U{20, …, 980}:
     x_t = α_t x + σ_t ε
@@ -58,8 +62,8 @@ import torch
 
 from components.diffusion import guided, predict_eps, predict_x0
 from components.ema import EMAConfig
-from components.generation import GeneratorSpec, one_step_x0
-from components.methods import Batch, GroupSpec, Teacher, register, trainable
+from components.generation import score_generator
+from components.methods import Batch, GroupSpec, Teacher, register, student_x0, trainable
 from components.real_latents import RealLatents, load_real_latents
 from components.teacher import TextConditioning
 
@@ -76,6 +80,7 @@ class DMD2Config:
     t_min: int = 20
     t_max: int = 980
     generator_t: int = 999
+    generator_steps: int = 1  # 4: the paper's four-step generator (components.few_step)
     adam_betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup_steps: int = 500
@@ -94,6 +99,12 @@ class DMD2Config:
             raise ValueError("gen_update_ratio must be >= 1")
         if not 0 <= self.t_min < self.t_max <= 999:
             raise ValueError(f"need 0 <= t_min < t_max <= 999, got {self.t_min}, {self.t_max}")
+        if self.generator_steps < 1:
+            raise ValueError(f"generator_steps must be at least 1, got {self.generator_steps}")
+        if self.generator_steps > 1 and self.generator_t != 999:
+            raise ValueError(f"generator_t ({self.generator_t}) is the one-step generator's "
+                             "timestep; a few-step generator (generator_steps > 1) starts at "
+                             "t = 999: drop generator_t or set generator_steps: 1")
         if self.gan_weight < 0 or self.gan_head_weight < 0:
             raise ValueError("gan_weight and gan_head_weight must be >= 0")
         if self.gan_weight > 0 and not self.real_latents:
@@ -179,7 +190,8 @@ class DMD2:
         self.cfg = cfg
         self.ema = cfg.ema
         self.schedule = teacher.schedule
-        self.spec = GeneratorSpec(t=cfg.generator_t, input_scale="unit")
+        self.spec = score_generator(cfg.generator_steps, cfg.generator_t, "unit",
+                                    teacher.schedule.num_timesteps)
         # DMD2's code updates the generator first in its iterations, then the fake score
         self.groups = (GroupSpec("generator", every=cfg.gen_update_ratio,
                                  max_grad_norm=cfg.max_grad_norm, warmup=cfg.warmup_steps),
@@ -276,7 +288,7 @@ class DMD2:
     def distribution_matching_loss(self, batch: Batch,
                                    scratch: dict) -> tuple[torch.Tensor, dict]:
         """Per-sample ½‖x − sg[x − g]‖² (B,), whose gradient w.r.t. x is the DM direction g."""
-        x = one_step_x0(self.G_theta, batch.z, batch.cond, self.spec)
+        x = student_x0(self.G_theta, batch, self.spec)
         scratch["x"] = x.detach()
         gen = batch.generator
         t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (x.shape[0],), generator=gen)
@@ -308,7 +320,7 @@ class DMD2:
         x = scratch.get("x")
         if x is None:  # a fake-only iteration: sample the generator without gradients
             with torch.no_grad():
-                x = one_step_x0(self.G_theta, batch.z, batch.cond, self.spec)
+                x = student_x0(self.G_theta, batch, self.spec)
         gen = batch.generator
         t = torch.randint(0, self.schedule.num_timesteps, (x.shape[0],), generator=gen)
         eps = torch.randn(x.shape, generator=gen).to(x.device)

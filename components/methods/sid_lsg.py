@@ -39,6 +39,12 @@ of velocity differences scaled by σ (ω normalises the scale away). The fake-sc
 t_init = 625 is σ_init = shift(0.626) (0.83 at SD3's shift 3) and its input σ_init z, the noisy
 input of x0 = 0, as in the VP form. CFG with κ on a guidance-distilled teacher is its guidance
 input κ (one call).
+
+Few-step students (``generator_steps`` N = 2 or 4; Distillery's extension, the paper's
+generator is one step): DMD2's N-step generator from pure noise on [999, 749, 499, 249] (N = 4)
+or [999, 499] (``t_init`` and the σ-scaled input belong to the one-step generator), x_g taken
+at the step k each iteration trains, its input simulated by G_θ itself (DMD2 §4.4 backward
+simulation, ``components.few_step``), in both the fake-score and the generator step.
 """
 
 from __future__ import annotations
@@ -49,8 +55,8 @@ import torch
 
 from components.diffusion import guided
 from components.ema import EMAConfig
-from components.generation import GeneratorSpec, one_step_x0
-from components.methods import Batch, GroupSpec, Teacher, register, trainable
+from components.generation import score_generator
+from components.methods import Batch, GroupSpec, Teacher, register, student_x0, trainable
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,8 @@ class SiDLSGConfig:
     real_eval_guidance: float = 1.5  # κ4
     alpha: float = 1.0
     null_prompt_prob: float = 0.1  # per sample, only when κ1 or κ2 differs from 1
-    t_init: int = 625
+    t_init: int = 625  # the one-step generator's; a few-step one starts at 999
+    generator_steps: int = 1  # 2 or 4: a few-step student (components.few_step)
     t_min: int = 20
     t_max: int = 979
     adam_betas: tuple[float, ...] = (0.0, 0.999)
@@ -79,6 +86,8 @@ class SiDLSGConfig:
             raise ValueError("need 0 <= t_min < t_max <= 999 and 0 < t_init <= 999")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas must have two values")
+        if self.generator_steps < 1:
+            raise ValueError(f"generator_steps must be at least 1, got {self.generator_steps}")
 
 
 class SiDLSG:
@@ -92,7 +101,8 @@ class SiDLSG:
         self.cfg = cfg
         self.ema = cfg.ema
         self.schedule = teacher.schedule
-        self.spec = GeneratorSpec(t=cfg.t_init, input_scale="sigma")
+        self.spec = score_generator(cfg.generator_steps, cfg.t_init, "sigma",
+                                    teacher.schedule.num_timesteps)
         clip = cfg.max_grad_norm
         self.groups = (GroupSpec("fake", max_grad_norm=clip),
                        GroupSpec("generator", max_grad_norm=clip, fresh_batch=True))
@@ -135,7 +145,7 @@ class SiDLSG:
             drop = torch.rand(batch.z.shape[0], generator=gen) < cfg.null_prompt_prob
             cond = cond.where(drop.to(batch.z.device), batch.uncond)
         with torch.no_grad():
-            x_g = one_step_x0(self.G_theta, batch.z, cond, self.spec)
+            x_g = student_x0(self.G_theta, batch, self.spec, cond)
         t, eps = self._draw_t_eps(x_g, gen)
         x_t = self.schedule.add_noise(x_g, eps, t)
         self.f_psi.requires_grad_(True)
@@ -151,7 +161,7 @@ class SiDLSG:
         """The score-identity loss, per sample (B,), with gradients through f_φ and f_ψ; the
         batch is the generator step's own (``fresh_batch``)."""
         cfg, gen = self.cfg, batch.generator
-        x_g = one_step_x0(self.G_theta, batch.z, batch.cond, self.spec)
+        x_g = student_x0(self.G_theta, batch, self.spec)
         t, eps = self._draw_t_eps(x_g, gen)
         x_t = self.schedule.add_noise(x_g, eps, t)
         self.f_psi.requires_grad_(False)  # frozen in this step; gradients flow through it

@@ -48,6 +48,11 @@ shifted σ grid, so its shift's weight on high noise carries over. A guidance-di
 (FLUX.1-dev) is called once per CFG evaluation with ``guidance = s``, its LoRA copy too; the LoRA
 teacher learns at the default guidance input 1 (Distillery's choice: no published SwiftBrush
 recipe for such teachers exists).
+
+Few-step students (``generator_steps`` N = 2 or 4; Distillery's extension, the paper's
+generator is one step): DMD2's N-step generator, x̂_0 above taken at the step k each iteration
+trains, its input simulated by the student itself (DMD2 §4.4 backward simulation,
+``components.few_step``); the LoRA teacher learns the same step-k samples.
 """
 
 from __future__ import annotations
@@ -59,8 +64,8 @@ import torch
 from components.adapters import add_lora, set_adapters
 from components.diffusion import guided_eps, predict_eps
 from components.ema import EMAConfig
-from components.generation import GeneratorSpec, one_step_x0
-from components.methods import Batch, GroupSpec, Teacher, register, trainable
+from components.generation import score_generator
+from components.methods import Batch, GroupSpec, Teacher, register, student_x0, trainable
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class SwiftBrushConfig:
     t_min: int = 20
     t_max: int = 980
     generator_t: int = 999
+    generator_steps: int = 1  # 2 or 4: a few-step student (components.few_step)
     null_prompt_prob: float = 0.1
     adam_betas: tuple[float, ...] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -89,6 +95,12 @@ class SwiftBrushConfig:
             raise ValueError(f"need 0 <= t_min < t_max <= 999, got {self.t_min}, {self.t_max}")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas must have two values")
+        if self.generator_steps < 1:
+            raise ValueError(f"generator_steps must be at least 1, got {self.generator_steps}")
+        if self.generator_steps > 1 and self.generator_t != 999:
+            raise ValueError(f"generator_t ({self.generator_t}) is the one-step generator's "
+                             "timestep; a few-step generator (generator_steps > 1) starts at "
+                             "t = 999: drop generator_t or set generator_steps: 1")
 
 
 class SwiftBrush:
@@ -102,7 +114,8 @@ class SwiftBrush:
         self.cfg = cfg
         self.ema = cfg.ema
         self.schedule = teacher.schedule
-        self.spec = GeneratorSpec(t=cfg.generator_t, input_scale="unit")
+        self.spec = score_generator(cfg.generator_steps, cfg.generator_t, "unit",
+                                    teacher.schedule.num_timesteps)
         self.groups = (GroupSpec("student", max_grad_norm=cfg.max_grad_norm),
                        GroupSpec("lora", max_grad_norm=cfg.max_grad_norm))
         self.f_theta = teacher.student_copy()
@@ -142,7 +155,7 @@ class SwiftBrush:
 
     def generator_loss(self, batch: Batch, scratch: dict) -> tuple[torch.Tensor, dict]:
         """Per-sample VSD surrogate (B,); its gradient w.r.t. x̂_0 is σ_t²(ε̂_φ − ε̂_ψ)."""
-        x0_hat = one_step_x0(self.f_theta, batch.z, batch.cond, self.spec)
+        x0_hat = student_x0(self.f_theta, batch, self.spec)
         scratch["x0_hat"] = x0_hat.detach()
         B, gen = x0_hat.shape[0], batch.generator
         t = torch.randint(self.cfg.t_min, self.cfg.t_max + 1, (B,), generator=gen)

@@ -28,12 +28,12 @@ from components.evaluation.grid import image_grid, save_png
 from components.evaluation.inception import load_inception
 from components.evaluation.resize import Preprocess
 from components.generation import (
+    SeededNoise,
     decode_latents,
     generate_latents,
     latent_shape,
     latents_to_vae,
     save_student,
-    seeded_noise,
 )
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from components.methods import Teacher, get_method, pair_guidance_range
@@ -59,11 +59,12 @@ def _images(pipe, student, cache: EmbeddingCache, spec, n: int, seed: int, devic
     image i seeded with seed + i."""
     cond = cache.conditioning(torch.arange(n) % min(prompts or len(cache), len(cache)))
     cond = cond.to(device)
-    z = seeded_noise([seed + i for i in range(n)], latent_shape(pipe)).to(device)
     out = []
     with torch.no_grad():
         for k in range(0, n, 64):
-            latents = generate_latents(student, z[k:k + 64], cond.rows(slice(k, k + 64)), spec)
+            noise = SeededNoise(range(seed + k, seed + min(n, k + 64)))
+            z = noise(latent_shape(pipe)).to(device)
+            latents = generate_latents(student, z, cond.rows(slice(k, k + 64)), spec, noise.like)
             out.append(decode_latents(pipe, latents))
     return np.concatenate(out)
 
