@@ -67,6 +67,18 @@ def step_grid(num_timesteps: int, steps: int) -> list[int]:
     return trailing_timesteps(num_timesteps, steps)
 
 
+def check_generator_steps(steps: int, one_step_t: int, default_t: int,
+                          t_key: str = "generator_t") -> None:
+    """A method config's ``generator_steps`` and its one-step timestep ``t_key``: at least one
+    step, and a few-step generator starts at t = 999, so ``t_key`` keeps its default there."""
+    if steps < 1:
+        raise ValueError(f"generator_steps must be at least 1, got {steps}")
+    if steps > 1 and one_step_t != default_t:
+        raise ValueError(f"{t_key} ({one_step_t}) is the one-step generator's timestep; a "
+                         "few-step generator (generator_steps > 1) starts at t = 999: drop "
+                         f"{t_key} or set generator_steps: 1")
+
+
 def divisor_steps(steps: int) -> list[int]:
     """The step counts an N-step student samples with: the divisors of N (their grids lie on
     the N-step grid)."""

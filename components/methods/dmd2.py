@@ -62,6 +62,7 @@ import torch
 
 from components.diffusion import guided, predict_eps, predict_x0
 from components.ema import EMAConfig
+from components.few_step import check_generator_steps
 from components.generation import score_generator
 from components.methods import Batch, GroupSpec, Teacher, register, student_x0, trainable
 from components.real_latents import RealLatents, load_real_latents
@@ -99,12 +100,7 @@ class DMD2Config:
             raise ValueError("gen_update_ratio must be >= 1")
         if not 0 <= self.t_min < self.t_max <= 999:
             raise ValueError(f"need 0 <= t_min < t_max <= 999, got {self.t_min}, {self.t_max}")
-        if self.generator_steps < 1:
-            raise ValueError(f"generator_steps must be at least 1, got {self.generator_steps}")
-        if self.generator_steps > 1 and self.generator_t != 999:
-            raise ValueError(f"generator_t ({self.generator_t}) is the one-step generator's "
-                             "timestep; a few-step generator (generator_steps > 1) starts at "
-                             "t = 999: drop generator_t or set generator_steps: 1")
+        check_generator_steps(self.generator_steps, self.generator_t, 999)
         if self.gan_weight < 0 or self.gan_head_weight < 0:
             raise ValueError("gan_weight and gan_head_weight must be >= 0")
         if self.gan_weight > 0 and not self.real_latents:

@@ -55,6 +55,7 @@ import torch
 
 from components.diffusion import guided
 from components.ema import EMAConfig
+from components.few_step import check_generator_steps
 from components.generation import score_generator
 from components.methods import Batch, GroupSpec, Teacher, register, student_x0, trainable
 
@@ -86,8 +87,7 @@ class SiDLSGConfig:
             raise ValueError("need 0 <= t_min < t_max <= 999 and 0 < t_init <= 999")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas must have two values")
-        if self.generator_steps < 1:
-            raise ValueError(f"generator_steps must be at least 1, got {self.generator_steps}")
+        check_generator_steps(self.generator_steps, self.t_init, 625, "t_init")
 
 
 class SiDLSG:

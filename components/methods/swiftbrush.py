@@ -64,6 +64,7 @@ import torch
 from components.adapters import add_lora, set_adapters
 from components.diffusion import guided_eps, predict_eps
 from components.ema import EMAConfig
+from components.few_step import check_generator_steps
 from components.generation import score_generator
 from components.methods import Batch, GroupSpec, Teacher, register, student_x0, trainable
 
@@ -95,12 +96,7 @@ class SwiftBrushConfig:
             raise ValueError(f"need 0 <= t_min < t_max <= 999, got {self.t_min}, {self.t_max}")
         if len(self.adam_betas) != 2:
             raise ValueError("adam_betas must have two values")
-        if self.generator_steps < 1:
-            raise ValueError(f"generator_steps must be at least 1, got {self.generator_steps}")
-        if self.generator_steps > 1 and self.generator_t != 999:
-            raise ValueError(f"generator_t ({self.generator_t}) is the one-step generator's "
-                             "timestep; a few-step generator (generator_steps > 1) starts at "
-                             "t = 999: drop generator_t or set generator_steps: 1")
+        check_generator_steps(self.generator_steps, self.generator_t, 999)
 
 
 class SwiftBrush:
