@@ -129,12 +129,14 @@ PACKAGE_MARKERS = {"components/__init__.py", "components/evaluation/__init__.py"
 
 
 def test_distill_code_deps_cover_every_module_the_stage_runs():
-    """Every project module the distill stage imports (and the one ``save_student`` imports
-    when it runs) is a dvc.yaml dependency of the stage, hence in its run key's code hash."""
+    """Every project module the distill stage imports (and those ``save_student`` and the flow
+    teachers' adapters import when they run) is a dvc.yaml dependency of the stage, hence in its
+    run key's code hash."""
     import subprocess
     import sys
 
     script = ("import sys, pipeline.stages.distill, components.stock_scheduler\n"
+              "import components.flow_stock, components.networks.sd3, components.networks.flux\n"
               "from components.methods import method_names; method_names()\n"
               "print('\\n'.join(m.__file__ for n, m in sys.modules.items()\n"
               "      if n.split('.')[0] in ('components', 'pipeline')))")
