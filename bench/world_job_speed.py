@@ -88,10 +88,13 @@ def measure(dests: dict[str, Path], concurrent: bool) -> dict[str, dict[str, flo
     order = [list(dests)] if concurrent else [[rev] for rev in dests]
     for group in order:
         start = time.perf_counter()
-        procs = {rev: _stage(dests[rev], "distill") for rev in group}
-        for rev, proc in procs.items():
-            _wait(proc, f"distill at {rev}", dests[rev] / "distill.log")
-            times[rev]["distill"] = time.perf_counter() - start
+        running = {rev: _stage(dests[rev], "distill") for rev in group}
+        while running:  # each stage's own end, whichever finishes first
+            for rev, proc in list(running.items()):
+                if proc.poll() is not None:
+                    times[rev]["distill"] = time.perf_counter() - start
+                    _wait(running.pop(rev), f"distill at {rev}", dests[rev] / "distill.log")
+            time.sleep(0.5)
     return times
 
 

@@ -33,3 +33,17 @@ def test_table_sums_the_stages():
 def test_a_project_without_a_world_is_refused_with_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="run `uv run dvc repro bootstrap` there first"):
         bench.main(["--revs", "HEAD", "--from", str(tmp_path)])
+
+
+def test_side_by_side_stages_are_timed_each_to_its_own_end(tmp_path, monkeypatch):
+    """The first-listed revision finishing last must not lengthen the other's time."""
+    import subprocess
+    import sys
+
+    seconds = {"slow": 1.5, "fast": 0.2}
+    monkeypatch.setattr(bench, "PREP", ())
+    monkeypatch.setattr(bench, "_stage", lambda dest, stage: subprocess.Popen(
+        [sys.executable, "-c", f"import time; time.sleep({seconds[dest.name]})"]))
+    times = bench.measure({"slow": tmp_path / "slow", "fast": tmp_path / "fast"},
+                          concurrent=True)
+    assert times["fast"]["distill"] < 1.0 <= times["slow"]["distill"]
