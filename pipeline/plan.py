@@ -26,7 +26,15 @@ from pathlib import Path
 from components.architectures import ARCHS, scheduler_config, unet_config
 from components.config import ConfigError
 from components.methods import get_method, method_names
-from components.planning import GPUS, PlanRequest, TeacherSpec, get_gpu, make_plan, traceable_config
+from components.planning import (
+    GPUS,
+    PlanRequest,
+    TeacherSpec,
+    get_gpu,
+    make_plan,
+    shortened_config,
+    traceable_config,
+)
 from components.planning.estimate import GIB
 from components.policy import PRECISIONS
 from components.teacher import TeacherNotFoundError, resolve_model
@@ -58,13 +66,14 @@ def request(teacher: TeacherSpec, cfg, gpu: str = "H100", gpu_memory: float | No
     """The plan request of a ``DistillConfig`` (``params.yaml: distill``)."""
     _, factory = get_method(cfg.method)
     method_cfg, notes = traceable_config(cfg.method_config())
+    method_cfg, repeats = shortened_config(method_cfg)
     steps = cfg.loop.steps
     card = get_gpu(gpu)
     def build(t):  # the configured student (full weights or a LoRA) on the traced teacher
         return factory(method_cfg, dataclasses.replace(t, student=cfg.student), steps)
     return PlanRequest(cfg.method, build, teacher, cfg.policy,
                        cfg.loop.batch_size, cfg.loop.grad_accum, cfg.processes, steps, card,
-                       gpu_memory or card.memory_gib, root / RESULTS, tuple(notes))
+                       gpu_memory or card.memory_gib, root / RESULTS, tuple(notes), repeats)
 
 
 def distill_config(root: Path, preset: str | None, method: str | None):

@@ -16,8 +16,18 @@ import pytest
 
 from bench.plan_check import builder, compare
 from components.architectures import scheduler_config
-from components.planning import GPUS, PlanRequest, TeacherSpec, make_plan
+from components.methods import get_method
+from components.planning import (
+    GPUS,
+    PlanRequest,
+    TeacherSpec,
+    make_plan,
+    shortened_config,
+    traceable_config,
+)
 from components.planning.estimate import HEADROOM
+from components.planning.meta_cache import MetaCache
+from components.planning.trace import trace
 from components.policy import PolicyConfig
 from pipeline import plan as plan_cli
 
@@ -36,6 +46,29 @@ def test_planned_peak_and_flops_match_a_real_cpu_run():
     assert 0.85 <= row["peak_ratio"] <= 1.15, row
     assert 0.99 <= row["flops_ratio"] <= 1.01, row
     assert row["breakdown_mib"]["optimizer"] > 0 and row["breakdown_mib"]["ema"] > 0
+
+
+def test_the_trace_shortcuts_leave_the_figures_as_they_are():
+    # memoised meta kernels: the same operators, tensors and figures as running every kernel
+    policy = PolicyConfig(precision="bf16")
+    build = builder("swiftbrush", 100)
+    every = trace(build, SPEC, policy, 2, 100, (1, 8), shapes=None)
+    cache = MetaCache()
+    cached = trace(build, SPEC, policy, 2, 100, (1, 8), shapes=cache)
+    assert cache.hits > cache.misses > 0
+    for field in ("peaks", "group_flops", "total_flops", "series"):
+        assert getattr(cached, field) == getattr(every, field), field
+    # InstaFlow's 2-RF ODE traced for two Euler steps, the rest counted: the same peak and FLOPs
+    cfg_cls, factory = get_method("instaflow")
+    full, _ = traceable_config(cfg_cls(reflow_fraction=0.5, distill_ode_steps=4))
+    short, repeats = shortened_config(full)
+    assert short.distill_ode_steps == 2 and repeats == (("distill", "rf2", 2),)
+    solved = trace(lambda t: factory(full, t, 100), SPEC, PolicyConfig(), 2, 100, (1, 8),
+                   shapes=None)
+    stepped = trace(lambda t: factory(short, t, 100), SPEC, PolicyConfig(), 2, 100, (1, 8),
+                    repeats=repeats)
+    for field in ("peaks", "group_flops", "total_flops"):
+        assert getattr(stepped, field) == getattr(solved, field), field
 
 
 BUILD = builder("sid_lsg", 100)

@@ -15,7 +15,8 @@ from components.planning.gpus import GPUS, get_gpu
 from components.planning.planner import PlanRequest, make_plan
 from components.planning.trace import TeacherSpec
 
-__all__ = ["GPUS", "PlanRequest", "TeacherSpec", "get_gpu", "make_plan", "traceable_config"]
+__all__ = ["GPUS", "PlanRequest", "TeacherSpec", "get_gpu", "make_plan", "shortened_config",
+           "traceable_config"]
 
 
 def traceable_config(cfg: Any) -> tuple[Any, list[str]]:
@@ -27,3 +28,16 @@ def traceable_config(cfg: Any) -> tuple[Any, list[str]]:
                      "LPIPS backward) is traced with the L2 loss")
         cfg = replace(cfg, lpips_fraction=0.0)
     return cfg, notes
+
+
+def shortened_config(cfg: Any) -> tuple[Any, tuple[tuple[str, str, int], ...]]:
+    """A method config whose sampling loops the planner traces two steps of, and for each
+    (group, network attribute, calls left out): InstaFlow's distillation solves the 2-RF's ODE
+    in ``distill_ode_steps`` Euler steps, one guided call of the frozen 2-RF each, under no
+    gradient. From the second step on every step holds the same tensors (the noise, the previous
+    state, one call's temporaries), so two steps reach the peak of any number, and the steps
+    left out add one traced call's FLOPs each (elementwise updates count none)."""
+    n = getattr(cfg, "distill_ode_steps", 0)
+    if n <= 2:
+        return cfg, ()
+    return replace(cfg, distill_ode_steps=2), (("distill", "rf2", n - 2),)

@@ -38,6 +38,7 @@ class PlanRequest:
     gpu_memory_gib: float
     results: Path | None = None  # benchmark results measuring the GPU's efficiency
     notes: tuple[str, ...] = ()  # what the trace leaves out
+    repeats: tuple[tuple[str, str, int], ...] = ()  # calls traced once, counted n times
 
     @property
     def micro_batch(self) -> int:
@@ -60,8 +61,8 @@ def _traces(req: PlanRequest, policy: PolicyConfig, micro: int) -> tuple[Trace, 
     if key not in _CACHE:
         if len(_CACHE) >= 16:
             _CACHE.pop(next(iter(_CACHE)))
-        traces = tuple(trace(req.build, req.teacher, policy, b, req.steps, shards)
-                       for b in (micro, 2 * micro))
+        traces = tuple(trace(req.build, req.teacher, policy, b, req.steps, shards,
+                             repeats=req.repeats) for b in (micro, 2 * micro))
         _CACHE[key] = (traces, req.build, req.teacher)  # alive: their ids stay theirs
     return _CACHE[key][0]
 

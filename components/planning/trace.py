@@ -33,6 +33,7 @@ from components.diffusion import NoiseSchedule
 from components.ema import EMA
 from components.methods import Batch, Teacher
 from components.planning.kernels import ATTENTION_FLOPS, GpuKernels
+from components.planning.meta_cache import MetaCache
 from components.policy import PolicyConfig, TrainingPolicy, blocks, frozen_denoisers
 from components.teacher import TextConditioning, UNetDenoiser
 from components.training import LoopConfig, iteration
@@ -272,11 +273,19 @@ def traced_steps(method) -> tuple[int, ...]:
     return tuple(sorted({g.start for g in method.groups}))
 
 
+SHAPES = MetaCache()  # shared by every trace: later ones repeat the shapes of earlier ones
+
+
 def trace(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int, run_steps: int,
-          shards: tuple[int, ...] = (1,), rules: str = "cuda") -> Trace:
+          shards: tuple[int, ...] = (1,), rules: str = "cuda",
+          shapes: MetaCache | None = SHAPES,
+          repeats: tuple[tuple[str, str, int], ...] = ()) -> Trace:
     """Trace the method that ``build(teacher)`` makes (its factory with its config and the
     run length ``run_steps``) at ``micro_batch`` images per GPU and micro-batch, with the peaks
-    on each number of GPUs in ``shards``; autocast follows CUDA's ``rules`` (or ``"cpu"``)."""
+    on each number of GPUs in ``shards``; autocast follows CUDA's ``rules`` (or ``"cpu"``).
+    ``shapes`` memoises the ``meta`` kernels (None: every kernel runs; the same figures).
+    ``repeats``: (group, network attribute, n) for a network whose last call in the group's
+    update is counted n more times (``components.planning.shortened_config``)."""
     start = time.perf_counter()
     kernels = GpuKernels(torch.bfloat16 if policy.precision == "bf16" else None, rules)
     method = build(spec_teacher(spec))
@@ -289,16 +298,19 @@ def trace(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int, run_
     networks = [*method.state_modules().values(), *frozen_denoisers(method).values()]
     tracker.track_external(*networks, *opts.values(), *(ema.shadow or {}).values())
     flops = _GroupFlops(method)
+    for group, attr, n in repeats:
+        flops.repeat(group, getattr(method, attr), n)
     loop = LoopConfig(steps=max(traced_steps(method)) + 1, batch_size=micro_batch)
     batches = SpecBatches(spec)
     steps = traced_steps(method)
-    with tracker, flops.counter, kernels:
+    with shapes or contextlib.nullcontext(), tracker, flops.counter, kernels:
         for step in steps:
             iteration(method, step, batches, loop, opts, ema, run_policy)
     flops.close()
     updates = {g.name: g.updates_before(run_steps) for g in method.groups}
     return Trace(micro_batch, tracker.peaks, flops.per_group, state_p, frozen_p, units, steps,
-                 time.perf_counter() - start, run_steps, flops.counter.get_total_flops(),
+                 time.perf_counter() - start, run_steps,
+                 flops.counter.get_total_flops() + flops.left_out,
                  tracker.series, updates)
 
 
@@ -310,7 +322,9 @@ class _GroupFlops:
         self.per_group: dict[str, int] = {}
         self.calls: dict[str, int] = {}
         self.current: str | None = None
+        self.left_out = 0  # FLOPs of the repeated calls, over every traced update
         self.mark = 0
+        self.extra: list[tuple[str, int, dict]] = []  # (group, n, the network's last call)
         loss = method.loss
 
         def counted_loss(group, batch, scratch):
@@ -318,6 +332,20 @@ class _GroupFlops:
             self.calls[group] = self.calls.get(group, 0) + 1
             return loss(group, batch, scratch)
         method.loss = counted_loss
+
+    def repeat(self, group: str, network: torch.nn.Module, n: int) -> None:
+        """Count ``network``'s last call in ``group``'s update ``n`` more times."""
+        state = {"start": 0, "last": 0}
+
+        def before(module, args):
+            state["start"] = self.counter.get_total_flops()
+
+        def after(module, args, out):
+            state["last"] = self.counter.get_total_flops() - state["start"]
+
+        network.register_forward_pre_hook(before)
+        network.register_forward_hook(after)
+        self.extra.append((group, n, state))
 
     def _switch(self, group: str | None) -> None:
         total = self.counter.get_total_flops()
@@ -329,3 +357,7 @@ class _GroupFlops:
         """End counting; ``per_group`` becomes the FLOPs of one update (one loss call each)."""
         self._switch(None)
         self.per_group = {g: f // self.calls[g] for g, f in self.per_group.items()}
+        for group, n, state in self.extra:
+            if group in self.per_group:
+                self.per_group[group] += n * state["last"]
+                self.left_out += self.calls[group] * n * state["last"]
