@@ -4,6 +4,7 @@
     uv run python -m pipeline.plan --preset sd15 --method dmd2    # a published recipe
     uv run python -m pipeline.plan --arch sdxl --method sid_lsg --precision bf16 \\
         --activation-checkpointing --global-batch 512 --micro-batch 2 --gpus 8 --gpu-memory 80
+    uv run python -m pipeline.plan --preset sdxl --arch flux1 --method swiftbrush  # a flow teacher
 
 One complete iteration of the real method (every optimizer group, the optimizer steps, the EMA
 update) runs through the real training loop and policy on ``meta`` tensors of the teacher's real
@@ -25,17 +26,21 @@ from pathlib import Path
 
 from components.architectures import ARCHS, scheduler_config, unet_config
 from components.config import ConfigError
-from components.methods import get_method, method_names
+from components.flow_architectures import FLOW_ARCHS
+from components.methods import get_method, method_names, teacher_unsupported
+from components.networks import folder_traits
 from components.planning import (
     GPUS,
     PlanRequest,
     TeacherSpec,
+    flow_spec,
     get_gpu,
     make_plan,
     shortened_config,
     traceable_config,
 )
 from components.planning.estimate import GIB
+from components.planning.teachers import TEXT_LENGTHS
 from components.policy import PRECISIONS
 from components.teacher import TeacherNotFoundError, resolve_model
 from pipeline.params import load_stage
@@ -45,11 +50,16 @@ RESULTS = Path("bench/results")
 
 def teacher_spec(teacher_cfg, root: Path, arch: str | None = None) -> TeacherSpec:
     """The named architecture's configs, else the configured teacher folder's (configs only)."""
+    if arch in FLOW_ARCHS:
+        return flow_spec(arch)
     if arch:
         return TeacherSpec(unet_config(arch), scheduler_config(arch))
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     source = resolve_model(teacher_cfg.model, root)
+    traits = folder_traits(source) if Path(source).is_dir() else None
+    if traits and traits["family"] != "unet":
+        return _flow_folder_spec(Path(source), traits["family"])
     try:
         unet = UNet2DConditionModel.load_config(source, subfolder="unet",
                                                 revision=teacher_cfg.revision)
@@ -61,10 +71,23 @@ def teacher_spec(teacher_cfg, root: Path, arch: str | None = None) -> TeacherSpe
     return TeacherSpec(dict(unet), dict(sched))
 
 
+def _flow_folder_spec(folder: Path, family: str) -> TeacherSpec:
+    """A flow teacher folder's transformer and scheduler configs (no weights)."""
+    def read(part: str) -> dict:
+        config = json.loads((folder / part / "scheduler_config.json" if part == "scheduler"
+                             else folder / part / "config.json").read_text())
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+    return TeacherSpec(read("transformer"), read("scheduler"), TEXT_LENGTHS[family], family)
+
+
 def request(teacher: TeacherSpec, cfg, gpu: str = "H100", gpu_memory: float | None = None,
             root: Path = Path(".")) -> PlanRequest:
     """The plan request of a ``DistillConfig`` (``params.yaml: distill``)."""
     _, factory = get_method(cfg.method)
+    why = teacher_unsupported(cfg.method, cfg.method_config(), teacher.traits)
+    if why:
+        raise ConfigError(f"distill.method {cfg.method!r} does not apply to the "
+                          f"{teacher.family} teacher: {why}")
     method_cfg, notes = traceable_config(cfg.method_config())
     method_cfg, repeats = shortened_config(method_cfg)
     steps = cfg.loop.steps
@@ -177,8 +200,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", type=Path, default=Path("."), help="project root (params.yaml)")
     p.add_argument("--preset", help="a params preset (sd15, sd21, sdxl: published recipes)")
-    p.add_argument("--arch", choices=ARCHS, help="teacher architecture (default: the "
-                   "configured teacher's, or the preset's)")
+    p.add_argument("--arch", choices=ARCHS + FLOW_ARCHS, help="teacher architecture "
+                   "(default: the configured teacher's, or the preset's)")
     p.add_argument("--method", choices=method_names())
     p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction)

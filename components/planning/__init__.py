@@ -1,7 +1,7 @@
 """The run planner: memory per GPU, FLOPs, time and GPU-hours of a distillation run, from one
 traced iteration of the real method on ``meta`` tensors (``uv run python -m pipeline.plan``).
 
-``trace`` runs the iteration, ``kernels`` models what a GPU computes differently (fused attention,
+``teachers`` builds the teacher of each family from its configs, ``trace`` runs the iteration, ``kernels`` models what a GPU computes differently (fused attention,
 autocast), ``estimate`` turns traces into memory per GPU and time, ``gpus`` knows the GPUs, and
 ``planner`` composes the plan and its suggestion.
 """
@@ -13,10 +13,10 @@ from typing import Any
 
 from components.planning.gpus import GPUS, get_gpu
 from components.planning.planner import PlanRequest, make_plan
-from components.planning.trace import TeacherSpec
+from components.planning.teachers import TeacherSpec, flow_spec
 
-__all__ = ["GPUS", "PlanRequest", "TeacherSpec", "get_gpu", "make_plan", "shortened_config",
-           "traceable_config"]
+__all__ = ["GPUS", "PlanRequest", "TeacherSpec", "flow_spec", "get_gpu", "make_plan",
+           "shortened_config", "traceable_config"]
 
 
 def traceable_config(cfg: Any) -> tuple[Any, list[str]]:

@@ -15,7 +15,8 @@ from pathlib import Path
 from components.planning import estimate
 from components.planning.estimate import GIB, RunShape
 from components.planning.gpus import GPU, efficiency, math_mode
-from components.planning.trace import TeacherSpec, Trace, trace
+from components.planning.teachers import TeacherSpec
+from components.planning.trace import Trace, trace
 from components.policy import PolicyConfig
 
 SHARD_COUNTS = (2, 4, 8, 16, 32, 64)
@@ -137,7 +138,8 @@ def make_plan(req: PlanRequest, suggest: bool = True) -> dict:
     fits = mem["total"] <= estimate.usable_bytes(req.gpu_memory_gib)
     switches = _switches(req, traces) if suggest and not current["fits"] else []
     return {
-        "method": req.method, "teacher": {"unet": _arch(req.teacher)},
+        "method": req.method, "teacher": {"family": req.teacher.family,
+                                          "network": _arch(req.teacher)},
         "policy": asdict(req.policy),
         "run": {"global_batch": req.global_batch, "micro_batch": req.micro_batch,
                 "grad_accum": req.grad_accum, "gpus": req.gpus,
@@ -164,8 +166,9 @@ def make_plan(req: PlanRequest, suggest: bool = True) -> dict:
 
 
 def _arch(spec: TeacherSpec) -> dict:
-    keys = ("block_out_channels", "cross_attention_dim", "sample_size", "addition_embed_type")
-    return {k: spec.unet.get(k) for k in keys}
+    keys = ("block_out_channels", "cross_attention_dim", "sample_size", "addition_embed_type",
+            "num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim")
+    return {k: spec.network[k] for k in keys if k in spec.network}
 
 
 def _sig(value: float) -> float:

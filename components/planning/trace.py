@@ -23,19 +23,16 @@ import contextlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.flop_counter import FlopCounterMode
 
-from components.diffusion import NoiseSchedule
 from components.ema import EMA
-from components.methods import Batch, Teacher
 from components.planning.kernels import ATTENTION_FLOPS, GpuKernels
 from components.planning.meta_cache import MetaCache
+from components.planning.teachers import SpecBatches, TeacherSpec, spec_teacher
 from components.policy import PolicyConfig, TrainingPolicy, blocks, frozen_denoisers
-from components.teacher import TextConditioning, UNetDenoiser
 from components.training import LoopConfig, iteration
 
 KINDS = ("params", "buffers", "grads", "optimizer", "ema", "activations", "temporaries")
@@ -43,22 +40,6 @@ _KIND = {_MemRefType.PARAM: "params", _MemRefType.BUFFER: "buffers", _MemRefType
          _MemRefType.OPT: "optimizer", _MemRefType.OTH: "ema", _MemRefType.ACT: "activations",
          _MemRefType.TEMP: "temporaries"}
 SHARDED = ("grads", "optimizer", "ema")  # plus the state modules' parameters
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """The teacher's architecture: diffusers ``UNet2DConditionModel`` and scheduler configs,
-    and the text sequence length of its prompts."""
-
-    unet: dict[str, Any]
-    scheduler: dict[str, Any]
-    text_length: int = 77
-
-    @property
-    def latent(self) -> tuple[int, int, int]:
-        side = self.unet.get("sample_size", 64)
-        side = side if isinstance(side, int) else side[0]
-        return (self.unet.get("in_channels", 4), side, side)
 
 
 @dataclass
@@ -199,42 +180,6 @@ class _TracePolicy(TrainingPolicy):
                 if hasattr(module, "enable_gradient_checkpointing") and hasattr(module, "config"):
                     module.enable_gradient_checkpointing(self.kernels.checkpoint)
         return opts
-
-
-def spec_teacher(spec: TeacherSpec, device: str = "meta") -> Teacher:
-    """The teacher network built from its configs with random weights (none on ``meta``)."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(spec.unet)
-    schedule = NoiseSchedule.from_scheduler(DDIMScheduler.from_config(spec.scheduler))
-    kind = spec.scheduler.get("prediction_type", "epsilon")
-    return Teacher(UNetDenoiser(unet, schedule, kind))
-
-
-class SpecBatches:
-    """Batches of zeros of the teacher's shapes (with teacher pairs), on ``device``."""
-
-    def __init__(self, spec: TeacherSpec, device: str = "meta"):
-        self.spec, self.device = spec, device
-
-    def _cond(self, b: int) -> TextConditioning:
-        u = self.spec.unet
-        dim = u["cross_attention_dim"]
-        dim = dim if isinstance(dim, int) else dim[0]
-        text = torch.zeros(b, self.spec.text_length, dim, device=self.device)
-        if u.get("addition_embed_type") != "text_time":
-            return TextConditioning(text)
-        ids = 6
-        pooled = u["projection_class_embeddings_input_dim"] - ids * u["addition_time_embed_dim"]
-        return TextConditioning(text, torch.zeros(b, pooled, device=self.device),
-                                torch.zeros(b, ids, device=self.device))
-
-    def __call__(self, batch_size: int, gen: torch.Generator, step: int = 0) -> Batch:
-        shape = (batch_size, *self.spec.latent)
-        return Batch(self._cond(batch_size), self._cond(batch_size),
-                     torch.zeros(shape, device=self.device), gen, step,
-                     torch.zeros(shape, device=self.device))
 
 
 def _nbytes(tensors) -> int:
