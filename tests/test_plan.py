@@ -138,3 +138,26 @@ def test_cli_help_and_bad_input(capsys):
     with pytest.raises(SystemExit) as bad:
         plan_cli.main(["--arch", "sd15", "--global-batch", "10", "--gpus", "4"])
     assert "does not split" in str(bad.value.code) or "divisible" in str(bad.value.code)
+
+
+def test_largest_micro_batch_reads_per_operator_lines_only_of_matching_traces():
+    from components.planning.estimate import GIB, largest_micro_batch
+    from components.planning.trace import Trace
+
+    def traced(micro: int, series: list[int], ops: list[str]) -> Trace:
+        peak = {k: 0 for k in ("params", "buffers", "grads", "optimizer", "ema",
+                               "temporaries")}
+        return Trace(micro, {1: {**peak, "activations": max(series)}}, {}, 0, 0, (0, 0), (0,),
+                     0.0, series=([0] * len(series), series), ops=ops)
+
+    # two operators: activations growing 4 GiB per image, then a 40 GiB state-only step
+    gib = [4 * GIB, 40 * GIB]
+    t1 = traced(1, gib, ["mm", "step"])
+    t2 = traced(2, [8 * GIB, 40 * GIB], ["mm", "step"])
+    # per operator: max(4 b, 40) GiB + 10 % allocator of 4 b + 1 GiB context <= 72 GiB usable
+    # (80 GiB less 10 % headroom): 71.4 GiB at 16, 75.8 at 17
+    assert largest_micro_batch(t1, t2, 1, False, 80.0) == 16
+    # the same lengths, other operators (a random branch): the line through the two peaks
+    # (40 GiB at 1 and 2: no growth), which any micro-batch fits
+    other = traced(2, [8 * GIB, 40 * GIB], ["mm", "add"])
+    assert largest_micro_batch(t1, other, 1, False, 80.0) == 2**20

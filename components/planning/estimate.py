@@ -72,12 +72,13 @@ def largest_micro_batch(t1: Trace, t2: Trace, gpus: int, bf16: bool,
 
     Each traced operator's memory is linear in the micro-batch (its activations are, the state
     is not), so the peak at micro-batch b is the largest of those lines at b: the peak may move
-    (from the optimizer step to a backward) as b grows. Without matching traces, the line
-    through the two peaks."""
+    (from the optimizer step to a backward) as b grows. Without matching traces (the same
+    operators in the same order: a branch on a random draw, e.g. a dropped prompt, runs other
+    operators at another micro-batch), the line through the two peaks."""
     extra = memory(t1, gpus, bf16)
     fixed = extra["fsdp_buffers"] + extra["cuda_context"]
     (s1, r1), (s2, r2) = t1.series, t2.series
-    if len(s1) != len(s2) or not s1:
+    if len(s1) != len(s2) or not s1 or t1.ops != t2.ops:
         base, slope = memory_line(t1, t2, gpus, bf16)
         lines = [(base - fixed, slope)]
     else:

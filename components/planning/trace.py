@@ -66,6 +66,7 @@ class Trace:
     total_flops: int = 0  # of all the traced iterations
     series: tuple[list[int], list[int]] = ((), ())  # (sharded, replicated) bytes after each op
     group_updates: dict[str, int] = field(default_factory=dict)
+    ops: list = field(default_factory=list)  # the operator of each series entry
 
 
 class _Tracker(MemTracker):
@@ -79,6 +80,12 @@ class _Tracker(MemTracker):
         self.best = {n: -1 for n in shards}
         self.peaks: dict[int, dict[str, int]] = {}
         self.series: tuple[list[int], list[int]] = ([], [])  # (sharded, replicated) per op
+        self.ops: list = []  # the operator of each series entry
+        self.op = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.op = func
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
     @contextlib.contextmanager
     def ema(self):
@@ -133,6 +140,7 @@ class _Tracker(MemTracker):
             replicated = sum(kinds.values()) - sharded + self.state_params
             self.series[0].append(sharded)
             self.series[1].append(replicated)
+            self.ops.append(self.op)
             for n in self.shards:
                 total = sharded // n + replicated
                 if total > self.best[n]:
@@ -256,7 +264,7 @@ def trace(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int, run_
     return Trace(micro_batch, tracker.peaks, flops.per_group, state_p, frozen_p, units, steps,
                  time.perf_counter() - start, run_steps,
                  flops.counter.get_total_flops() + flops.left_out,
-                 tracker.series, updates)
+                 tracker.series, updates, tracker.ops)
 
 
 class _GroupFlops:
