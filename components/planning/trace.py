@@ -7,7 +7,8 @@ in order with its backward and optimizer step, then the EMA update), under
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; forward, backward
 and recomputation). Nothing is allocated. The optimizers and gradients start as they are in a run in progress
 (``warm_state``), so the peak is that of any later iteration, not of the first.
-Fused attention and CUDA autocast are modelled by ``components.planning.kernels``.
+Fused attention and CUDA autocast are modelled by ``components.planning.kernels``; the ``meta``
+kernels' results are memoised (``components.planning.meta_cache``: the same figures, faster).
 
 The iterations traced are the first of each group (a method with phases, e.g. InstaFlow's reflow
 then distillation, is traced in each phase), in order, so state made earlier (optimizer moments,
