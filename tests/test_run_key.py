@@ -148,3 +148,34 @@ def test_distill_code_deps_cover_every_module_the_stage_runs():
         if rel in CONFIG_ONLY or rel in PACKAGE_MARKERS:
             continue
         assert any(rel == d or rel.startswith(d + "/") for d in deps), f"{rel} not in deps"
+
+
+def _other_runs(folder: Path, names: list[str]) -> None:
+    for age, name in enumerate(names):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "clock.json").write_text("{}")
+        os.utime(folder / name / "clock.json", (1e9 - age * 100, 1e9 - age * 100))
+
+
+def test_only_rank_0_prunes_and_only_once_this_run_holds_a_checkpoint(tmp_path):
+    """The distill stage's progress callback prunes other runs (to ``keep_runs``) at the first
+    step that wrote a checkpoint, and never on a non-zero rank (the loop also calls it on rank 0
+    only)."""
+    from pipeline import paths
+    from pipeline.checkpoints import RunRecord
+    from pipeline.stages.distill import _progress
+
+    folder = tmp_path / paths.CHECKPOINTS
+    _other_runs(folder, ["recent", "older", "oldest"])
+    cfg = replace(_distill(steps=4, checkpoint_every=2), keep_runs=2)
+    progress, bar = _progress(tmp_path, cfg, RunRecord(folder / "current"), "current", False)
+    progress(2, 4)  # a non-zero rank, at a checkpoint step: nothing deleted
+    bar.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["current", "older", "oldest", "recent"]
+    progress, bar = _progress(tmp_path, cfg, RunRecord(folder / "current"), "current", True)
+    progress(1, 4)  # no checkpoint of this run yet
+    assert len(list(folder.iterdir())) == 4
+    progress(2, 4)
+    bar.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["current", "recent"]
+
