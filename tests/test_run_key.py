@@ -179,3 +179,38 @@ def test_only_rank_0_prunes_and_only_once_this_run_holds_a_checkpoint(tmp_path):
     bar.close()
     assert sorted(p.name for p in folder.iterdir()) == ["current", "recent"]
 
+
+
+def test_a_killed_segment_keeps_its_rows_grids_and_wall_time_up_to_its_checkpoint(tmp_path):
+    """A segment killed after logging step 5 with its last checkpoint at step 4: the next segment
+    keeps the loss and proxy-FID rows and the grids of steps 1-4, drops the rows of step 5 (it
+    logs them again) and counts the killed segment's wall time up to its last step."""
+    import json
+    import time
+
+    from pipeline.checkpoints import RunRecord
+
+    killed = RunRecord(tmp_path)
+    for step in range(1, 6):
+        killed.add({"step": step, "loss": 1.0 / step})
+        killed.add({"step": step, "proxy_fid": 100.0 - step})
+        (killed.samples / f"step-{step:07d}.png").write_bytes(b"grid")
+        time.sleep(0.01)
+        killed.tick()  # the loop's progress callback, after every step
+    killed_s = killed.segment_seconds()
+    del killed  # kill -9: nothing more is written
+
+    resumed = RunRecord(tmp_path)
+    resumed.resume_from(4)
+    assert [r["step"] for r in resumed.rows] == [1, 1, 2, 2, 3, 3, 4, 4]
+    on_disk = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert on_disk == resumed.rows
+    assert sorted(p.name for p in resumed.samples.iterdir())[:4] == [
+        f"step-{s:07d}.png" for s in range(1, 5)]
+    resumed.add({"step": 5, "loss": 0.2})
+    assert 0.04 <= resumed.wall_seconds() - resumed.segment_seconds() <= killed_s
+    both = resumed.wall_seconds()
+    resumed.tick()
+    third = RunRecord(tmp_path)  # a third segment counts both earlier ones
+    assert third.wall_seconds() >= both
+    assert [r["step"] for r in third.rows][-1] == 5
