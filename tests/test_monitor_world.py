@@ -66,7 +66,7 @@ def test_a_collapsing_run_stops_with_reason_and_step_and_is_logged_to_mlflow(pre
     step, reason = alarm.value.step, alarm.value.reason
     assert step < 8 and reason and "distill.monitor.action: stop" in str(alarm.value)
     assert not (root / paths.STUDENT).exists()  # nothing saved as if it had worked
-    stopped = json.loads((_run_folder(root) / "stopped.json").read_text())
+    stopped = json.loads((_run_folder(root) / distill.STOPPED_FILE).read_text())
     assert stopped["step"] == step and stopped["reason"] == reason
 
     client = MlflowClient(tracking_uri(root))

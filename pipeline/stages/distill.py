@@ -91,6 +91,9 @@ def _proxy_fid(root: Path, cfg):
                                                  inception_features(images, net, 64, prep))
 
 
+STOPPED_FILE = "stopped.json"  # in the run's folder: the step and reason the monitor stopped at
+
+
 def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunRecord):
     """A callback writing a grid of the student's images at fixed prompts and seeds into the
     run's folder, and the proxy FID when enabled (the weights of its lowest value so far kept,
@@ -255,6 +258,7 @@ def run(root: Path) -> None:
     resolved = _resolved(root, teacher_cfg, cfg, method_cfg, cache, method)
     ckpt_dir = _run_folder(root, run_key(resolved, cfg.method), cfg.loop.steps)
     record = RunRecord(ckpt_dir)
+    (ckpt_dir / STOPPED_FILE).unlink(missing_ok=True)  # an earlier segment's stop, if any
     _resume(ckpt_dir, cfg.loop.steps, record)
     progress, bar = _progress(root, cfg, record, ckpt_dir.name, is_main)
     monitor = Monitor(cfg.monitor, lambda message: log(f"distill: {message}"))
@@ -296,16 +300,22 @@ def _log_stopped_run(root: Path, cfg, teacher_cfg, record: RunRecord,
                      alarm: TrainingAlarm) -> None:
     """The monitor stopped the run: record it in the run's folder and as a failed MLflow run
     (register's experiment) with the reason, the step, the params and the grids so far."""
+    from mlflow.exceptions import MlflowException
+
     from components.registry.store import artifact_location, log_stopped_run, tracking_uri
     from pipeline.params import read_params
 
     stopped = {"step": alarm.step, "reason": alarm.reason, "method": cfg.method,
                "teacher": teacher_cfg.model}
-    write_json(record.folder / "stopped.json", stopped)
+    write_json(record.folder / STOPPED_FILE, stopped)
     uri = tracking_uri(root)
     experiment = load_stage(root, "register")["register"].experiment
-    run_id = log_stopped_run(uri, experiment, artifact_location(root, uri), stopped,
-                             read_params(root), [record.samples, record.folder / ROWS_FILE])
+    try:
+        run_id = log_stopped_run(uri, experiment, artifact_location(root, uri), stopped,
+                                 read_params(root), [record.samples, record.folder / ROWS_FILE])
+    except (MlflowException, OSError) as err:  # the alarm itself must reach the user
+        log(f"distill: warning: the stopped run could not be logged to MLflow at {uri}: {err}")
+        return
     log(f"distill: the stopped run is MLflow run {run_id} (experiment {experiment!r}, status "
         "FAILED)")
 
