@@ -300,8 +300,6 @@ def _log_stopped_run(root: Path, cfg, teacher_cfg, record: RunRecord,
                      alarm: TrainingAlarm) -> None:
     """The monitor stopped the run: record it in the run's folder and as a failed MLflow run
     (register's experiment) with the reason, the step, the params and the grids so far."""
-    from mlflow.exceptions import MlflowException
-
     from components.registry.store import artifact_location, log_stopped_run, tracking_uri
     from pipeline.params import read_params
 
@@ -313,7 +311,7 @@ def _log_stopped_run(root: Path, cfg, teacher_cfg, record: RunRecord,
     try:
         run_id = log_stopped_run(uri, experiment, artifact_location(root, uri), stopped,
                                  read_params(root), [record.samples, record.folder / ROWS_FILE])
-    except (MlflowException, OSError) as err:  # the alarm itself must reach the user
+    except OSError as err:  # the alarm itself must reach the user, not this
         log(f"distill: warning: the stopped run could not be logged to MLflow at {uri}: {err}")
         return
     log(f"distill: the stopped run is MLflow run {run_id} (experiment {experiment!r}, status "
