@@ -269,7 +269,8 @@ def run(root: Path) -> None:
                     monitor)
     except TrainingAlarm as alarm:
         if is_main:
-            _log_stopped_run(root, cfg, teacher_cfg, record, alarm)
+            _log_stopped_run(root, cfg, teacher_cfg, record, alarm,
+                             configs["register.experiment"])
         raise
     finally:
         bar.close()
@@ -296,8 +297,8 @@ def _chosen(student, cfg, record: RunRecord) -> dict:
             **({"best_step": best["step"], "best_proxy_fid": best["proxy_fid"]} if best else {})}
 
 
-def _log_stopped_run(root: Path, cfg, teacher_cfg, record: RunRecord,
-                     alarm: TrainingAlarm) -> None:
+def _log_stopped_run(root: Path, cfg, teacher_cfg, record: RunRecord, alarm: TrainingAlarm,
+                     experiment: str) -> None:
     """The monitor stopped the run: record it in the run's folder and as a failed MLflow run
     (register's experiment) with the reason, the step, the params and the grids so far."""
     from components.registry.store import artifact_location, log_stopped_run, tracking_uri
@@ -307,7 +308,6 @@ def _log_stopped_run(root: Path, cfg, teacher_cfg, record: RunRecord,
                "teacher": teacher_cfg.model}
     write_json(record.folder / STOPPED_FILE, stopped)
     uri = tracking_uri(root)
-    experiment = load_stage(root, "register")["register"].experiment
     try:
         run_id = log_stopped_run(uri, experiment, artifact_location(root, uri), stopped,
                                  read_params(root), [record.samples, record.folder / ROWS_FILE])
