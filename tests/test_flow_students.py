@@ -38,12 +38,13 @@ def _w_student(pipe):
     return net
 
 
-def stock_images(folder, prompts=PROMPTS, seeds=SEEDS) -> np.ndarray:
+def stock_images(folder, prompts=PROMPTS, seeds=SEEDS,
+                 pipeline=StableDiffusion3Pipeline) -> np.ndarray:
     """What a plain diffusers user gets from the call ``student.json`` names."""
     entry = json.loads((folder / "student.json").read_text())["diffusers"]
-    assert entry["pipeline"] == "StableDiffusion3Pipeline"
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32,
-                                                    **entry.get("from_pretrained", {}))
+    assert entry["pipeline"] == pipeline.__name__
+    pipe = pipeline.from_pretrained(folder, dtype=torch.float32,
+                                    **entry.get("from_pretrained", {}))
     pipe.set_progress_bar_config(disable=True)
     images = [pipe(p, generator=torch.Generator().manual_seed(s), output_type="np",
                    **entry["call"]).images[0] for p, s in zip(prompts, seeds, strict=True)]
@@ -59,6 +60,28 @@ def students(tmp_path_factory):
             _, pipe.transformer, spec = saved_network(_w_student(pipe), spec)
         save_student(pipe, spec, base / name, {"method": name})
     return base
+
+
+FLUX_KINDS = {"one_step": GeneratorSpec(), "one_step_t500": GeneratorSpec(t=500),
+              "rectified_flow": GeneratorSpec(kind="rectified_flow", steps=2)}
+
+
+@pytest.mark.parametrize("name", sorted(FLUX_KINDS))
+def test_stock_flux_pipeline_reproduces_the_student(tmp_path, name):
+    """FluxPipeline at the student's resolution (which sets the scheduler's shift), its
+    guidance input at 1 and no true CFG, on the tiny FLUX.1-dev-style pipeline."""
+    from diffusers import FluxPipeline
+
+    from tests.tiny_flow import tiny_flux_pipeline
+
+    save_student(tiny_flux_pipeline(0), FLUX_KINDS[name], tmp_path / name, {"method": name})
+    call = json.loads((tmp_path / name / "student.json").read_text())["diffusers"]["call"]
+    assert call["height"] == call["width"] and call["guidance_scale"] == 1.0
+    ours = load_student(tmp_path / name).generate(PROMPTS, SEEDS)
+    stock = stock_images(tmp_path / name, pipeline=FluxPipeline)
+    diff = np.abs(ours.astype(int) - stock.astype(int)).max()
+    assert diff <= 1, f"{name}: FluxPipeline differs from Student.generate by {diff}"
+    assert ours.std() > 0
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))

@@ -6,7 +6,6 @@ flags reach its registered version."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,25 +16,16 @@ from safetensors.torch import load_file
 from components.monitor import TrainingAlarm
 from pipeline import paths
 from pipeline.checkpoints import BEST_FILE, BEST_WEIGHTS
-from pipeline.stages import bootstrap, cache_teacher, distill, prepare_prompts, reference_stats
-from tests.projects import copy_project
+from pipeline.stages import distill
+from tests.projects import prepared_project
 from tests.threads import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """The micro world up to the distill stage's inputs."""
-    root = copy_project(tmp_path_factory.mktemp("prepared"))
-    for stage in (bootstrap, prepare_prompts, cache_teacher, reference_stats):
-        stage.run(root)
-    return root
-
-
-def _project(prepared: Path, dest: Path, **distill_params) -> Path:
-    root = dest / "project"
-    shutil.copytree(prepared, root, symlinks=True)
+def _project(tmp_path_factory, dest: Path, **distill_params) -> Path:
+    """The micro world up to the distill stage's inputs, with these distill params."""
+    root = prepared_project(dest / "project", tmp_path_factory)
     params = yaml.safe_load((root / "params.yaml").read_text())
     loop = distill_params.pop("loop", {})
     params["distill"].update(distill_params)
@@ -49,14 +39,14 @@ def _run_folder(root: Path) -> Path:
     return folder
 
 
-def test_a_collapsing_run_stops_with_reason_and_step_and_is_logged_to_mlflow(prepared, tmp_path):
+def test_a_collapsing_run_stops_with_reason_and_step_and_is_logged_to_mlflow(tmp_path_factory, tmp_path):
     from mlflow import MlflowClient
 
     from components.registry.store import tracking_uri
 
     # DMD2 at generator lr 1.0 (5e-5 is the world's): the student's images stop depending on the
     # seed within a few steps (measured on the micro world: the stop comes at step 2 or 3)
-    root = _project(prepared, tmp_path, method="dmd2",
+    root = _project(tmp_path_factory, tmp_path, method="dmd2",
                     methods={"dmd2": {"generator_lr": 1.0, "gen_update_ratio": 1,
                                       "warmup_steps": 0}},
                     monitor={"action": "stop", "prompts": 2, "seeds": 4},
@@ -80,8 +70,8 @@ def test_a_collapsing_run_stops_with_reason_and_step_and_is_logged_to_mlflow(pre
     assert {"samples", "rows.jsonl"} <= logged
 
 
-def test_save_best_keeps_the_weights_of_the_lowest_proxy_fid(prepared, tmp_path):
-    root = _project(prepared, tmp_path, method="sid_lsg", save="best",
+def test_save_best_keeps_the_weights_of_the_lowest_proxy_fid(tmp_path_factory, tmp_path):
+    root = _project(tmp_path_factory, tmp_path, method="sid_lsg", save="best",
                     loop={"steps": 4, "sample_every": 1, "log_every": 1, "checkpoint_every": 2})
     distill.run(root)
     folder = _run_folder(root)
@@ -102,14 +92,14 @@ def test_save_best_keeps_the_weights_of_the_lowest_proxy_fid(prepared, tmp_path)
     assert all(torch.equal(saved[k], kept[k]) for k in kept)
 
 
-def test_a_warned_runs_flags_reach_its_registered_version(prepared, tmp_path):
+def test_a_warned_runs_flags_reach_its_registered_version(tmp_path_factory, tmp_path):
     from mlflow import MlflowClient
 
     from components.registry.store import tracking_uri
     from pipeline.stages import evaluate, register
 
     # a saturation floor no image meets: every sample step is flagged, the run goes on
-    root = _project(prepared, tmp_path, method="sid_lsg",
+    root = _project(tmp_path_factory, tmp_path, method="sid_lsg",
                     monitor={"action": "warn", "prompts": 2, "seeds": 2, "min_saturation": 1.0},
                     loop={"steps": 2, "sample_every": 1, "log_every": 1, "checkpoint_every": 2})
     distill.run(root)
