@@ -1,9 +1,14 @@
-"""The stock diffusers call that reproduces a student of a flow teacher (SD3 / SD3.5): the
-folder keeps the teacher's ``FlowMatchEulerDiscreteScheduler`` and
+"""The stock diffusers call that reproduces a student of a flow teacher (SD3 / SD3.5, FLUX.1):
+the folder keeps the teacher's ``FlowMatchEulerDiscreteScheduler`` and
 ``StableDiffusion3Pipeline.from_pretrained(student)(prompt, num_inference_steps=N,
 sigmas=[...], guidance_scale=1)`` computes what ``Student.generate`` computes (a folder saved
 without its T5 encoder loads with ``text_encoder_3=None, tokenizer_3=None``, which
-``student.json: diffusers.from_pretrained`` lists).
+``student.json: diffusers.from_pretrained`` lists). ``FluxPipeline`` takes the same call plus the
+student's ``height`` and ``width`` (its resolution fixes the scheduler's shift: the pipeline
+computes μ from the image's token count and shifts the given sigmas by ``exp(μ)``, so the sigmas
+are unshifted with that factor) and ``max_sequence_length``; its ``guidance_scale`` is FLUX.1-dev's
+guidance input, 1 for a student that runs without one, and with ``true_cfg_scale`` at its default
+1 it runs no CFG.
 
 The stock sampler is Euler on the velocity, ``x ← x + (σ' − σ) u(x, T σ)`` from unscaled noise
 over the scheduler's *shifted* ``sigmas`` (it shifts the ones it is given), ending at σ = 0; a
@@ -22,6 +27,7 @@ scale ``guidance_scale`` ≤ 1 runs no CFG. Per generator kind (``GeneratorSpec`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,21 +36,23 @@ from components.generation import GeneratorSpec, trailing_timesteps
 from components.schedules import FlowSchedule, unshift_sigma
 from components.stock_scheduler import StockCall
 
+STOCK_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+
 
 def _reason(spec: GeneratorSpec, pipe: Any) -> str | None:
     name = type(pipe).__name__
-    if name != "StableDiffusion3Pipeline":
+    if name not in STOCK_PIPELINES:
         return (f"the stock {name} call is not checked against this student; generate with "
                 "components.generation.load_student")
     if spec.kind == "x0_from_eps" and spec.steps > 1:
         return ("the few-step generator re-noises x0 between its steps, which no stock call is "
                 "checked against here; generate with components.generation.load_student")
     if spec.kind == "x0_from_eps" and spec.input_scale == "sigma":
-        return ("the student's input is sigma_t z (SiD) and StableDiffusion3Pipeline starts from "
-                "unscaled noise; generate with components.generation.load_student")
+        return (f"the student's input is sigma_t z (SiD) and {name} starts from unscaled "
+                "noise; generate with components.generation.load_student")
     if spec.kind == "ddim" and spec.w_dim:
-        return ("the student reads a guidance-weight embedding that StableDiffusion3Pipeline "
-                "cannot feed; save it with the embedding folded in (components.networks.sd3)")
+        return (f"the student reads a guidance-weight embedding that {name} cannot feed; save it "
+                "with the embedding folded in (components.networks.saved_network)")
     return None
 
 
@@ -63,25 +71,40 @@ def student_sigmas(spec: GeneratorSpec, schedule: FlowSchedule) -> list[float]:
 
 
 def flow_stock_call(pipe: Any, spec: GeneratorSpec) -> StockCall:
-    """How ``StableDiffusion3Pipeline`` reproduces ``spec`` on ``pipe``'s own scheduler, or a
-    ``StockCall`` with ``reason`` where it cannot (checked: the stock scheduler's shifted sigmas
-    must be the student's)."""
+    """How the pipeline's own class (``StableDiffusion3Pipeline``, ``FluxPipeline``) reproduces
+    ``spec`` on ``pipe``'s own scheduler, or a ``StockCall`` with ``reason`` where it cannot
+    (checked: the stock scheduler's shifted sigmas must be the student's)."""
+    from components.networks import family, latent_shape
+
     scheduler = pipe.scheduler
     name = type(scheduler).__name__
     if (why := _reason(spec, pipe)) is not None:
         return StockCall(None, spec.steps, 1.0, reason=why)
-    schedule = FlowSchedule.from_scheduler(scheduler)
+    extra: dict[str, Any] = {}
+    shift_args: dict[str, Any] = {}
+    if family(pipe) == "flux":  # the resolution the student generates at sets the shift
+        _, h, w = latent_shape(pipe)
+        schedule = FlowSchedule.from_scheduler(scheduler, image_seq_len=(h // 2) * (w // 2))
+        extra.update(height=h * pipe.vae_scale_factor, width=w * pipe.vae_scale_factor)
+        if scheduler.config.get("use_dynamic_shifting"):
+            shift_args["mu"] = math.log(schedule.shift)
+    else:
+        schedule = FlowSchedule.from_scheduler(scheduler)
     want = student_sigmas(spec, schedule)
     given = [float(unshift_sigma(torch.tensor(s, dtype=torch.float64), schedule.shift))
              for s in want]
     stock = type(scheduler).from_config(scheduler.config)
-    stock.set_timesteps(sigmas=given)
+    stock.set_timesteps(sigmas=given, **shift_args)
     got = stock.sigmas[:-1].tolist()
     if any(abs(a - b) > 1e-5 for a, b in zip(got, want, strict=True)):
         return StockCall(None, len(want), 1.0, reason=(
             f"{name} steps at sigmas {got}, not at the student's {want}"))
-    extra: dict[str, Any] = {"sigmas": [round(s, 8) for s in given]}
-    if getattr(pipe, "tokenizer_3", None) is not None:  # the T5 length the student was fed
+    extra["sigmas"] = [round(s, 8) for s in given]
+    if family(pipe) == "flux":  # the T5 length the student was fed
+        from components.networks.flux import t5_length
+
+        extra["max_sequence_length"] = t5_length(pipe)
+    elif getattr(pipe, "tokenizer_3", None) is not None:
         from components.networks.sd3 import t5_length
 
         extra["max_sequence_length"] = t5_length(pipe)

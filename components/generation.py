@@ -257,7 +257,10 @@ def unconditional(pipe: Any) -> TextConditioning:
 
 
 DECODE_CHUNK = 8  # latents per VAE call: a 512-px fp32 decode holds ~0.75 GiB per image
-TILE_SIZE = 64  # latent side above which the VAE decodes in tiles (SDXL's 128 -> 64-wide tiles)
+# latent side above which the VAE decodes in tiles, when asked (e.g. 64: SDXL's 128 in 64-wide
+# tiles); off by default: tiles blend at their seams, so the pixels differ from the untiled
+# decode of the stock diffusers pipelines (up to 11/255 on a tiny FLUX VAE at 128x128 latents)
+TILE_SIZE = None
 
 
 @torch.no_grad()
@@ -267,8 +270,9 @@ def decode_latents(pipe: Any, latents: torch.Tensor, chunk_size: int = DECODE_CH
 
     At most ``chunk_size`` latents go through the VAE at a time, so its activation memory is
     bounded by the chunk, not the batch, and each chunk's images leave the device at once.
-    Latents wider than ``tile_size`` (SDXL-size) use diffusers' tiled decode: overlapping tiles
-    of ``tile_size`` latents with blended seams (None: never tiled).
+    Latents wider than ``tile_size`` use diffusers' tiled decode: overlapping tiles of
+    ``tile_size`` latents with blended seams, less memory but other pixels than the stock
+    pipelines' untiled decode (None, the default: never tiled).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -15,7 +15,9 @@ the student's fixed-seed images, ``prompts`` prompts × ``seeds`` seeds each:
 
 ``action: warn`` reports each new flag through ``report``; ``stop`` raises ``TrainingAlarm``
 (reason and step) so the stage, and the orchestrator's task around it, fail with that line;
-``off`` watches nothing. The best proxy FID and its step are kept (``best``).
+``off`` watches nothing. The best proxy FID and its step are kept (``best``). A resumed run
+rebuilds this state from the rows its earlier segments logged (``replay``), so its checks go on
+as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from typing import Literal
 
 import numpy as np
 
+ALARM_PREFIX = "training monitor: step "  # how every flag's line starts (``Monitor._flag``)
+
 
 class TrainingAlarm(ValueError):
     """The monitor stopped the run (``distill.monitor.action: stop``): the reason and step."""
+
+    def __init__(self, message: str, step: int | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.step, self.reason = step, reason
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,32 @@ class Monitor:
         self.best: tuple[float, int] | None = None  # (proxy FID, step)
         self.fid_strikes = 0
         self.flags: list[tuple[int, str]] = []  # every (step, reason) raised so far
+        self._quiet = False  # replaying: record flags, report and raise nothing
 
     @property
     def enabled(self) -> bool:
         return self.cfg.action != "off"
+
+    def replay(self, rows: list[dict]) -> None:
+        """Rebuild the state from a run's earlier rows (the loop's loss windows and the sample
+        rows, in step order): the first diversity, the best proxy FID, the strikes and the
+        flags, without reporting or stopping again."""
+        if not self.enabled:
+            return
+        self._quiet = True
+        try:
+            for row in rows:
+                step = int(row["step"])
+                if any(k.startswith("monitor_") or k == "proxy_fid" for k in row):
+                    self.observe_samples(row, step)
+                else:
+                    self.observe_losses(row, step)
+        finally:
+            self._quiet = False
+
+    def records(self) -> list[dict]:
+        """Every flag so far as ``{"step", "reason"}`` rows (what the stage writes and logs)."""
+        return [{"step": step, "reason": reason} for step, reason in self.flags]
 
     def observe_losses(self, metrics: dict[str, float], step: int) -> None:
         """The loss window the loop logs at ``step``."""
@@ -142,7 +172,10 @@ class Monitor:
 
     def _flag(self, step: int, reason: str) -> None:
         self.flags.append((step, reason))
-        message = f"training monitor: step {step}: {reason}"
+        if self._quiet:
+            return
+        message = f"{ALARM_PREFIX}{step}: {reason}"
         if self.cfg.action == "stop":
-            raise TrainingAlarm(f"{message}; the run stopped (distill.monitor.action: stop)")
+            raise TrainingAlarm(f"{message}; the run stopped (distill.monitor.action: stop)",
+                                step, reason)
         self.report(f"{message} (distill.monitor.action: warn)")

@@ -25,7 +25,8 @@ from components.io import atomic_write_text, read_json, sha256_bytes, sha256_fil
 
 CADENCE_KEYS = ("log_every", "sample_every", "checkpoint_every")  # of distill.loop
 MONITOR_KEYS = ("sample_prompts", "sample_seed", "proxy_fid_images", "keep_runs",
-                "monitor")  # of distill: watching a run does not change it
+                "monitor", "save")  # of distill: watching a run (or which of its
+# checkpoints becomes the student) does not change it
 # checkpoints reshard, and the update does not depend on the process count: a run saved with N
 # processes resumes with M
 PLACEMENT_KEYS = ("processes",)
@@ -33,6 +34,7 @@ STEP_PHASED = ("instaflow", "meng")  # methods whose phase boundaries are fracti
 CODE_ROOTS = ("components", "pipeline")  # dvc.yaml deps under these are code
 CODE_ROOT = Path(__file__).resolve().parents[1]  # the project whose code is running
 ROWS_FILE, CLOCK_FILE, SAMPLES = "rows.jsonl", "clock.json", "samples"
+BEST_WEIGHTS, BEST_FILE = "best.safetensors", "best.json"
 
 
 def code_hash(code_root: Path = CODE_ROOT, stage: str = "distill") -> str:
@@ -119,3 +121,54 @@ class RunRecord:
     def wall_seconds(self) -> float:
         """Wall time of every segment of the run, this one included."""
         return self.before + self.segment_seconds()
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The sample row with the lowest proxy FID (the later one on a tie), or None."""
+    scored = [r for r in rows if "proxy_fid" in r]
+    return min(reversed(scored), key=lambda r: r["proxy_fid"]) if scored else None
+
+
+class BestStudent:
+    """The student's weights (its EMA, as sampled) at the lowest proxy FID of the run so far,
+    kept in the run's folder (``best.safetensors`` and ``best.json``: step and proxy FID).
+
+    ``offer`` is called at every sample step with the FID just measured and the rows logged
+    before it; it keeps the weights when none of those rows scored lower. Resuming is exact, so
+    a segment that redoes a step offers the same weights again. ``load_into`` gives the student
+    the weights of the run's best row and refuses when the kept file is not that row's (a run
+    resumed on other hardware, whose redone steps differ)."""
+
+    def __init__(self, folder: Path):
+        self.weights, self.meta = folder / BEST_WEIGHTS, folder / BEST_FILE
+
+    def offer(self, student, proxy_fid: float, step: int, earlier: list[dict]) -> bool:
+        from safetensors.torch import save_model
+
+        best = best_row([r for r in earlier if r["step"] < step])
+        if best is not None and proxy_fid > best["proxy_fid"]:
+            return False
+        partial = self.weights.with_suffix(".partial")
+        save_model(student, str(partial))
+        partial.replace(self.weights)
+        write_json(self.meta, {"step": step, "proxy_fid": proxy_fid})
+        return True
+
+    def load_into(self, student, rows: list[dict]) -> dict:
+        """Load the best row's weights into ``student`` (strictly); returns that row."""
+        from safetensors.torch import load_model
+
+        best = best_row(rows)
+        if best is None:
+            raise ValueError("distill.save: best needs the proxy FID of the run's samples, and "
+                             "this run logged none: set distill.proxy_fid_images >= 2")
+        kept = read_json(self.meta) if self.meta.exists() and self.weights.exists() else None
+        if kept != {"step": best["step"], "proxy_fid": best["proxy_fid"]}:
+            raise ValueError(
+                f"distill.save: best: the run's lowest proxy FID is {best['proxy_fid']} at step "
+                f"{best['step']}, but the weights kept in {self.weights.parent.name}/ are "
+                f"{'none' if kept is None else 'of step ' + str(kept['step'])} (a segment that "
+                "redid steps on other hardware): use distill.save: last, or train the run "
+                "again after deleting its checkpoint folder")
+        load_model(student, str(self.weights), strict=True)
+        return best

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ConfigError
+from components.monitor import ALARM_PREFIX, TrainingAlarm
 from pipeline import env
 
 # Prefect reads its settings (home folder, ephemeral server timeout, analytics) when imported,
@@ -118,6 +119,9 @@ def dvc_repro(stage: str, root: Path, timeout_s: float | None = None) -> str:
     done = subprocess.run(cmd, check=False, cwd=root, env=child_env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
     if done.returncode != 0:
+        alarm = [line for line in done.stdout.splitlines() if ALARM_PREFIX in line]
+        if alarm:  # the stage's own one-line error: the run stopped itself, not a crash
+            raise TrainingAlarm(alarm[-1][alarm[-1].index(ALARM_PREFIX):])
         raise RuntimeError(f"`dvc repro --single-item {stage}` exited with {done.returncode}:\n"
                            f"{done.stdout[-3000:]}")
     return done.stdout
@@ -161,8 +165,10 @@ def _run_stage(stage: str, root: str, use_dvc: bool) -> None:
 
 
 def _retry_unless_config_error(task_, task_run, state) -> bool:
-    """A wrong params file fails the same way every time: do not wait to retry it."""
-    return not isinstance(getattr(state, "data", None), ConfigError)
+    """A wrong params file fails the same way every time, and so does a run the training
+    monitor stopped (a retry resumes from its last checkpoint and meets the same step): do not
+    wait to retry them."""
+    return not isinstance(getattr(state, "data", None), (ConfigError, TrainingAlarm))
 
 
 def _task(fn: Callable, name: str, policy: StagePolicy):

@@ -1,10 +1,14 @@
 """Distil every method at equal compute and write ``reports/methods.md``.
 
-    uv run python -m pipeline.methods_report [--methods swiftbrush,dmd2] [--out reports]
+    uv run python -m pipeline.methods_report [--methods swiftbrush,dmd2,dmd2@4] [--out reports]
 
 Each method runs as a DVC experiment of the current params (``dvc exp run -S
 distill.method=<m> -n methods-<m>``): the upstream stages come from the DVC cache, so only
 distill, evaluate and register run, with the same loop (iterations, batch) for every method.
+``<m>@N`` is the method's N-step student (``-S distill.methods.<m>.generator_steps=N``, experiment
+``methods-<m>-<N>step``; the score methods). ``--add-to reports/methods.json`` adds the new rows
+to an earlier run's (a row of the same variant is replaced) and writes the report from all of
+them; each row keeps the commit it ran at, and the report lists them.
 Afterwards ``dvc exp show`` lists the experiments side by side, and the report holds a table
 (FID and CLIP score with their standard errors, attribute accuracies, wall time, images seen;
 the floors and the teacher above the methods) and a plot of the in-training proxy FID per
@@ -29,15 +33,42 @@ from components.methods import method_names
 from pipeline import paths
 from pipeline.params import PARAMS_FILE
 
+FEW_STEP = ("swiftbrush", "sid_lsg", "dmd2")  # methods with a generator_steps setting
 
-def run_experiment(root: Path, method: str) -> dict:
-    """One DVC experiment for ``method``; return its metrics and proxy-FID curve."""
-    cmd = ["dvc", "exp", "run", "-S", f"distill.method={method}", "-n", f"methods-{method}"]
+
+def parse_variant(text: str) -> tuple[str, int]:
+    """``"dmd2"`` → (dmd2, 1); ``"dmd2@4"`` → (dmd2, 4): a method and its generator steps."""
+    method, _, steps = text.partition("@")
+    if method not in method_names():
+        raise ValueError(f"unknown method {method!r} in {text!r}; valid methods are: "
+                         f"{', '.join(method_names())}")
+    if not steps:
+        return method, 1
+    if not steps.isdigit() or int(steps) < 1:
+        raise ValueError(f"{text!r}: the step count after @ must be a positive integer")
+    if int(steps) > 1 and method not in FEW_STEP:
+        raise ValueError(f"{text!r}: few-step students are trained by {', '.join(FEW_STEP)} "
+                         f"(distill.methods.<m>.generator_steps), not {method}")
+    return method, int(steps)
+
+
+def label(method: str, steps: int) -> str:
+    return method if steps == 1 else f"{method}, {steps}-step"
+
+
+def run_experiment(root: Path, method: str, steps: int = 1) -> dict:
+    """One DVC experiment for ``method`` (``steps``: its generator's step count); return its
+    metrics, proxy-FID curve and the commit it ran at."""
+    name = f"methods-{method}" + (f"-{steps}step" if steps > 1 else "")
+    cmd = ["dvc", "exp", "run", "-S", f"distill.method={method}"]
+    if steps > 1:
+        cmd += ["-S", f"distill.methods.{method}.generator_steps={steps}"]
+    cmd += ["-n", name]
     print("+", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=root, check=False)
     if done.returncode != 0:
-        raise SystemExit(f"methods_report: the experiment for {method!r} failed (exit "
-                         f"{done.returncode}); its log is above")
+        raise SystemExit(f"methods_report: the experiment for {label(method, steps)!r} failed "
+                         f"(exit {done.returncode}); its log is above")
     ev, dist = read_json(root / paths.EVAL_METRICS), read_json(root / paths.DISTILL_METRICS)
     curve: tuple[list[float], list[float]] = ([], [])
     fid_csv = root / paths.PROXY_FID_PLOT
@@ -46,7 +77,20 @@ def run_experiment(root: Path, method: str) -> dict:
             if row.get("proxy_fid"):
                 curve[0].append(float(row["step"]))
                 curve[1].append(float(row["proxy_fid"]))
-    return {"method": method, "eval": ev, "distill": dist, "proxy_fid": curve}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=False,
+                            capture_output=True, text=True).stdout.strip() or None
+    return {"method": method, "generator_steps": steps, "label": label(method, steps),
+            "commit": commit, "eval": ev, "distill": dist, "proxy_fid": curve}
+
+
+def _label(result: dict) -> str:
+    return result.get("label") or result["method"]  # rows of reports written before variants
+
+
+def merge(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``earlier`` with ``new`` added; a new row replaces an earlier one of the same variant."""
+    replaced = {_label(r) for r in new}
+    return [r for r in earlier if _label(r) not in replaced] + new
 
 
 # What the analytic tier establishes about the methods (tests/test_methods_analytic.py and the
@@ -94,6 +138,11 @@ def report(results: list[dict], out: Path) -> str:
              "with the world's scorer, attribute accuracy by the world's judge). Values are "
              f"± one standard error; ≈ marks a FID within {NOISE_MULTIPLE:g} standard errors "
              "of the best method's (inside the noise, not a loss); * marks the best.")
+    commits = sorted({r.get("commit") or "not recorded" for r in results})
+    if len(commits) > 1:
+        intro += " Rows ran at different commits: " + "; ".join(
+            f"{c}: {', '.join(_label(r) for r in results if (r.get('commit') or 'not recorded') == c)}"
+            for c in commits) + "."
     lines = ["# Methods on the miniature world, at equal compute", "", intro, "",
              ("| model | steps | FID ↓ | CLIP score ↑ | colour | shape | size | position | all "
               "attributes | distill wall time | images seen |"),
@@ -103,9 +152,9 @@ def report(results: list[dict], out: Path) -> str:
     for r in results:
         st, d = r["eval"]["student"], r["distill"]
         marks = " *" if st is best else (" ≈" if inside_noise(st, best, "fid") else "")
-        lines.append(_row(r["method"], st, marks, f"{d['wall_seconds']:.0f} s",
+        lines.append(_row(_label(r), st, marks, f"{d['wall_seconds']:.0f} s",
                           str(d["images_seen"])))
-    curves = {r["method"]: r["proxy_fid"] for r in results if r["proxy_fid"][0]}
+    curves = {_label(r): r["proxy_fid"] for r in results if r["proxy_fid"][0]}
     if curves:
         metric_curves(curves, out / "methods_fid.png", "proxy FID",
                       "in-training proxy FID (training prompts)")
@@ -118,7 +167,11 @@ def report(results: list[dict], out: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(method_names()),
-                        help="comma-separated methods (default: all)")
+                        help="comma-separated methods (default: all); <method>@N for its "
+                             "N-step student (swiftbrush, sid_lsg, dmd2)")
+    parser.add_argument("--add-to", type=Path, default=None,
+                        help="an earlier run's methods.json: the report holds its rows and the "
+                             "new ones (a new row replaces one of the same variant)")
     parser.add_argument("--root", default=".", type=Path)
     parser.add_argument("--out", default="reports", type=Path)
     parser.add_argument("--results", type=Path, default=None,
@@ -135,13 +188,17 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_text(out / "methods.md", report(read_json(args.results), out))
         print(f"wrote {out / 'methods.md'} from {args.results}")
         return
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(method_names()))
-    if unknown:
-        sys.exit(f"unknown method(s) {unknown}; valid methods are: {', '.join(method_names())}")
+    try:
+        variants = [parse_variant(m) for m in args.methods.split(",") if m]
+    except ValueError as err:
+        sys.exit(f"--methods: {err}")
+    if args.add_to is not None and not args.add_to.is_file():
+        sys.exit(f"--add-to {args.add_to}: no such file (a methods.json that "
+                 "`python -m pipeline.methods_report` wrote)")
+    earlier = read_json(args.add_to) if args.add_to is not None else []  # read before a rewrite
     params = (root / PARAMS_FILE).read_text()
     try:
-        results = [run_experiment(root, m) for m in methods]
+        results = merge(earlier, [run_experiment(root, m, n) for m, n in variants])
     finally:
         (root / PARAMS_FILE).write_text(params)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,9 @@ class DistillConfig:
     sample_seed: int = 0
     proxy_fid_images: int = 0  # >0: FID of this many student images at every sample step
     keep_runs: int = 2  # checkpoint folders kept: this run's and the last other runs'
+    # the student saved: the weights at the last step, or at the lowest proxy FID of the run
+    # (kept in the run's folder whenever the proxy FID is measured)
+    save: str = "last"
 
     def validate(self) -> None:
         for key in ("sample_prompts", "keep_runs"):
@@ -62,6 +65,13 @@ class DistillConfig:
         if self.proxy_fid_images < 0 or self.proxy_fid_images == 1:
             raise ValueError(f"proxy_fid_images must be 0 (off) or at least 2 (FID needs "
                              f"a covariance), got {self.proxy_fid_images}")
+        if self.save not in ("last", "best"):
+            raise ValueError(f"save must be 'last' or 'best' (the lowest proxy FID), got "
+                             f"{self.save!r}")
+        if self.save == "best" and not self.proxy_fid_images:
+            raise ValueError("save: best keeps the weights of the lowest proxy FID, which is "
+                             "off (proxy_fid_images: 0): set proxy_fid_images >= 2, or save: "
+                             "last")
         valid = method_names()
         if self.method not in valid:
             raise ValueError(f"unknown method {self.method!r}; valid methods are: "

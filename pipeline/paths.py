@@ -14,6 +14,7 @@ REFSTATS = Path("data/refstats")
 STUDENT = Path("models/student")
 CHECKPOINTS = Path("checkpoints/distill")
 DISTILL_OUT = Path("outputs/distill")
+MONITOR_FILE = "monitor.json"  # in DISTILL_OUT: the training monitor's flags
 EVAL_OUT = Path("outputs/eval")
 REGISTER_OUT = Path("outputs/register.json")
 REVIEW_OUT = Path("outputs/review")  # the review page of the version last registered

@@ -39,3 +39,29 @@ def copy_project(dest: Path, preset: str = "micro", source: Path = ROOT) -> Path
     git("add", "-A", cwd=dest)
     git("commit", "-qm", preset, cwd=dest)
     return dest
+
+
+def prepared_project(dest: Path, tmp_path_factory) -> Path:
+    """A micro-preset project (``copy_project``) whose stages before distill (bootstrap,
+    prepare_prompts, cache_teacher, reference_stats) have run, copied to ``dest``.
+
+    The stages run once per test session, under a lock, in a folder every xdist worker of the
+    session shares; each caller gets its own copy, free to change params and run on."""
+    import fcntl
+
+    from pipeline.stages import bootstrap, cache_teacher, prepare_prompts, reference_stats
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's
+    built = shared / "micro-prepared"
+    with open(shared / "micro-prepared.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first process builds, the others wait for it
+        if not (built / ".prepared").exists():
+            shutil.rmtree(built, ignore_errors=True)
+            built.mkdir()
+            copy_project(built)
+            for stage in (bootstrap, prepare_prompts, cache_teacher, reference_stats):
+                stage.run(built)
+            (built / ".prepared").touch()
+    shutil.copytree(built, dest, symlinks=True, ignore=shutil.ignore_patterns(".prepared"))
+    return dest

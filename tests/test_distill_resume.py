@@ -15,8 +15,8 @@ import yaml
 
 from components.io import sha256_tree
 from pipeline import paths
-from pipeline.stages import bootstrap, cache_teacher, distill, prepare_prompts, reference_stats
-from tests.projects import copy_project
+from pipeline.stages import distill
+from tests.projects import prepared_project
 from tests.threads import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -34,9 +34,7 @@ def _runs(root: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = copy_project(tmp_path_factory.mktemp("project"))
-    for stage in (bootstrap, prepare_prompts, cache_teacher, reference_stats):
-        stage.run(root)
+    root = prepared_project(tmp_path_factory.mktemp("resume") / "project", tmp_path_factory)
     _set(root, steps=1, sample_every=1, checkpoint_every=1, log_every=1)
     return root
 

@@ -1,6 +1,7 @@
-"""A student of a flow teacher is a plain diffusers ``StableDiffusion3Pipeline`` folder: the stock
-pipeline with the call ``student.json`` names reproduces ``Student.generate`` for every generator
-kind it can express (the one it cannot says why); a Meng et al. student's w input is folded into
+"""A student of a flow teacher is a plain diffusers ``StableDiffusion3Pipeline`` (or
+``FluxPipeline``) folder: the stock pipeline with the call ``student.json`` names, in a process
+that imports nothing of the project, reproduces ``Student.generate`` for every generator kind it
+can express (the one it cannot says why); a Meng et al. student's w input is folded into
 the saved transformer; latents follow the VAE's shift factor, ``(z − shift) · scale``, as
 diffusers' SD3 pipelines do (a decode that ignored it differs from the stock one by 24/255 on
 the tiny VAE)."""
@@ -8,11 +9,14 @@ the tiny VAE)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
 
 from components.generation import GeneratorSpec, Student, decode_latents, load_student, save_student
 from components.networks import saved_network
@@ -38,16 +42,51 @@ def _w_student(pipe):
     return net
 
 
-def stock_images(folder, prompts=PROMPTS, seeds=SEEDS) -> np.ndarray:
-    """What a plain diffusers user gets from the call ``student.json`` names."""
+# What a plain diffusers user runs: nothing of Distillery is importable (cwd and sys.path are
+# the temp folder's); the pipeline class, from_pretrained and call arguments come from
+# student.json.
+PLAIN_USER = """
+import json, sys
+from pathlib import Path
+import diffusers, numpy as np, torch
+assert not any(m.split(".")[0] in ("components", "pipeline", "tests") for m in sys.modules)
+prompts, seeds = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for folder in map(Path, sys.argv[3:]):
     entry = json.loads((folder / "student.json").read_text())["diffusers"]
-    assert entry["pipeline"] == "StableDiffusion3Pipeline"
-    pipe = StableDiffusion3Pipeline.from_pretrained(folder, dtype=torch.float32,
-                                                    **entry.get("from_pretrained", {}))
+    pipe = getattr(diffusers, entry["pipeline"]).from_pretrained(
+        folder, dtype=torch.float32, **entry.get("from_pretrained", {}))
     pipe.set_progress_bar_config(disable=True)
     images = [pipe(p, generator=torch.Generator().manual_seed(s), output_type="np",
-                   **entry["call"]).images[0] for p, s in zip(prompts, seeds, strict=True)]
-    return (np.stack(images) * 255).round().astype(np.uint8)
+                   **entry["call"]).images[0] for p, s in zip(prompts, seeds)]
+    out = folder.parent / f"{folder.name}.plain"  # beside the folder: it stays as saved
+    np.save(f"{out}.npy", (np.stack(images) * 255).round().astype(np.uint8))
+    Path(f"{out}.pipeline").write_text(entry["pipeline"])
+"""
+
+
+def run_plain_user(folders, prompts=PROMPTS, seeds=SEEDS) -> None:
+    """Generate with the call each folder's ``student.json`` names, in one process that imports
+    nothing of the project; each folder ``F`` gets ``F.plain.npy`` beside it."""
+    folders = [str(Path(f).resolve()) for f in folders]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_USER, json.dumps(list(prompts)),
+                           json.dumps(list(seeds)), *folders], cwd=Path(folders[0]).parent,
+                          env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def plain_images(folder, pipeline: str = "StableDiffusion3Pipeline") -> np.ndarray:
+    """What ``run_plain_user`` got from ``folder``, with the pipeline class it used."""
+    out = Path(folder).parent / f"{Path(folder).name}.plain"
+    assert Path(f"{out}.pipeline").read_text() == pipeline
+    return np.load(f"{out}.npy")
+
+
+def stock_images(folder, prompts=PROMPTS, seeds=SEEDS,
+                 pipeline: str = "StableDiffusion3Pipeline") -> np.ndarray:
+    """What a plain diffusers user gets from ``folder`` (``run_plain_user``)."""
+    run_plain_user([folder], prompts, seeds)
+    return plain_images(folder, pipeline)
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +97,42 @@ def students(tmp_path_factory):
         if spec.w_dim:
             _, pipe.transformer, spec = saved_network(_w_student(pipe), spec)
         save_student(pipe, spec, base / name, {"method": name})
+    run_plain_user([base / name for name in KINDS])
     return base
+
+
+FLUX_KINDS = {"one_step": GeneratorSpec(), "one_step_t500": GeneratorSpec(t=500),
+              "rectified_flow": GeneratorSpec(kind="rectified_flow", steps=2)}
+
+
+@pytest.fixture(scope="module")
+def flux_students(tmp_path_factory):
+    from tests.tiny_flow import tiny_flux_pipeline
+
+    base = tmp_path_factory.mktemp("flux-students")
+    for name, spec in FLUX_KINDS.items():
+        save_student(tiny_flux_pipeline(0), spec, base / name, {"method": name})
+    run_plain_user([base / name for name in FLUX_KINDS])
+    return base
+
+
+@pytest.mark.parametrize("name", sorted(FLUX_KINDS))
+def test_stock_flux_pipeline_reproduces_the_student(flux_students, name):
+    """FluxPipeline at the student's resolution (which sets the scheduler's shift), its
+    guidance input at 1 and no true CFG, on the tiny FLUX.1-dev-style pipeline."""
+    call = json.loads((flux_students / name / "student.json").read_text())["diffusers"]["call"]
+    assert call["height"] == call["width"] and call["guidance_scale"] == 1.0
+    ours = load_student(flux_students / name).generate(PROMPTS, SEEDS)
+    stock = plain_images(flux_students / name, pipeline="FluxPipeline")
+    diff = np.abs(ours.astype(int) - stock.astype(int)).max()
+    assert diff <= 1, f"{name}: FluxPipeline differs from Student.generate by {diff}"
+    assert ours.std() > 0
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_stock_sd3_pipeline_reproduces_the_student(students, name):
     ours = load_student(students / name).generate(PROMPTS, SEEDS)
-    diff = np.abs(ours.astype(int) - stock_images(students / name).astype(int)).max()
+    diff = np.abs(ours.astype(int) - plain_images(students / name).astype(int)).max()
     assert diff <= 1, f"{name}: StableDiffusion3Pipeline differs from Student.generate by {diff}"
     assert ours.std() > 0
 

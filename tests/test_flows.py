@@ -223,3 +223,39 @@ def test_params_are_checked_before_any_stage_runs(prefect_api, monkeypatch, tmp_
                                           r"distill.loop: unknown key\(s\) 'stepz'"):
         distillery(root=str(tmp_path), stages=["bootstrap", "distill"])
     assert ran == []
+
+
+def test_a_run_the_monitor_stopped_is_not_retried(prefect_api, monkeypatch, tmp_path):
+    """A retry would resume from the last checkpoint and meet the same step again."""
+    from components.monitor import TrainingAlarm
+
+    calls = []
+
+    def collapsing(root: Path) -> None:
+        calls.append(1)
+        raise TrainingAlarm("training monitor: step 7: mode collapse: diversity across seeds "
+                            "0.0020 is 3% of its first value", 7, "mode collapse")
+
+    inject(monkeypatch, "collapsing", collapsing, StagePolicy(retries=3, retry_delay_s=0))
+    with pytest.raises(StageFailed, match=r"stage 'collapsing' failed: TrainingAlarm: training "
+                       r"monitor: step 7: mode collapse"):
+        distillery(root=str(tmp_path), stages=["collapsing"])
+    assert len(calls) == 1
+
+
+def test_a_stopped_run_under_dvc_fails_its_task_once_with_the_reason(prefect_api, monkeypatch,
+                                                                    dvc_project):
+    """Through ``dvc repro`` the stage's one-line error is all the flow sees: it still knows the
+    monitor stopped the run (reason and step) and does not retry it."""
+    (dvc_project / "collapses.py").write_text(
+        "open('calls', 'a').write('x')\n"
+        "print('distill: error: training monitor: step 3: collapsed: mean saturation 0.0001 "
+        "< 0.01 (grey images); the run stopped (distill.monitor.action: stop)')\n"
+        "raise SystemExit(2)\n")
+    (dvc_project / "dvc.yaml").write_text(DVC_YAML + "  collapses:\n    cmd: python collapses.py\n")
+    inject(monkeypatch, "collapses", lambda root: None, StagePolicy(retries=2, retry_delay_s=0))
+    with pytest.raises(StageFailed, match=r"stage 'collapses' failed: TrainingAlarm: training "
+                       r"monitor: step 3: collapsed: mean saturation") as info:
+        distillery(root=str(dvc_project), stages=["collapses"], use_dvc=True)
+    assert "the run stopped" in str(info.value)
+    assert (dvc_project / "calls").read_text() == "x"  # one attempt, no retries

@@ -15,8 +15,8 @@ import yaml
 
 from components.generation import load_student
 from pipeline import paths
-from pipeline.stages import bootstrap, cache_teacher, distill, prepare_prompts, reference_stats
-from tests.projects import copy_project
+from pipeline.stages import distill
+from tests.projects import prepared_project
 from tests.threads import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -25,9 +25,7 @@ PROMPTS, SEEDS = ["a red circle", "a blue square"], [1, 2]
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    root = copy_project(tmp_path_factory.mktemp("project"))
-    for stage in (bootstrap, prepare_prompts, cache_teacher, reference_stats):
-        stage.run(root)
+    root = prepared_project(tmp_path_factory.mktemp("lora") / "project", tmp_path_factory)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["distill"].update(
         method="dmd2", student={"kind": "lora", "rank": 4, "alpha": 4.0},

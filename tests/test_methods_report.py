@@ -51,3 +51,28 @@ def test_report_is_written_again_from_a_finished_runs_results(tmp_path, capsys):
     assert "| a * |" in text and "| b |" in text
     with pytest.raises(SystemExit, match="no such file"):
         methods_report.main(["--root", str(tmp_path), "--results", str(tmp_path / "nope.json")])
+
+
+def test_variants_name_a_method_and_its_step_count():
+    assert methods_report.parse_variant("dmd2") == ("dmd2", 1)
+    assert methods_report.parse_variant("sid_lsg@4") == ("sid_lsg", 4)
+    for bad, message in [("dmd3", "unknown method 'dmd3'"), ("dmd2@x", "positive integer"),
+                         ("meng@4", "few-step students are trained by")]:
+        with pytest.raises(ValueError, match=message):
+            methods_report.parse_variant(bad)
+    with pytest.raises(SystemExit, match="--methods: .*positive integer"):
+        methods_report.main(["--methods", "dmd2@0"])
+
+
+def test_added_rows_join_an_earlier_run_and_name_their_commits(tmp_path):
+    earlier = [_result("a", 200.0, 2.0), _result("dmd2", 230.0, 2.0)]  # no commit recorded
+    four = {**_result("dmd2", 210.0, 2.0), "generator_steps": 4, "label": "dmd2, 4-step",
+            "commit": "abc1234"}
+    redone = {**_result("a", 205.0, 2.0), "generator_steps": 1, "label": "a", "commit": "abc1234"}
+    merged = methods_report.merge(earlier, [redone, four])
+    assert [methods_report._label(r) for r in merged] == ["dmd2", "a", "dmd2, 4-step"]
+    text = methods_report.report(merged, tmp_path)
+    rows = _rows(text)
+    assert rows["a *"][1] == "205.0 ± 2.0" and rows["dmd2, 4-step ≈"][1] == "210.0 ± 2.0"
+    assert rows["dmd2"][1] == "230.0 ± 2.0"
+    assert "Rows ran at different commits: abc1234: a, dmd2, 4-step; not recorded: dmd2." in text

@@ -207,7 +207,9 @@ def test_instaflow_lpips_without_backbone_weights_stops_and_names_them(tmp_path,
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached weights here
     cfg_cls, build = get_method("instaflow")
     pipe = tiny_pipeline()
-    with pytest.raises(RuntimeError, match=r"alexnet.*hub/checkpoints.*lpips_fraction: 0"):
+    from components.methods.instaflow import LpipsUnavailable
+
+    with pytest.raises(LpipsUnavailable, match=r"alexnet.*hub/checkpoints.*lpips_fraction: 0"):
         build(cfg_cls(lpips_fraction=0.5), Teacher(teacher_denoiser(pipe), lambda x: x), 10)
 
 

@@ -134,3 +134,42 @@ def test_the_same_run_at_a_sane_learning_rate_raises_nothing(tmp_path):
     monitor = Monitor(MonitorConfig(action="stop"))
     _tiny_dmd2_run(tmp_path, 1e-3, monitor, 3)  # lr 1e-3: diversity 0.109 → 0.105 (measured)
     assert monitor.flags == []
+
+
+def test_a_resumed_monitor_replays_the_earlier_rows_and_goes_on_as_one():
+    """The first segment's rows (loss windows and sample rows) rebuild the state: the first
+    diversity, the best proxy FID and its strikes carry over, and no flag is reported twice."""
+    rows = [{"step": 5, "loss_dm": 0.3},
+            {"step": 10, **_healthy(monitor_diversity=0.2), "proxy_fid": 100.0},
+            {"step": 15, "loss_dm": math.nan},  # flagged in the first segment
+            {"step": 20, **_healthy(monitor_diversity=0.15), "proxy_fid": 160.0},  # strike 1
+            {"step": 30, **_healthy(monitor_diversity=0.04), "proxy_fid": 170.0},  # 2: flags
+            {"step": 40, **_healthy(monitor_diversity=0.1), "proxy_fid": 90.0}]
+
+    def feed(monitor, part):
+        for row in part:
+            metrics = {k: v for k, v in row.items() if k != "step"}
+            if "proxy_fid" in row:
+                monitor.observe_samples(metrics, row["step"])
+            else:
+                monitor.observe_losses(metrics, row["step"])
+
+    said_once, said_twice = [], []
+    whole = Monitor(MonitorConfig(fid_patience=2), report=said_once.append)
+    feed(whole, rows)
+    resumed = Monitor(MonitorConfig(fid_patience=2), report=said_twice.append)
+    resumed.replay(rows[:4])  # killed after step 20, resumed from its checkpoint
+    feed(resumed, rows[4:])
+    assert resumed.flags == whole.flags and resumed.best == whole.best == (90.0, 40)
+    assert [step for step, _ in whole.flags] == [15, 30, 30]  # loss; diversity 20 %; FID
+    assert len(said_twice) == 2 and all("step 30" in line for line in said_twice)
+    assert resumed.records()[0] == {"step": 15, "reason": whole.flags[0][1]}
+
+
+def test_replay_never_stops_a_run_that_was_flagged_before():
+    monitor = Monitor(MonitorConfig(action="stop"))
+    monitor.replay([{"step": 3, "loss_dm": math.inf}])  # e.g. resumed with action warn → stop
+    assert monitor.flags == [(3, "diverged: loss loss_dm is not finite")]
+    with pytest.raises(TrainingAlarm) as alarm:
+        monitor.observe_losses({"loss_dm": math.nan}, 4)
+    assert alarm.value.step == 4 and alarm.value.reason == "diverged: loss loss_dm is not finite"

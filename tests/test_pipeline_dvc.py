@@ -1,10 +1,12 @@
-"""Smoke test of the whole DAG on the micro preset, run for real by DVC in a temporary git repo."""
+"""Smoke test of the whole DAG on the micro preset, run for real by DVC in a temporary git repo,
+and the README's reproduction in a second clone of it."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +122,45 @@ def test_every_method_is_one_experiment_away(repo, method):
     shown = json.dumps(json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"],
                                        repo).stdout))
     assert f"m-{method}" in shown
+
+
+TIMED = {"metrics/distill.json", "checkpoints/distill"}  # wall seconds, clock.json: not compared
+
+
+def _lock(text: str) -> dict:
+    """Per stage of a ``dvc.lock``: its deps, params and outs as path -> hash, the timed outputs
+    left out."""
+    import yaml
+
+    stages = yaml.safe_load(text)["stages"]
+    return {name: {"deps": {d["path"]: d.get("md5") for d in stage.get("deps", [])},
+                   "params": stage.get("params"),
+                   "outs": {o["path"]: o.get("md5") for o in stage.get("outs", [])
+                            if o["path"] not in TIMED}}
+            for name, stage in stages.items()}
+
+
+def test_a_second_clone_rederives_the_student_with_the_first_clones_lock(repo, tmp_path):
+    """A clone at another path pulls the first clone's DVC cache, removes the checkpoints and
+    re-derives the student (`dvc repro --force --single-item distill`): its ``dvc.lock`` holds
+    the committed hashes (every input, the student, the distill outputs and plots that later
+    stages read; only what is not cached and records a wall clock differs), `dvc status` is
+    empty, and no saved file names a machine path."""
+    lock = _lock(_run(["git", "show", "HEAD:dvc.lock"], repo).stdout)  # what was committed
+    second = tmp_path / "elsewhere" / "deeper" / "second"
+    second.parent.mkdir(parents=True)
+    _run(["git", "clone", "-q", str(repo), str(second)], tmp_path)
+    dvc = str(BIN / "dvc")
+    _run([dvc, "remote", "add", "--local", "-d", "origin", str(repo / ".dvc" / "cache")], second)
+    _run([dvc, "pull"], second)  # the student and every stage's inputs and outputs
+    shutil.rmtree(second / "checkpoints", ignore_errors=True)
+    _run([dvc, "repro", "--force", "--single-item", "distill"], second)
+
+    assert json.loads(_run([dvc, "status", "--json"], second).stdout) == {}
+    again = _lock((second / "dvc.lock").read_text())
+    assert again == lock  # the first clone's hashes
+    assert set(again["distill"]["outs"]) == {"models/student", "outputs/distill",
+                                             "plots/distill_loss.csv", "plots/distill_fid.csv"}
+    saved = [p for p in (second / "models/student").rglob("*.json")]
+    saved += [p for p in (second / "outputs/distill").rglob("*.json")]
+    assert saved and not [p for p in saved if str(tmp_path) in p.read_text()]

@@ -537,3 +537,25 @@ def test_same_student_reuses_its_version_and_a_fresh_store_says_nothing_of_exist
     assert "already the champion" in again["reason"]
     other = reg({**same, "eval_card_sha256": "c" * 64}, fid=40.0)
     assert other["version"] == "2" and other["promoted"] and not other["reused"]
+
+
+def test_register_identity_is_the_student_and_its_eval_card_less_latency(tmp_path):
+    """What the register stage matches a version on: the same student folder (from any path)
+    and eval card give the same identity whatever the measured latency; another card setting or
+    another weight byte gives another."""
+    import shutil
+
+    from pipeline.stages.register import identity
+
+    folder = tmp_path / "a/student"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (folder / "student.json").write_text('{"method": "swiftbrush"}')
+    shutil.copytree(folder, tmp_path / "elsewhere/student")
+    card = {"protocol": "world", "n_images": 16, "seeds": [0, 15], "latency": {"s": 0.5}}
+    first = identity(folder, card)
+    assert identity(tmp_path / "elsewhere/student", card | {"latency": {"s": 0.7}}) == first
+    assert identity(folder, card | {"n_images": 32})["eval_card_sha256"] != (
+        first["eval_card_sha256"])
+    (folder / "unet/diffusion_pytorch_model.safetensors").write_bytes(b"weightz")
+    assert identity(folder, card)["student_sha256"] != first["student_sha256"]

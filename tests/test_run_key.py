@@ -42,7 +42,8 @@ def _key(cfg: DistillConfig, **inputs) -> str:
 def test_cadence_run_length_and_monitoring_do_not_change_the_key():
     base = _distill()
     same = [_distill(steps=400), _distill(log_every=7, sample_every=3, checkpoint_every=9),
-            replace(base, sample_prompts=2, sample_seed=5, proxy_fid_images=0, keep_runs=5)]
+            replace(base, sample_prompts=2, sample_seed=5, proxy_fid_images=0, keep_runs=5),
+            replace(base, save="best")]  # which of its weights is saved: the same training
     assert {_key(c) for c in same} == {_key(base)}
     # another method's section is not this run's config either
     other = replace(base, methods={**base.methods, "sid_lsg": {"generator_lr": 1.0}})
@@ -148,3 +149,101 @@ def test_distill_code_deps_cover_every_module_the_stage_runs():
         if rel in CONFIG_ONLY or rel in PACKAGE_MARKERS:
             continue
         assert any(rel == d or rel.startswith(d + "/") for d in deps), f"{rel} not in deps"
+
+
+def _other_runs(folder: Path, names: list[str]) -> None:
+    for age, name in enumerate(names):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "clock.json").write_text("{}")
+        os.utime(folder / name / "clock.json", (1e9 - age * 100, 1e9 - age * 100))
+
+
+def test_only_rank_0_prunes_and_only_once_this_run_holds_a_checkpoint(tmp_path):
+    """The distill stage's progress callback prunes other runs (to ``keep_runs``) at the first
+    step that wrote a checkpoint, and never on a non-zero rank (the loop also calls it on rank 0
+    only)."""
+    from pipeline import paths
+    from pipeline.checkpoints import RunRecord
+    from pipeline.stages.distill import _progress
+
+    folder = tmp_path / paths.CHECKPOINTS
+    _other_runs(folder, ["recent", "older", "oldest"])
+    cfg = replace(_distill(steps=4, checkpoint_every=2), keep_runs=2)
+    progress, bar = _progress(tmp_path, cfg, RunRecord(folder / "current"), "current", False)
+    progress(2, 4)  # a non-zero rank, at a checkpoint step: nothing deleted
+    bar.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["current", "older", "oldest", "recent"]
+    progress, bar = _progress(tmp_path, cfg, RunRecord(folder / "current"), "current", True)
+    progress(1, 4)  # no checkpoint of this run yet
+    assert len(list(folder.iterdir())) == 4
+    progress(2, 4)
+    bar.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["current", "recent"]
+
+
+def test_a_killed_segment_keeps_its_rows_grids_and_wall_time_up_to_its_checkpoint(tmp_path):
+    """A segment killed after logging step 5 with its last checkpoint at step 4: the next segment
+    keeps the loss and proxy-FID rows and the grids of steps 1-4, drops the rows of step 5 (it
+    logs them again) and counts the killed segment's wall time up to its last step."""
+    import json
+    import time
+
+    from pipeline.checkpoints import RunRecord
+
+    killed = RunRecord(tmp_path)
+    for step in range(1, 6):
+        killed.add({"step": step, "loss": 1.0 / step})
+        killed.add({"step": step, "proxy_fid": 100.0 - step})
+        (killed.samples / f"step-{step:07d}.png").write_bytes(b"grid")
+        time.sleep(0.01)
+        killed.tick()  # the loop's progress callback, after every step
+    killed_s = killed.segment_seconds()
+    del killed  # kill -9: nothing more is written
+
+    resumed = RunRecord(tmp_path)
+    resumed.resume_from(4)
+    assert [r["step"] for r in resumed.rows] == [1, 1, 2, 2, 3, 3, 4, 4]
+    on_disk = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert on_disk == resumed.rows
+    assert sorted(p.name for p in resumed.samples.iterdir())[:4] == [
+        f"step-{s:07d}.png" for s in range(1, 5)]
+    resumed.add({"step": 5, "loss": 0.2})
+    assert 0.04 <= resumed.wall_seconds() - resumed.segment_seconds() <= killed_s
+    both = resumed.wall_seconds()
+    resumed.tick()
+    third = RunRecord(tmp_path)  # a third segment counts both earlier ones
+    assert third.wall_seconds() >= both
+    assert [r["step"] for r in third.rows][-1] == 5
+
+
+def test_save_best_is_checked_at_load():
+    with pytest.raises(ValueError, match="save must be 'last' or 'best'"):
+        replace(_distill(), save="first").validate()
+    with pytest.raises(ConfigError, match=r"proxy FID, which is off \(proxy_fid_images: 0\)"):
+        from_dict(DistillConfig, {**to_dict(_distill()), "save": "best",
+                                  "proxy_fid_images": 0}, "distill")
+
+
+def test_best_student_keeps_the_lowest_proxy_fid_and_refuses_a_stale_file(tmp_path):
+    import torch
+
+    from pipeline.checkpoints import BestStudent, best_row
+
+    net = torch.nn.Linear(2, 2)
+    best, rows = BestStudent(tmp_path), []
+    for step, fid in [(1, 50.0), (2, 40.0), (3, 45.0), (4, 40.0)]:
+        with torch.no_grad():
+            net.weight.fill_(step)
+        kept = best.offer(net, fid, step, rows)
+        assert kept == (step in (1, 2, 4))  # a tie keeps the later weights
+        rows.append({"step": step, "proxy_fid": fid})
+    assert best_row(rows) == {"step": 4, "proxy_fid": 40.0}
+    out = torch.nn.Linear(2, 2)
+    assert best.load_into(out, rows) == {"step": 4, "proxy_fid": 40.0}
+    assert torch.equal(out.weight, torch.full((2, 2), 4.0))
+    # a redone step 4 that scored otherwise (other hardware): the kept file is not the best row's
+    with pytest.raises(ValueError, match="lowest proxy FID is 40.0 at step 2, but the weights "
+                       "kept in .* are of step 4"):
+        best.load_into(out, rows[:3] + [{"step": 4, "proxy_fid": 41.0}])
+    with pytest.raises(ValueError, match="logged none"):
+        BestStudent(tmp_path / "none").load_into(out, [{"step": 1, "loss": 0.1}])

@@ -119,3 +119,74 @@ def test_zero_cadence_is_rejected_before_training(tmp_path, key="checkpoint_ever
     proc = _stage("distill", _params(tmp_path, lambda d: d["distill"]["loop"].update({key: 0})))
     assert proc.returncode == 2
     assert _last_line(proc) == f"distill: error: distill.loop: {key} must be at least 1, got 0"
+
+
+# Raised by the flow to Prefect (its stage's own error is the one the user reads), not by a stage.
+NOT_STAGE_ERRORS = {"pipeline.flows.StageFailed"}
+
+
+def _project_exception_classes() -> list[str]:
+    """``module.Class`` of every class in components/ and pipeline/ deriving from an exception
+    (by name: a base ending in Error, Exception, Missing, Alarm or Unavailable)."""
+    import ast
+
+    found = []
+    for path in sorted([*(ROOT / "components").rglob("*.py"), *(ROOT / "pipeline").rglob("*.py")]):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            bases = [getattr(b, "id", getattr(b, "attr", "")) for b in getattr(node, "bases", [])]
+            if isinstance(node, ast.ClassDef) and any(
+                    b.endswith(("Error", "Exception", "Missing", "Alarm", "Unavailable"))
+                    for b in bases):
+                found.append(f"{module}.{node.name}")
+    return found
+
+
+def test_every_project_error_type_reaches_the_user_as_one_line():
+    """Each exception class the project defines is one the stage entry turns into one line
+    (a checkpoint of another run used to end in a traceback: CheckpointError was a bare
+    RuntimeError, and so was InstaFlow's missing LPIPS backbone)."""
+    import importlib
+
+    from pipeline.stages.common import PROJECT_ERRORS
+
+    classes = [c for c in _project_exception_classes() if c not in NOT_STAGE_ERRORS]
+    assert "components.checkpoint.CheckpointError" in classes  # the walk finds them
+    for qualified in classes:
+        module, name = qualified.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        assert issubclass(cls, PROJECT_ERRORS), f"{qualified} would end in a traceback"
+
+
+def test_checkpoint_of_another_run_is_one_line(tmp_path, monkeypatch, capsys):
+    from components.checkpoint import CheckpointError
+    from pipeline.stages.common import entry
+
+    def run(root):
+        raise CheckpointError(f"checkpoint {root}/step-1 does not match this run: missing "
+                              "['model/student/w'] (1), unexpected [] (0); delete it to start "
+                              "afresh")
+
+    monkeypatch.setattr(sys, "argv", ["distill", "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        entry(run, "distill")
+    assert exit_.value.code == 2
+    line = (f"distill: error: checkpoint {tmp_path.resolve()}/step-1 does not match this run: "
+            "missing ['model/student/w'] (1), unexpected [] (0); delete it to start afresh")
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_missing_reference_folder_gets_the_stages_own_line(tmp_path, monkeypatch, capsys):
+    """Run directly (or by the flow), reference_stats names the key to set; under a bare
+    `dvc repro` DVC stops first on the missing dependency, which `pipeline.params --check`
+    names (tests/test_config.py)."""
+    from pipeline.stages import reference_stats
+
+    _params(tmp_path, lambda d: d["reference"].update({"images": "data/coco/val2014"}))
+    monkeypatch.setattr(sys, "argv", ["reference_stats", "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        reference_stats.main()
+    assert exit_.value.code == 2
+    line = (f"reference_stats: error: reference image folder {tmp_path.resolve()}/data/coco/"
+            "val2014 not found; set `reference.images` to a folder of images (e.g. COCO val2014)")
+    assert capsys.readouterr().err.strip().splitlines() == [line]

@@ -77,17 +77,21 @@ class InstaFlowConfig:
             raise ValueError("distill_ode_steps and sample_steps must be >= 1")
 
 
+class LpipsUnavailable(FileNotFoundError):
+    """LPIPS (its package or its backbone's ImageNet weights) is not on this machine."""
+
+
 def load_lpips(net: str):
     """LPIPS with its ImageNet backbone, or a clear error saying which weights to supply."""
     try:
         import lpips
     except ImportError as err:
-        raise RuntimeError("InstaFlow's LPIPS phase needs the `lpips` package; install the "
-                           "project's dependencies (`uv sync`)") from err
+        raise LpipsUnavailable("InstaFlow's LPIPS phase needs the `lpips` package; install "
+                               "the project's dependencies (`uv sync`)") from err
     try:
         return lpips.LPIPS(net=net, pretrained=True, verbose=False).eval().requires_grad_(False)
     except (OSError, RuntimeError) as err:  # the backbone download fails offline
-        raise RuntimeError(
+        raise LpipsUnavailable(
             f"InstaFlow's LPIPS phase needs the torchvision ImageNet weights of '{net}' "
             f"(e.g. alexnet-owt-7be5be79.pth), which could not be loaded ({err}). Put the file "
             "into $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/) on this "

@@ -384,6 +384,34 @@ def tag_lineage(uri: str, run_id: str, tags: Mapping[str, str], model_name: str 
             client.set_model_version_tag(model_name, version, key, str(value))
 
 
+def log_stopped_run(uri: str, experiment: str, artifact_root: str | None,
+                    stopped: Mapping[str, Any], params: Mapping[str, Any],
+                    artifacts: Sequence[str | Path] = ()) -> str:
+    """A distillation the training monitor stopped, as an MLflow run with status FAILED:
+    ``stopped`` (step, reason, method, teacher) as ``monitor.*`` tags, the params, and the
+    artifacts logged so far (sample grids, the loss rows); returns its run id. Registration's
+    own queries (``find_runs``) read finished runs only. A store that refuses raises
+    ``OSError``."""
+    try:
+        client = client_for(uri)
+        experiment_id = _experiment_id(client, experiment, artifact_root)
+        tags = {f"monitor.{k}": str(v) for k, v in stopped.items()}
+        run = client.create_run(experiment_id,
+                                run_name=f"distill stopped at step {stopped['step']}",
+                                tags={**tags, "mlflow.note.content": str(stopped["reason"])})
+        run_id = run.info.run_id
+        _log_params(client, run_id, flatten(params))
+        for path in map(Path, artifacts):
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=path.name)
+            elif path.exists():
+                client.log_artifact(run_id, str(path))
+        client.set_terminated(run_id, status="FAILED")
+    except MlflowException as err:  # an unreachable or refusing store: the caller decides
+        raise OSError(f"MLflow at {uri}: {err}") from err
+    return run_id
+
+
 def find_runs(uri: str, experiment: str) -> list[dict[str, Any]]:
     """Finished runs of ``experiment``, oldest first: run id, name, params, metrics and tags."""
     client = client_for(uri)

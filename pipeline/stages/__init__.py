@@ -7,7 +7,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare_prompts": ("prompts",),
     "cache_teacher": ("teacher", "cache", "distill.method"),
     "reference_stats": ("reference",),
-    "distill": ("teacher", "distill"),
+    # register.experiment: where a run the training monitor stopped is logged (a FAILED run)
+    "distill": ("teacher", "distill", "register.experiment"),
     "evaluate": ("teacher", "evaluate"),
     "register": ("register",),
 }

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from components.checkpoint import CheckpointError
 from components.config import ConfigError, to_dict
 from components.io import CacheError, write_json
 from pipeline import env
@@ -61,9 +62,12 @@ def write_resolved(path: Path, **configs) -> None:
     write_json(path, {name: to_dict(cfg) for name, cfg in configs.items()})
 
 
-# What bad input raises (params, missing or stale upstream outputs, corrupt caches): the message
-# says what is wrong and how to fix it, so the user gets that line and no traceback.
-PROJECT_ERRORS = (ConfigError, CacheError, FileNotFoundError, ValueError, KeyError)
+# What bad input raises (params, missing or stale upstream outputs, corrupt caches, a checkpoint
+# of another run): the message says what is wrong and how to fix it, so the user gets that line
+# and no traceback. Every exception class the project defines derives from one of these
+# (tests/test_stage_errors.py walks them).
+PROJECT_ERRORS = (ConfigError, CacheError, CheckpointError, FileNotFoundError, ValueError,
+                  KeyError)
 TRACEBACK_ENV = "DISTILLERY_TRACEBACK"  # =1: raise them with their traceback (for debugging)
 
 

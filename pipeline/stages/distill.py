@@ -37,7 +37,7 @@ from components.generation import (
 )
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
 from components.methods import Teacher, get_method, pair_guidance_range
-from components.monitor import Monitor, image_statistics
+from components.monitor import Monitor, TrainingAlarm, image_statistics
 from components.networks import saved_network
 from components.pair_cache import PairCache
 from components.policy import TrainingPolicy
@@ -45,7 +45,15 @@ from components.student import save_lora_student
 from components.teacher import load_pipeline, resolve_model, teacher_denoiser
 from components.training import checkpoint_step, train
 from pipeline import paths
-from pipeline.checkpoints import RunRecord, code_hash, prune_runs, run_key
+from pipeline.checkpoints import (
+    ROWS_FILE,
+    BestStudent,
+    RunRecord,
+    best_row,
+    code_hash,
+    prune_runs,
+    run_key,
+)
 from pipeline.launch import torchrun
 from pipeline.params import load_stage
 from pipeline.plan import preflight
@@ -83,11 +91,16 @@ def _proxy_fid(root: Path, cfg):
                                                  inception_features(images, net, 64, prep))
 
 
+STOPPED_FILE = "stopped.json"  # in the run's folder: the step and reason the monitor stopped at
+
+
 def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunRecord):
     """A callback writing a grid of the student's images at fixed prompts and seeds into the
-    run's folder, and the proxy FID when enabled; it returns the monitor's image statistics
-    (``components.monitor``) and the proxy FID, also kept in the run's sample rows."""
+    run's folder, and the proxy FID when enabled (the weights of its lowest value so far kept,
+    ``BestStudent``); it returns the monitor's image statistics (``components.monitor``) and
+    the proxy FID, also kept in the run's sample rows."""
     fid = _proxy_fid(root, cfg)
+    best = BestStudent(record.folder)
 
     def on_sample(student: torch.nn.Module, step: int) -> dict:
         student.eval()
@@ -105,6 +118,7 @@ def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunReco
             images = _images(pipe, student, cache, spec, cfg.proxy_fid_images, cfg.sample_seed,
                              cfg.device)
             row["proxy_fid"] = round(fid(images), 4)
+            best.offer(student, row["proxy_fid"], step, record.rows)
         if row:
             record.add({"step": step, **row})
         student.train()
@@ -244,23 +258,72 @@ def run(root: Path) -> None:
     resolved = _resolved(root, teacher_cfg, cfg, method_cfg, cache, method)
     ckpt_dir = _run_folder(root, run_key(resolved, cfg.method), cfg.loop.steps)
     record = RunRecord(ckpt_dir)
+    (ckpt_dir / STOPPED_FILE).unlink(missing_ok=True)  # an earlier segment's stop, if any
     _resume(ckpt_dir, cfg.loop.steps, record)
     progress, bar = _progress(root, cfg, record, ckpt_dir.name, is_main)
-    ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
-                _sampler(root, pipe, cache, method.spec, local, record), progress, policy,
-                Monitor(cfg.monitor, lambda message: log(f"distill: {message}")))
-    bar.close()
+    monitor = Monitor(cfg.monitor, lambda message: log(f"distill: {message}"))
+    monitor.replay(record.rows)  # a resumed run goes on checking from where it was
+    try:
+        ema = train(method, batches, cfg.loop, ckpt_dir, _loss_logger(record),
+                    _sampler(root, pipe, cache, method.spec, local, record), progress, policy,
+                    monitor)
+    except TrainingAlarm as alarm:
+        if is_main:
+            _log_stopped_run(root, cfg, teacher_cfg, record, alarm,
+                             configs["register.experiment"])
+        raise
+    finally:
+        bar.close()
     ema.copy_to(method.student())
     student = policy.full_module(method.student())  # every process gathers; rank 0 keeps it
     if is_main:
-        _save(root, teacher_cfg, method.spec, student, policy, cfg, record, resolved, plan)
+        chosen = _chosen(student, cfg, record)
+        _save(root, teacher_cfg, method.spec, student, policy, cfg, record, resolved, plan,
+              chosen, monitor)
     distributed.finish()
 
 
+def _chosen(student, cfg, record: RunRecord) -> dict:
+    """Which weights become the student: the last step's (EMA), or with ``distill.save: best``
+    those of the run's lowest proxy FID (loaded into ``student``)."""
+    rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]
+    best = best_row(rows)
+    if cfg.save == "best":
+        best = BestStudent(record.folder).load_into(student, rows)
+        log(f"distill: saving the weights of step {best['step']} (lowest proxy FID "
+            f"{best['proxy_fid']:.2f}; distill.save: best)")
+        return {"which": "best", "step": best["step"], "proxy_fid": best["proxy_fid"]}
+    return {"which": "last", "step": cfg.loop.steps,
+            **({"best_step": best["step"], "best_proxy_fid": best["proxy_fid"]} if best else {})}
+
+
+def _log_stopped_run(root: Path, cfg, teacher_cfg, record: RunRecord, alarm: TrainingAlarm,
+                     experiment: str) -> None:
+    """The monitor stopped the run: record it in the run's folder and as a failed MLflow run
+    (register's experiment) with the reason, the step, the params and the grids so far."""
+    from components.registry.store import artifact_location, log_stopped_run, tracking_uri
+    from pipeline.params import read_params
+
+    stopped = {"step": alarm.step, "reason": alarm.reason, "method": cfg.method,
+               "teacher": teacher_cfg.model}
+    write_json(record.folder / STOPPED_FILE, stopped)
+    uri = tracking_uri(root)
+    try:
+        run_id = log_stopped_run(uri, experiment, artifact_location(root, uri), stopped,
+                                 read_params(root), [record.samples, record.folder / ROWS_FILE])
+    except OSError as err:  # the alarm itself must reach the user, not this
+        log(f"distill: warning: the stopped run could not be logged to MLflow at {uri}: {err}")
+        return
+    log(f"distill: the stopped run is MLflow run {run_id} (experiment {experiment!r}, status "
+        "FAILED)")
+
+
 def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, resolved,
-          plan: dict | None = None) -> None:
+          plan: dict | None = None, chosen: dict | None = None,
+          monitor: Monitor | None = None) -> None:
     extra = {"method": cfg.method, "teacher": teacher_cfg.model, "steps": cfg.loop.steps,
-             "policy": policy.describe(), "student": cfg.student.describe()}
+             "policy": policy.describe(), "student": cfg.student.describe(),
+             **({"saved": chosen} if chosen else {})}
     with atomic_dir(root / paths.STUDENT) as out:
         if cfg.student.kind == "lora":  # the LoRA, and the full-weight folder of it fused
             save_lora_student(load_pipeline(teacher_cfg, root), _plain(student).to("cpu"),
@@ -275,6 +338,9 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
         (out / "samples").mkdir()
         if plan is not None:  # the run's memory and time plan (MLflow gets it with the run)
             write_json(out / "plan.json", plan)
+        if monitor is not None and monitor.enabled:  # its flags, for register and the card
+            write_json(out / paths.MONITOR_FILE, {"action": cfg.monitor.action,
+                                            "flags": monitor.records()})
         for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
             if int(grid.stem.split("-")[1]) <= cfg.loop.steps:
                 shutil.copy2(grid, out / "samples" / grid.name)
@@ -289,9 +355,14 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
     last = {**(losses[-1] if losses else {}), **(fids[-1] if fids else {})}
     images_seen = cfg.loop.steps * cfg.loop.batch_size
     wall = record.wall_seconds()
+    flags = {"monitor_flags": len(monitor.flags)} if monitor is not None and monitor.enabled \
+        else {}
+    which = {f"saved_{k}" if k in ("step", "proxy_fid") else k: v
+             for k, v in (chosen or {}).items() if k != "which"}
     write_json(root / paths.DISTILL_METRICS, {"steps": cfg.loop.steps, "images_seen": images_seen,
                                               "wall_seconds": round(wall, 1),
-                                              **{k: v for k, v in last.items() if k != "step"}})
+                                              **{k: v for k, v in last.items() if k != "step"},
+                                              **flags, **which})
     log(f"distill: {cfg.loop.steps} steps ({images_seen} images) in {wall:.0f} s (every "
         f"segment of the run); student saved to {paths.STUDENT}")
 

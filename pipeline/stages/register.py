@@ -11,7 +11,12 @@ from components.io import read_json, sha256_bytes, sha256_file, sha256_tree, wri
 from components.registry.card import GRID_FILE, model_card
 from components.registry.gate import Lineage, protocol_id
 from components.registry.review_store import candidate_side, current_champion, publish_review
-from components.registry.store import artifact_location, register_student, tracking_uri
+from components.registry.store import (
+    artifact_location,
+    register_student,
+    tag_lineage,
+    tracking_uri,
+)
 from pipeline import paths
 from pipeline.lineage import git_commit
 from pipeline.params import PARAMS_FILE, load_stage, read_params
@@ -35,7 +40,8 @@ def run(root: Path) -> None:
     artifacts += [p for p in (root / "dvc.lock", root / paths.LOSS_PLOT,
                               root / paths.PROXY_FID_PLOT) if p.exists()]
     grid = root / paths.EVAL_OUT / GRID_FILE
-    card = model_card(cfg.model_name, lineage, evaluation, cards,
+    training = training_facts(root, student_meta)
+    card = model_card(cfg.model_name, lineage, evaluation, cards, extra=training,
                       grid=GRID_FILE if grid.exists() else None)
     champion = current_champion(uri, cfg)  # the one the gate compares against
     result = register_student(cfg, root / paths.STUDENT, metrics, lineage, uri=uri,
@@ -44,6 +50,9 @@ def run(root: Path) -> None:
                               card_files=[grid] if grid.exists() else [],
                               identity=identity(root / paths.STUDENT, cards["student"]["card"]),
                               base_model=base_model(root, student_meta))
+    if training:  # on the run and its version: a reviewer sees them without opening the card
+        tag_lineage(uri, result["run_id"], {k.replace(" ", "_"): v for k, v in training.items()},
+                    cfg.model_name, result["version"])
     candidate = candidate_side(uri, cfg, result["version"], root / paths.EVAL_OUT,
                                root / paths.LOSS_PLOT, root / paths.PROXY_FID_PLOT)
     review = publish_review(uri, cfg, result, candidate, champion, root / paths.REVIEW_OUT)
@@ -55,6 +64,24 @@ def run(root: Path) -> None:
     same = " (the same student and eval card as before: reused)" if result["reused"] else ""
     log(f"register: {cfg.model_name} version {result['version']}{same} is candidate; {verdict} "
         f"({result['reason']})")
+
+
+def training_facts(root: Path, student_meta: dict) -> dict[str, str]:
+    """What the distill stage says about its own run: the training monitor's flags (none, or
+    how many and the first) and which weights were saved (last step, or best proxy FID)."""
+    facts = {}
+    monitor = root / paths.DISTILL_OUT / paths.MONITOR_FILE
+    if monitor.exists():
+        flags = read_json(monitor)["flags"]
+        facts["training monitor"] = ("no flags" if not flags else
+                                     f"{len(flags)} flag(s); first at step {flags[0]['step']}: "
+                                     f"{flags[0]['reason']}")
+    saved = student_meta.get("saved")
+    if saved:
+        facts["saved weights"] = (f"step {saved['step']}" + (
+            f" (lowest proxy FID {saved['proxy_fid']:.2f})" if saved["which"] == "best"
+            else " (last)"))
+    return facts
 
 
 def base_model(root: Path, student_meta: dict) -> str | None:
