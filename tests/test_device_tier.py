@@ -5,8 +5,11 @@ checkpoint save and a resume) through the real training loop and policy at SD1.5
 architecture size on the ``meta`` device: tensors with shapes and dtypes but no memory or
 values, and an error on any meta/CPU mix ("Tensor on device cpu is not on the expected device
 meta"), as a GPU run errors on a CUDA/CPU mix. Checkpoints go through DCP's planning with a
-storage that records devices instead of writing bytes (``tests/meta_storage.py``). Generation
-(forward only) runs on fake ``cuda`` tensors (``FakeTensorMode``), whose backward needs a GPU.
+storage that records devices instead of writing bytes (``tests/meta_storage.py``). The ``meta``
+kernels' shape rules are memoised as in the planner (``components.planning.meta_cache``): a
+call with any tensor off ``meta`` is never answered from the cache, so a device mix still
+reaches the kernel and raises. Generation (forward only) runs on fake ``cuda`` tensors
+(``FakeTensorMode``), whose backward needs a GPU.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from components.architectures import scheduler_config, unet_config
 from components.diffusion import NoiseSchedule
 from components.generation import generate_latents
 from components.methods import Batch, Teacher, get_method, method_names
+from components.planning.meta_cache import MetaCache
 from components.policy import PolicyConfig, TrainingPolicy
 from components.teacher import TextConditioning, UNetDenoiser
 from components.training import LoopConfig, train
@@ -86,6 +90,33 @@ def _on_meta(module: torch.nn.Module) -> list[str]:
             if t.device.type != "meta"]
 
 
+def test_the_memoised_meta_kernels_refuse_a_device_mix_as_the_kernels_do():
+    """After the same shapes were answered from the cache, mixed calls still reach the kernels:
+    each raises (or not: ``meta`` checks devices in some kernels only) exactly as without it."""
+    a, b = torch.zeros(3, 4, device="meta"), torch.zeros(3, 4, device="meta")
+    mixed = {"add": lambda: a + torch.zeros(3, 4), "mm": lambda: a @ torch.zeros(4, 3),
+             "add_": lambda: a.add_(torch.zeros(3, 4))}
+
+    def outcomes() -> dict[str, str]:
+        out = {}
+        for key, call in mixed.items():
+            try:
+                call()
+                out[key] = "ran"
+            except RuntimeError as err:
+                out[key] = str(err)
+        return out
+
+    plain = outcomes()
+    assert "not on the expected device meta" in plain["add"]
+    with MetaCache() as cache:
+        for _ in range(2):
+            assert (a @ b.T).shape == (3, 3) and (a + b).device.type == "meta"
+            a.add_(b)
+        assert cache.hits >= 3  # the second round came from the cache
+        assert outcomes() == plain
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", method_names())
@@ -98,15 +129,17 @@ def test_every_method_trains_checkpoints_and_resumes_on_meta(name, arch, precisi
     policy = PolicyConfig(precision=precision, activation_checkpointing=True)
     logs: list = []
     method = _build(name, arch)
-    train(method, _MetaBatches(arch), loop, tmp_path, lambda m, s: logs.append(m),
-          lambda module, step: None, policy=TrainingPolicy(policy))
+    with MetaCache():
+        train(method, _MetaBatches(arch), loop, tmp_path, lambda m, s: logs.append(m),
+              lambda module, step: None, policy=TrainingPolicy(policy))
     for module_name, module in method.state_modules().items():
         assert not _on_meta(module), f"{module_name}: off the run's device: {_on_meta(module)}"
     # a fresh run resumes from step 1 and runs iteration 1 (the second phase, where there is one)
     resumed = _build(name, arch)
     loop2 = LoopConfig(**{**loop.__dict__, "steps": 2})
-    ema = train(resumed, _MetaBatches(arch), loop2, tmp_path, lambda m, s: logs.append(m),
-                lambda module, step: None, policy=TrainingPolicy(policy))
+    with MetaCache():
+        ema = train(resumed, _MetaBatches(arch), loop2, tmp_path, lambda m, s: logs.append(m),
+                    lambda module, step: None, policy=TrainingPolicy(policy))
     # Adam's step counters are host scalars by design (torch.optim, not capturable)
     off = sorted(k for k, d in {**store.written, **store.loaded}.items()
                  if d != "meta" and not k.endswith("/step"))
