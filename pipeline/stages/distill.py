@@ -287,12 +287,12 @@ def _chosen(student, cfg, record: RunRecord) -> dict:
     """Which weights become the student: the last step's (EMA), or with ``distill.save: best``
     those of the run's lowest proxy FID (loaded into ``student``)."""
     rows = [r for r in record.rows if r["step"] <= cfg.loop.steps]
-    best = best_row(rows)
     if cfg.save == "best":
         best = BestStudent(record.folder).load_into(student, rows)
         log(f"distill: saving the weights of step {best['step']} (lowest proxy FID "
             f"{best['proxy_fid']:.2f}; distill.save: best)")
         return {"which": "best", "step": best["step"], "proxy_fid": best["proxy_fid"]}
+    best = best_row(rows)
     return {"which": "last", "step": cfg.loop.steps,
             **({"best_step": best["step"], "best_proxy_fid": best["proxy_fid"]} if best else {})}
 
@@ -339,8 +339,8 @@ def _save(root, teacher_cfg, spec, student, policy, cfg, record: RunRecord, reso
         if plan is not None:  # the run's memory and time plan (MLflow gets it with the run)
             write_json(out / "plan.json", plan)
         if monitor is not None and monitor.enabled:  # its flags, for register and the card
-            write_json(out / paths.MONITOR_FILE, {"action": cfg.monitor.action,
-                                            "flags": monitor.records()})
+            write_json(out / paths.MONITOR_FILE,
+                       {"action": cfg.monitor.action, "flags": monitor.records()})
         for grid in sorted(record.samples.glob("step-*.png")):  # a longer killed run's: not ours
             if int(grid.stem.split("-")[1]) <= cfg.loop.steps:
                 shutil.copy2(grid, out / "samples" / grid.name)
