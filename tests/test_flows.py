@@ -123,24 +123,36 @@ def test_gpu_stages_never_overlap(prefect_api):
         assert client.read_global_concurrency_limit_by_name(flows.GPU_LIMIT).limit == 1
     assert flows.POLICIES["distill"].gpu and not flows.POLICIES["register"].gpu
     spans: dict[str, tuple[float, float]] = {}
+    gpu_held, cpu_entered = threading.Event(), threading.Event()
+    saw_cpu: list[bool] = []
 
-    def hold(stage: str, key: str) -> None:
+    def gpu(key: str, stage: str) -> None:
         with flows.gpu_slot(stage):
             start = time.monotonic()
-            time.sleep(1.5)
+            gpu_held.set()
+            # hold the slot until register has got through its own: were register to wait
+            # for the GPU too, this would time out
+            saw_cpu.append(cpu_entered.wait(timeout=60))
+            time.sleep(0.5)
             spans[key] = (start, time.monotonic())
 
+    def cpu() -> None:
+        assert gpu_held.wait(timeout=120), "no GPU stage got the slot"
+        with flows.gpu_slot("register"):
+            cpu_entered.set()
+
     # each thread carries this test's Prefect settings (they live in context variables)
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(hold, stage, key))
-               for stage, key in (("distill", "gpu-1"), ("evaluate", "gpu-2"), ("register", "cpu"))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    def thread(target, *args) -> threading.Thread:
+        return threading.Thread(target=contextvars.copy_context().run, args=(target, *args))
+
+    threads = [thread(gpu, "gpu-1", "distill"), thread(gpu, "gpu-2", "evaluate"), thread(cpu)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
     (a0, a1), (b0, b1) = spans["gpu-1"], spans["gpu-2"]
     assert a1 <= b0 or b1 <= a0, spans  # one after the other
-    c0, c1 = spans["cpu"]
-    assert c0 < max(a1, b1) and c1 > min(a0, b0)  # register did not wait for the GPU
+    assert saw_cpu == [True, True]  # register got through while a GPU stage held the slot
 
 
 def test_config_error_is_not_retried(prefect_api, monkeypatch, tmp_path):
