@@ -7,8 +7,9 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prepare_prompts": ("prompts",),
     "cache_teacher": ("teacher", "cache", "distill.method"),
     "reference_stats": ("reference",),
-    # register.experiment: where a run the training monitor stopped is logged (a FAILED run)
-    "distill": ("teacher", "distill", "register.experiment"),
+    # register.experiment: where a run the training monitor stopped is logged (a FAILED run);
+    # cache.precision: the text encoders' precision when the cache encodes on the fly
+    "distill": ("teacher", "distill", "register.experiment", "cache.precision"),
     "evaluate": ("teacher", "evaluate"),
     "register": ("register",),
 }

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from components import distributed
-from components.embed_cache import EmbeddingCache, write_cache
+from components.embed_cache import EmbeddingCache, PromptEncoder, open_embeddings, write_cache
 from components.generation import (
     ddim_sample,
     encode_prompts,
@@ -31,7 +31,8 @@ from pipeline.params import load_stage
 from pipeline.stages.common import entry, log, require, write_resolved
 
 
-def _pair_sampler(pipe, cache: EmbeddingCache, steps: int, guidance_scale: float):
+def _pair_sampler(pipe, cache: EmbeddingCache | PromptEncoder, steps: int,
+                  guidance_scale: float):
     denoiser = teacher_denoiser(pipe)
     device = network_device(pipe)
 
@@ -51,13 +52,16 @@ def run(root: Path) -> None:
     pipe = load_pipeline(teacher, root, precision_dtype(cfg.precision)).to(device)
     prompts = require(root / paths.TRAIN_PROMPTS, "prepare_prompts").read_text(
         encoding="utf-8").splitlines()
-    index = write_cache(root / paths.CACHE, prompts,
-                        lambda batch: encode_prompts(pipe, batch), cfg, teacher.model, log=log,
+    def encode(batch):
+        return encode_prompts(pipe, batch)
+
+    index = write_cache(root / paths.CACHE, prompts, encode, cfg, teacher.model, log=log,
                         null=unconditional(pipe))
     write_resolved(root / paths.CACHE / "resolved_config.json", teacher=teacher, cache=cfg)
-    log(f"cache_teacher: {index['count']} prompts in {len(index['shards'])} shard(s), "
-        f"embedding shape {index['shape']}")
-    cache = EmbeddingCache(root / paths.CACHE)
+    held = (f"in {len(index['shards'])} shard(s)" if cfg.text_embeddings == "disk" else
+            "to encode on the fly in distill (cache.text_embeddings: on_the_fly)")
+    log(f"cache_teacher: {index['count']} prompts {held}, embedding shape {index['shape']}")
+    cache = open_embeddings(root / paths.CACHE, encoder=lambda: (prompts, encode))
     pairs = cfg.pairs
     if pairs.count and not needs_pairs(method):
         log(f"cache_teacher: no teacher pairs: method {method!r} does not train on them "

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from components import distributed
 from components.batches import PairBatches, PromptBatches
 from components.config import to_dict
-from components.embed_cache import CacheError, EmbeddingCache
+from components.embed_cache import CacheError, EmbeddingCache, PromptEncoder, text_mode
 from components.evaluation.fid import fid_against_statistics, inception_features
 from components.evaluation.grid import image_grid, save_png
 from components.evaluation.inception import load_inception
@@ -30,9 +30,11 @@ from components.evaluation.resize import Preprocess
 from components.generation import (
     SeededNoise,
     decode_latents,
+    encode_prompts,
     generate_latents,
     latent_shape,
     latents_to_vae,
+    precision_dtype,
     save_student,
 )
 from components.io import atomic_dir, read_json, sha256_file, sha256_tree, write_json
@@ -61,7 +63,7 @@ from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
 
 
-def _images(pipe, student, cache: EmbeddingCache, spec, n: int, seed: int, device: str,
+def _images(pipe, student, cache: EmbeddingCache | PromptEncoder, spec, n: int, seed: int, device: str,
             prompts: int | None = None):
     """Student images of the first ``prompts`` (default: all) cached prompts, cycled, n in all;
     image i seeded with seed + i."""
@@ -94,7 +96,7 @@ def _proxy_fid(root: Path, cfg):
 STOPPED_FILE = "stopped.json"  # in the run's folder: the step and reason the monitor stopped at
 
 
-def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunRecord):
+def _sampler(root: Path, pipe, cache: EmbeddingCache | PromptEncoder, spec, cfg, record: RunRecord):
     """A callback writing a grid of the student's images at fixed prompts and seeds into the
     run's folder, and the proxy FID when enabled (the weights of its lowest value so far kept,
     ``BestStudent``); it returns the monitor's image statistics (``components.monitor``) and
@@ -126,13 +128,31 @@ def _sampler(root: Path, pipe, cache: EmbeddingCache, spec, cfg, record: RunReco
     return on_sample
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _prompt_encoder(root: Path, pipe, precision: str, prompts_sha: str) -> PromptEncoder:
+    """``cache.text_embeddings: on_the_fly``: the teacher's text encoders, frozen on the distill
+    device in ``cache.precision``, encode each batch's training prompts."""
+    dtype = precision_dtype(precision)
+    for name in TEXT_ENCODERS:
+        if (encoder := getattr(pipe, name, None)) is not None:
+            encoder.to(dtype).eval().requires_grad_(False)
+    prompts = require(root / paths.TRAIN_PROMPTS, "prepare_prompts").read_text(
+        encoding="utf-8").splitlines()
+    log(f"distill: encoding the {len(prompts)} training prompts on the fly with the teacher's "
+        f"text encoders ({precision}; cache.text_embeddings: on_the_fly)")
+    return PromptEncoder(root / paths.CACHE, prompts, lambda batch: encode_prompts(pipe, batch),
+                         prompts_sha)
+
+
 def _decoder(pipe):
     def decode(latents: torch.Tensor) -> torch.Tensor:
         return pipe.vae.decode(latents_to_vae(latents, pipe.vae), return_dict=False)[0].float()
     return decode
 
 
-def _batches(root: Path, cache: EmbeddingCache, pipe, method, cfg, prompts_sha: str):
+def _batches(root: Path, cache: EmbeddingCache | PromptEncoder, pipe, method, cfg, prompts_sha: str):
     """Prompt batches, or teacher-pair batches for methods that train on the teacher's ODE."""
     if not method.needs_pairs:
         return PromptBatches.from_cache(cache, latent_shape(pipe), cfg.device)
@@ -248,9 +268,15 @@ def run(root: Path) -> None:
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
         "train_sha256"]
-    cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
-    cache.verify()  # a corrupt shard stops the run here, before any weight is loaded
-    pipe = load_pipeline(teacher_cfg, root, text_encoder=None, tokenizer=None).to(local.device)
+    on_the_fly = text_mode(root / paths.CACHE) == "on_the_fly"
+    if not on_the_fly:
+        cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
+        cache.verify()  # a corrupt shard stops the run here, before any weight is loaded
+    # the text encoders load only to encode the prompts on the fly
+    skip = {} if on_the_fly else {"text_encoder": None, "tokenizer": None}
+    pipe = load_pipeline(teacher_cfg, root, **skip).to(local.device)
+    if on_the_fly:
+        cache = _prompt_encoder(root, pipe, configs["cache.precision"], prompts_sha)
     _, build = get_method(cfg.method)
     method = build(method_cfg, Teacher(teacher_denoiser(pipe), _decoder(pipe), cfg.student),
                    cfg.loop.steps)
