@@ -5,12 +5,17 @@
     uv run python -m pipeline.plan --arch sdxl --method sid_lsg --precision bf16 \\
         --activation-checkpointing --global-batch 512 --micro-batch 2 --gpus 8 --gpu-memory 80
     uv run python -m pipeline.plan --preset sdxl --arch flux1 --method swiftbrush  # a flow teacher
+    uv run python -m pipeline.plan --arch flux1 --prompts 1000000 --text-embeddings on_the_fly
 
 One complete iteration of the real method (every optimizer group, the optimizer steps, the EMA
 update) runs through the real training loop and policy on ``meta`` tensors of the teacher's real
 architecture (``components.planning``): nothing is allocated and nothing is downloaded. Prints
 the plan and writes it as JSON (``--out``); the distill stage writes the same plan next to its
 outputs (``outputs/distill/plan.json``) and refuses to start on a GPU with too little free memory.
+The plan also says whether the prompts' text embeddings should be cached on disk or encoded on
+the fly (``cache.text_embeddings``; ``components.planning.text``): the disk the cache of every
+training prompt takes against ``--disk-budget``, and the GPU memory and time the text encoders
+take otherwise (counted in the memory and time when that mode is configured).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import dataclasses
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,9 +45,17 @@ from components.planning import (
     traceable_config,
 )
 from components.planning.estimate import GIB
-from components.planning.teachers import TEXT_LENGTHS
+from components.planning.teachers import TEXT_LENGTHS, prompt_values
+from components.planning.text import (
+    DISK_BUDGET_GIB,
+    MODES,
+    TextRequest,
+    encoder_of,
+    folder_encoder_configs,
+)
 from components.policy import PRECISIONS
 from components.teacher import TeacherNotFoundError, resolve_model
+from pipeline import paths
 from pipeline.params import load_stage
 
 RESULTS = Path("bench/results")
@@ -80,8 +93,51 @@ def _flow_folder_spec(folder: Path, family: str) -> TeacherSpec:
     return TeacherSpec(read("transformer"), read("scheduler"), TEXT_LENGTHS[family], family)
 
 
+def encoder_configs(teacher_cfg, root: Path, arch: str | None) -> dict[str, dict] | None:
+    """The teacher's text encoder configs by pipeline slot: the named architecture's, else the
+    teacher folder's (None for a hub id: its configs are not here)."""
+    if arch in FLOW_ARCHS:
+        from components.flow_architectures import text_configs as flow_text_configs
+
+        return flow_text_configs(arch)
+    if arch:
+        from components.architectures import text_configs
+
+        return dict(zip(("text_encoder", "text_encoder_2"), text_configs(arch)))
+    try:
+        source = Path(resolve_model(teacher_cfg.model, root))
+    except TeacherNotFoundError:
+        return None
+    return folder_encoder_configs(source) if (source / "model_index.json").is_file() else None
+
+
+def text_request(teacher_cfg, root: Path, spec: TeacherSpec, arch: str | None, mode: str,
+                 storage: str, precision: str, prompts: int | None,
+                 disk_budget_gib: float = DISK_BUDGET_GIB) -> TextRequest | None:
+    """The text side of the plan (``components.planning.text``); None when the teacher's text
+    encoder configs are not here."""
+    import torch
+
+    configs = encoder_configs(teacher_cfg, root, arch)
+    if not configs:
+        return None
+    encoders = tuple(encoder_of(slot, config, spec.family, spec.text_length)
+                     for slot, config in configs.items())
+    return TextRequest(mode, prompts, torch.finfo(getattr(torch, storage)).bits // 8,
+                       4 if precision == "fp32" else 2, encoders, prompt_values(spec),
+                       disk_budget_gib)
+
+
+def prompt_count(root: Path) -> int | None:
+    """Training prompts prepared by prepare_prompts (None before it has run)."""
+    path = root / paths.TRAIN_PROMPTS
+    if not path.is_file():
+        return None
+    return len(path.read_text(encoding="utf-8").splitlines())
+
+
 def request(teacher: TeacherSpec, cfg, gpu: str = "H100", gpu_memory: float | None = None,
-            root: Path = Path(".")) -> PlanRequest:
+            root: Path = Path("."), text: TextRequest | None = None) -> PlanRequest:
     """The plan request of a ``DistillConfig`` (``params.yaml: distill``)."""
     _, factory = get_method(cfg.method)
     why = teacher_unsupported(cfg.method, cfg.method_config(), teacher.traits)
@@ -96,22 +152,25 @@ def request(teacher: TeacherSpec, cfg, gpu: str = "H100", gpu_memory: float | No
         return factory(method_cfg, dataclasses.replace(t, student=cfg.student), steps)
     return PlanRequest(cfg.method, build, teacher, cfg.policy,
                        cfg.loop.batch_size, cfg.loop.grad_accum, cfg.processes, steps, card,
-                       gpu_memory or card.memory_gib, root / RESULTS, tuple(notes), repeats)
+                       gpu_memory or card.memory_gib, root / RESULTS, tuple(notes), repeats,
+                       text)
 
 
 def distill_config(root: Path, preset: str | None, method: str | None):
-    """The distill config and teacher of params.yaml, or of a preset with its method."""
+    """The teacher, distill and cache configs of params.yaml, or of a preset with its method."""
     if preset is None:
         configs = load_stage(root, "distill")
         cfg = configs["distill"]
-        return configs["teacher"], replace(cfg, method=method) if method else cfg
+        return (configs["teacher"], replace(cfg, method=method) if method else cfg,
+                load_stage(root, "cache_teacher")["cache"])
     from pipeline.configure import render_params
 
     text, _ = render_params(root, preset=preset, method=method)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "params.yaml").write_text(text, encoding="utf-8")
         configs = load_stage(tmp, "distill")
-    return configs["teacher"], configs["distill"]
+        cache = load_stage(tmp, "cache_teacher")["cache"]
+    return configs["teacher"], configs["distill"], cache
 
 
 def _overrides(cfg, args):
@@ -149,7 +208,8 @@ def free_memory(device: str) -> tuple[int, int] | None:
     return torch.cuda.mem_get_info(torch.device(device))
 
 
-def preflight(root: Path, teacher_cfg, cfg, device: str) -> dict | None:
+def preflight(root: Path, teacher_cfg, cfg, device: str,
+              text: Callable[[TeacherSpec], TextRequest | None] | None = None) -> dict | None:
     """The distill stage's plan, made before any weight loads (None for a teacher the planner
     cannot trace yet). On a GPU whose free memory is below the planned peak, a ``ValueError``
     carrying the plan's suggestion stops the stage."""
@@ -163,7 +223,8 @@ def preflight(root: Path, teacher_cfg, cfg, device: str) -> dict | None:
         print(f"distill: no plan for this teacher ({err})", file=sys.stderr)
         return None
     memory = free_memory(device)
-    req = request(spec, cfg, gpu_name(device), memory[1] / GIB if memory else None, root)
+    req = request(spec, cfg, gpu_name(device), memory[1] / GIB if memory else None, root,
+                  text(spec) if text else None)
     plan = make_plan(req, suggest=False)
     if memory and plan["memory_gib"]["total"] * GIB > memory[0]:
         total = req.gpu_memory_gib
@@ -191,8 +252,19 @@ def summary(plan: dict) -> str:
          f"iteration, {t['images_per_second']:.1f} images/s, {t['gpu_hours']:.0f} GPU-hours "
          f"(efficiency {plan['gpu']['efficiency']}, {plan['gpu']['efficiency_source']})"),
         f"recommendation: {r['suggestion']}",
+        *([text_summary(plan["text_embeddings"])] if "text_embeddings" in plan else []),
         *(f"note: {n}" for n in plan["notes"])]
     return "\n".join(lines)
+
+
+def text_summary(text: dict) -> str:
+    disk = ("" if text["disk_gib"] is None else
+            f", {text['disk_gib']:.4g} GiB for {text['prompts']} prompts")
+    return (f"text embeddings ({text['mode']}): on disk {text['mb_per_prompt']:.4g} MB per "
+            f"prompt{disk} (budget {text['disk_budget_gib']:g} GiB); on the fly "
+            f"{text['encoders_gib']:.3g} GiB of encoders per GPU and "
+            f"{text['on_the_fly_seconds_per_iteration']:.3g} s per iteration; recommended: "
+            f"{text['recommended'] or 'neither'} ({text['reason']})")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -213,6 +285,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="iterations of the run (GPU-hours)")
     p.add_argument("--gpu", choices=sorted(GPUS), default="H100", help="GPU for time")
     p.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: the GPU's)")
+    p.add_argument("--prompts", type=int, help="training prompts (default: those "
+                   "prepare_prompts wrote, if it has run)")
+    p.add_argument("--text-embeddings", choices=MODES, help="plan with the text embeddings "
+                   "cached on disk or encoded on the fly (default: cache.text_embeddings)")
+    p.add_argument("--disk-budget", type=float, default=DISK_BUDGET_GIB,
+                   help="GiB the embedding cache may take on disk (default %(default)g)")
     p.add_argument("--out", type=Path, help="write the plan JSON here")
     return p.parse_args(argv)
 
@@ -220,12 +298,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     try:
-        teacher_cfg, cfg = distill_config(args.root, args.preset, args.method)
+        teacher_cfg, cfg, cache = distill_config(args.root, args.preset, args.method)
         arch = args.arch or (args.preset if args.preset in ARCHS else None)
         cfg = _overrides(cfg, args)
         cfg.validate()
-        req = request(teacher_spec(teacher_cfg, args.root, arch), cfg, args.gpu,
-                      args.gpu_memory, args.root)
+        spec = teacher_spec(teacher_cfg, args.root, arch)
+        prompts = args.prompts if args.prompts is not None else prompt_count(args.root)
+        text = text_request(teacher_cfg, args.root, spec, arch,
+                            args.text_embeddings or cache.text_embeddings, cache.dtype,
+                            cache.precision, prompts, args.disk_budget)
+        req = request(spec, cfg, args.gpu, args.gpu_memory, args.root, text)
         plan = make_plan(req)
     except (ConfigError, ValueError) as err:
         sys.exit(f"plan: {err}")

@@ -40,7 +40,7 @@ ANY = 2**20  # the planner's bound on the largest micro-batch: memory does not g
 
 def row(root: Path, method: str, arch: str, policy_name: str, memory: float = 80.0) -> dict:
     """One table row: the plans on one GPU and on eight (micro-batch 1 each)."""
-    teacher_cfg, cfg = distill_config(root, RECIPES.get(arch, arch), method)
+    teacher_cfg, cfg, _ = distill_config(root, RECIPES.get(arch, arch), method)
     spec = teacher_spec(teacher_cfg, root, arch)
     batch = cfg.loop.batch_size
     run = replace(cfg, policy=POLICIES[policy_name], processes=1,

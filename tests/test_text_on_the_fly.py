@@ -7,6 +7,7 @@ cache as from a disk one."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,11 @@ def test_distill_trains_the_same_student_from_an_on_the_fly_cache(tmp_path_facto
             cache_teacher.run(root)
             assert not list((root / paths.CACHE).glob("shard-*"))
         distill.run(root)
+        plan = json.loads((root / paths.DISTILL_OUT / "plan.json").read_text())
+        text = plan["text_embeddings"]  # the pre-flight plan knows where the prompts come from
+        assert text["mode"] == mode and text["prompts"] == len(
+            (root / paths.TRAIN_PROMPTS).read_text().splitlines())
+        assert ("text_encoders" in plan["memory_gib"]) == (mode == "on_the_fly")
         from safetensors.torch import load_file
 
         students[mode] = {name: load_file(f) for name, f in

@@ -67,16 +67,17 @@ def usable_bytes(gpu_memory_gib: float) -> float:
 
 
 def largest_micro_batch(t1: Trace, t2: Trace, gpus: int, bf16: bool,
-                        gpu_memory_gib: float) -> int:
+                        gpu_memory_gib: float, resident: float = 0.0) -> int:
     """The largest micro-batch per GPU whose planned memory fits (0: not even one image).
 
     Each traced operator's memory is linear in the micro-batch (its activations are, the state
     is not), so the peak at micro-batch b is the largest of those lines at b: the peak may move
     (from the optimizer step to a backward) as b grows. Without matching traces (the same
     operators in the same order: a branch on a random draw, e.g. a dropped prompt, runs other
-    operators at another micro-batch), the line through the two peaks."""
+    operators at another micro-batch), the line through the two peaks. ``resident``: bytes held
+    beside training (text encoders encoding on the fly)."""
     extra = memory(t1, gpus, bf16)
-    fixed = extra["fsdp_buffers"] + extra["cuda_context"]
+    fixed = extra["fsdp_buffers"] + extra["cuda_context"] + resident
     (s1, r1), (s2, r2) = t1.series, t2.series
     if len(s1) != len(s2) or not s1 or t1.ops != t2.ops:
         base, slope = memory_line(t1, t2, gpus, bf16)
@@ -124,17 +125,24 @@ def flops_per_image(trace: Trace) -> dict[str, float]:
             for g, f in trace.group_flops.items()}
 
 
-def timing(trace: Trace, run: RunShape, gpu: GPU, mode: str, eff: float) -> dict[str, float]:
-    """Seconds per iteration, images per second (all GPUs) and GPU-hours for the run."""
+def timing(trace: Trace, run: RunShape, gpu: GPU, mode: str, eff: float,
+           extra_s: float = 0.0) -> dict[str, float]:
+    """Seconds per iteration, images per second (all GPUs) and GPU-hours for the run;
+    ``extra_s``: seconds per iteration spent outside the traced iteration (text encoding on
+    the fly)."""
     per_image = sum(flops_per_image(trace).values())
-    rate = getattr(gpu, mode) * 1e12 * eff  # FLOP/s one GPU sustains
-    iteration_s = run.global_batch * per_image / (run.gpus * rate)
+    iteration_s = run.global_batch * per_image / (run.gpus * rate(gpu, mode, eff)) + extra_s
     return {"tflop_per_image": per_image / 1e12,
             "tflop_per_iteration": per_image * run.global_batch / 1e12,
             "seconds_per_iteration": iteration_s,
             "images_per_second": run.global_batch / iteration_s,
             "images_per_second_per_gpu": run.global_batch / iteration_s / run.gpus,
             "gpu_hours": iteration_s * run.steps * run.gpus / 3600.0}
+
+
+def rate(gpu: GPU, mode: str, eff: float) -> float:
+    """FLOP/s one GPU sustains."""
+    return getattr(gpu, mode) * 1e12 * eff
 
 
 def gib(values: dict[str, float]) -> dict[str, float]:

@@ -16,6 +16,7 @@ from components.planning import estimate
 from components.planning.estimate import GIB, RunShape
 from components.planning.gpus import GPU, efficiency, math_mode
 from components.planning.teachers import TeacherSpec
+from components.planning.text import TextRequest, text_plan
 from components.planning.trace import Trace, trace
 from components.policy import PolicyConfig
 
@@ -40,6 +41,18 @@ class PlanRequest:
     results: Path | None = None  # benchmark results measuring the GPU's efficiency
     notes: tuple[str, ...] = ()  # what the trace leaves out
     repeats: tuple[tuple[str, str, int], ...] = ()  # calls traced once, counted n times
+    text: TextRequest | None = None  # the text embeddings: on disk or encoded on the fly
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes on each GPU beside training: the text encoders, when they encode on the fly."""
+        return self.text.resident_bytes if self.text else 0
+
+    def text_seconds(self, gpus: int, flops_per_second: float) -> float:
+        """Seconds per iteration the encoders take on the fly (0 with a disk cache)."""
+        if not self.resident_bytes:
+            return 0.0
+        return self.global_batch * self.text.flops_per_prompt / (gpus * flops_per_second)
 
     @property
     def micro_batch(self) -> int:
@@ -72,12 +85,14 @@ def _option(req: PlanRequest, policy: PolicyConfig, gpus: int, traces) -> dict:
     """How a policy and GPU count would run: largest micro-batch, accumulation, time."""
     bf16 = policy.precision == "bf16"
     line = estimate.memory_line(*traces, gpus, bf16)
-    largest = estimate.largest_micro_batch(*traces, gpus, bf16, req.gpu_memory_gib)
+    largest = estimate.largest_micro_batch(*traces, gpus, bf16, req.gpu_memory_gib,
+                                           req.resident_bytes)
     split = estimate.accumulation(req.global_batch, gpus, largest)
     mode = math_mode(policy.precision, policy.tf32)
     eff, _ = efficiency(req.gpu, mode, req.results)
     shape = RunShape(req.global_batch, gpus, req.steps, bf16)
-    time = estimate.timing(traces[0], shape, req.gpu, mode, eff)
+    time = estimate.timing(traces[0], shape, req.gpu, mode, eff,
+                           req.text_seconds(gpus, estimate.rate(req.gpu, mode, eff)))
     return {"precision": policy.precision,
             "activation_checkpointing": policy.activation_checkpointing, "gpus": gpus,
             "fits": split is not None, "largest_micro_batch": largest,
@@ -131,11 +146,17 @@ def make_plan(req: PlanRequest, suggest: bool = True) -> dict:
     traces = _traces(req, req.policy, req.micro_batch)
     bf16 = req.policy.precision == "bf16"
     mem = estimate.memory(traces[0], req.gpus, bf16)
+    training = mem["total"]
+    if req.resident_bytes:
+        mem["text_encoders"] = float(req.resident_bytes)
+        mem["total"] = training + req.resident_bytes
     mode = math_mode(req.policy.precision, req.policy.tf32)
     eff, source = efficiency(req.gpu, mode, req.results)
+    rate = estimate.rate(req.gpu, mode, eff)
     shape = RunShape(req.global_batch, req.gpus, req.steps, bf16)
     current = _option(req, req.policy, req.gpus, traces)
-    fits = mem["total"] <= estimate.usable_bytes(req.gpu_memory_gib)
+    usable = estimate.usable_bytes(req.gpu_memory_gib)
+    fits = mem["total"] <= usable
     switches = _switches(req, traces) if suggest and not current["fits"] else []
     return {
         "method": req.method, "teacher": {"family": req.teacher.family,
@@ -151,8 +172,10 @@ def make_plan(req: PlanRequest, suggest: bool = True) -> dict:
         "usable_gib": round(estimate.usable_bytes(req.gpu_memory_gib) / GIB, 2),
         "flops": {"per_group_tflop_per_image": {
             g: _sig(f / 1e12) for g, f in estimate.flops_per_image(traces[0]).items()}},
-        "time": {k: _sig(v) for k, v in estimate.timing(traces[0], shape, req.gpu, mode,
-                                                            eff).items()},
+        "time": {k: _sig(v) for k, v in estimate.timing(
+            traces[0], shape, req.gpu, mode, eff, req.text_seconds(req.gpus, rate)).items()},
+        **({"text_embeddings": text_plan(req.text, training, usable, req.global_batch, req.gpus,
+                                         rate)} if req.text else {}),
         "recommendation": {**current, "switches": switches,
                            "suggestion": _suggestion(req, fits, current, switches)},
         "assumptions": {"headroom": estimate.HEADROOM, "allocator": estimate.ALLOCATOR,

@@ -97,6 +97,12 @@ def _flow_network(spec: TeacherSpec, device: str) -> torch.nn.Module:
         scheduler, image_seq_len=(h // 2) * (w // 2)))
 
 
+def prompt_values(spec: TeacherSpec) -> int:
+    """How many numbers one prompt's conditioning holds (what a cache stores per prompt)."""
+    cond = SpecBatches(spec)._cond(1)
+    return sum(a.numel() for a in (cond.text, cond.pooled, cond.time_ids) if a is not None)
+
+
 class SpecBatches:
     """Batches of zeros of the teacher's shapes (with teacher pairs), on ``device``."""
 

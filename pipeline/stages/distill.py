@@ -58,7 +58,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.launch import torchrun
 from pipeline.params import load_stage
-from pipeline.plan import preflight
+from pipeline.plan import preflight, prompt_count, text_request
 from pipeline.recipes import recipe_warning, teacher_unet_config
 from pipeline.stages.common import entry, log, require, write_resolved
 
@@ -263,11 +263,22 @@ def run(root: Path) -> None:
     if is_main and (warning := recipe_warning(teacher_unet_config(teacher_cfg, root), cfg,
                                               teacher_cfg.model)):
         log(warning)  # a real teacher with another preset's settings
-    plan = preflight(root, teacher_cfg, cfg, local.device)  # too little GPU memory stops here
+    index = root / paths.CACHE / "index.json"
+
+    def text(spec):  # the plan counts the text encoders when they encode on the fly
+        if not index.is_file():
+            return None  # no cache yet: the cache's own check below says so
+        cache_index = read_json(index)
+        return text_request(teacher_cfg, root, spec, None,
+                            cache_index.get("text_embeddings", "disk"), cache_index["dtype"],
+                            configs["cache.precision"], prompt_count(root))
+
+    plan = preflight(root, teacher_cfg, cfg, local.device, text)  # too little memory stops here
     method_cfg = cfg.method_config()
     torch.manual_seed(cfg.loop.seed)
     prompts_sha = read_json(require(root / paths.PROMPTS_MANIFEST, "prepare_prompts"))[
         "train_sha256"]
+    # how the cache holds the prompts: in shards, or to be encoded on the fly
     on_the_fly = text_mode(root / paths.CACHE) == "on_the_fly"
     if not on_the_fly:
         cache = EmbeddingCache(root / paths.CACHE, expected_prompts_sha256=prompts_sha)
