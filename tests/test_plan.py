@@ -161,3 +161,50 @@ def test_largest_micro_batch_reads_per_operator_lines_only_of_matching_traces():
     # (40 GiB at 1 and 2: no growth), which any micro-batch fits
     other = traced(2, [8 * GIB, 40 * GIB], ["mm", "add"])
     assert largest_micro_batch(t1, other, 1, False, 80.0) == 2**20
+
+
+def test_the_per_operator_series_counts_the_state_once_as_the_peaks_do():
+    """Each operator's (sharded, replicated) bytes on n GPUs add up to the traced peak's
+    breakdown at its highest operator (the state modules' parameters counted once, sharded)."""
+    t = trace(BUILD, SPEC, PolicyConfig(), 2, 100, (1, 8))
+    for n in (1, 8):
+        highest = max(a // n + b for a, b in zip(*t.series))
+        assert abs(highest - sum(t.peaks[n].values())) <= 8, n
+
+
+def test_a_micro_batch_of_one_that_runs_other_operators_gets_a_third_trace(monkeypatch):
+    from components.planning import planner
+    from components.planning.trace import Trace
+
+    traced = []
+
+    def fake_trace(build, teacher, policy, micro, steps, shards, repeats=()):
+        traced.append(micro)
+        ops = ["permute", "view"] if micro == 1 else ["permute", "clone"]
+        return Trace(micro, {n: {"activations": micro} for n in shards}, {}, 0, 0, (0, 0),
+                     (0,), 0.0, series=([0, 0], [micro, micro]), ops=ops)
+
+    monkeypatch.setattr(planner, "trace", fake_trace)
+    monkeypatch.setattr(planner, "_CACHE", {})
+    traces = planner._traces(_request(80.0, global_batch=1), PolicyConfig(), 1)
+    assert traced == [1, 2, 4] and [t.micro_batch for t in planner._line(traces)] == [2, 4]
+    traced.clear()
+    traces = planner._traces(_request(80.0, global_batch=2), PolicyConfig(), 2)
+    assert traced == [2, 4] and planner._line(traces) == traces  # matching: two suffice
+
+
+def test_sharding_never_lowers_the_largest_micro_batch():
+    from components.planning.estimate import GIB, largest_micro_batch
+    from components.planning.trace import Trace
+
+    def traced(micro: int) -> Trace:
+        # a 30 GiB state (sharded) under the optimizer step, activations of 2 GiB per image
+        # alive in the backward, where the state is 20 GiB
+        series = ([20 * GIB, 30 * GIB], [2 * GIB * micro, 0])
+        peak = {k: 0 for k in ("params", "buffers", "grads", "optimizer", "ema", "temporaries")}
+        return Trace(micro, {n: {**peak, "activations": 2 * GIB * micro} for n in (1, 8)}, {},
+                     0, 0, (0, 0), (0,), 0.0, series=series, ops=["mm", "step"])
+
+    one = largest_micro_batch(traced(1), traced(2), 1, False, 80.0)
+    eight = largest_micro_batch(traced(1), traced(2), 8, False, 80.0)
+    assert 0 < one < eight

@@ -1,8 +1,9 @@
 """The plan of a distillation run: will it fit on the GPUs, how long will it take, what to change.
 
 ``make_plan`` traces the configured iteration at its micro-batch and at twice that (the memory
-line), and when no micro-batch fits, the same with each switch that lowers memory: activation
-checkpointing, bf16, both, and sharding over more GPUs (from the same traces). The suggestion is
+line; at four times too when a micro-batch of one runs other operators), and when no
+micro-batch fits, the same with each switch that lowers memory: activation checkpointing, bf16,
+both, and sharding over more GPUs (from the same traces). The suggestion is
 the switch that fits with the fewest predicted GPU-hours.
 """
 
@@ -67,25 +68,38 @@ class PlanRequest:
 _CACHE: dict[tuple, tuple] = {}  # recent traces: plans of one run at other GPU sizes reuse them
 
 
-def _traces(req: PlanRequest, policy: PolicyConfig, micro: int) -> tuple[Trace, Trace]:
+def _traces(req: PlanRequest, policy: PolicyConfig, micro: int) -> tuple[Trace, ...]:
     """Traces at ``micro`` and ``2 * micro`` (the memory line), reused while the same build,
-    teacher and policy are planned again (another GPU memory)."""
+    teacher and policy are planned again (another GPU memory). When the two do not run the same
+    operators (a micro-batch of one takes other layouts: a view where a larger batch copies),
+    a third at ``4 * micro``: the line then runs through the last two (``_line``)."""
     shards = tuple(sorted({1, req.gpus, *SHARD_COUNTS}))
     key = (id(req.build), id(req.teacher), policy, micro, req.steps, shards)
     if key not in _CACHE:
         if len(_CACHE) >= 16:
             _CACHE.pop(next(iter(_CACHE)))
-        traces = tuple(trace(req.build, req.teacher, policy, b, req.steps, shards,
-                             repeats=req.repeats) for b in (micro, 2 * micro))
+
+        def at(b: int) -> Trace:
+            return trace(req.build, req.teacher, policy, b, req.steps, shards,
+                         repeats=req.repeats)
+
+        traces = (at(micro), at(2 * micro))
+        if traces[0].ops != traces[1].ops:
+            traces = (*traces, at(4 * micro))
         _CACHE[key] = (traces, req.build, req.teacher)  # alive: their ids stay theirs
     return _CACHE[key][0]
+
+
+def _line(traces: tuple[Trace, ...]) -> tuple[Trace, Trace]:
+    """The two traces the memory line runs through (see ``_traces``)."""
+    return traces[-2], traces[-1]
 
 
 def _option(req: PlanRequest, policy: PolicyConfig, gpus: int, traces) -> dict:
     """How a policy and GPU count would run: largest micro-batch, accumulation, time."""
     bf16 = policy.precision == "bf16"
-    line = estimate.memory_line(*traces, gpus, bf16)
-    largest = estimate.largest_micro_batch(*traces, gpus, bf16, req.gpu_memory_gib,
+    line = estimate.memory_line(*_line(traces), gpus, bf16)
+    largest = estimate.largest_micro_batch(*_line(traces), gpus, bf16, req.gpu_memory_gib,
                                            req.resident_bytes)
     split = estimate.accumulation(req.global_batch, gpus, largest)
     mode = math_mode(policy.precision, policy.tf32)

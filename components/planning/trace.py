@@ -138,7 +138,7 @@ class _Tracker(MemTracker):
         for snap in self._curr_mem_snap.values():
             kinds = {_KIND[k]: v for k, v in snap.items() if k in _KIND}
             sharded = sum(kinds[k] for k in SHARDED) + self.state_params
-            replicated = sum(kinds.values()) - sharded + self.state_params
+            replicated = sum(kinds.values()) - sharded  # the state parameters counted once
             self.series[0].append(sharded)
             self.series[1].append(replicated)
             self.ops.append(self.op)
