@@ -34,9 +34,13 @@ the planar problem (2-core CPU, seed 0, the tier's settings plus ``generator_ste
 after 1,500 iterations has step variances (first coordinate) 0.013–0.054 at step 0 and
 0.40–0.52 at steps 1–3 against the target's 0.30, and its 4-step samples miss the target mean by
 0.061 and the covariance by 0.147 (the tier's tolerances: 0.15, 0.08); DMD2 after 3,000
-iterations misses by 0.268 and 0.228, its one-step student after 1,500 by 0.018 and 0.040. So
-that tier cannot show a 4-step student reaching the target; the tests here check the sampler and
-the simulation exactly, and a tiny-tier run trains and resumes a 4-step student.
+iterations misses by 0.268 and 0.228, its one-step student after 1,500 by 0.018 and 0.040. A fake score expressive
+enough for the pooled steps (per class a mixture of four Gaussians, closed form, trained by the
+same ε-MSE; fake learning rate 3e-2, which brings the one-step DMD2 student to 0.024 and 0.036)
+did not change that: DMD2's 4-step samples then missed by 0.436 and 0.127 after 3,000
+iterations, SiD-LSG's by 0.132 and 0.101 after 1,500 (same machine and settings). So that tier
+cannot show a 4-step student reaching the target; the tests here check the sampler and the
+simulation exactly, and a tiny-tier run trains and resumes a 4-step student.
 """
 
 from __future__ import annotations
