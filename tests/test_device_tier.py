@@ -5,9 +5,10 @@ checkpoint save and a resume) through the real training loop and policy at SD1.5
 architecture size on the ``meta`` device: tensors with shapes and dtypes but no memory or
 values, and an error on any meta/CPU mix ("Tensor on device cpu is not on the expected device
 meta"), as a GPU run errors on a CUDA/CPU mix. Checkpoints go through DCP's planning with a
-storage that records devices instead of writing bytes (``tests/meta_storage.py``). The
-planner's memoised ``meta`` kernels (``components.planning.meta_cache``) are checked to leave a
-device mix to the kernels, as without them. Generation (forward only) runs on fake ``cuda`` tensors
+storage that records devices instead of writing bytes (``tests/meta_storage.py``). The ``meta``
+kernels' shape rules are memoised as in the planner (``components.planning.meta_cache``): a
+call with any tensor off ``meta`` is never answered from the cache, so a device mix still
+reaches the kernel and raises. Generation (forward only) runs on fake ``cuda`` tensors
 (``FakeTensorMode``), whose backward needs a GPU.
 """
 
@@ -128,15 +129,17 @@ def test_every_method_trains_checkpoints_and_resumes_on_meta(name, arch, precisi
     policy = PolicyConfig(precision=precision, activation_checkpointing=True)
     logs: list = []
     method = _build(name, arch)
-    train(method, _MetaBatches(arch), loop, tmp_path, lambda m, s: logs.append(m),
-          lambda module, step: None, policy=TrainingPolicy(policy))
+    with MetaCache():
+        train(method, _MetaBatches(arch), loop, tmp_path, lambda m, s: logs.append(m),
+              lambda module, step: None, policy=TrainingPolicy(policy))
     for module_name, module in method.state_modules().items():
         assert not _on_meta(module), f"{module_name}: off the run's device: {_on_meta(module)}"
     # a fresh run resumes from step 1 and runs iteration 1 (the second phase, where there is one)
     resumed = _build(name, arch)
     loop2 = LoopConfig(**{**loop.__dict__, "steps": 2})
-    ema = train(resumed, _MetaBatches(arch), loop2, tmp_path, lambda m, s: logs.append(m),
-                lambda module, step: None, policy=TrainingPolicy(policy))
+    with MetaCache():
+        ema = train(resumed, _MetaBatches(arch), loop2, tmp_path, lambda m, s: logs.append(m),
+                    lambda module, step: None, policy=TrainingPolicy(policy))
     # Adam's step counters are host scalars by design (torch.optim, not capturable)
     off = sorted(k for k, d in {**store.written, **store.loaded}.items()
                  if d != "meta" and not k.endswith("/step"))
