@@ -6,6 +6,7 @@
         --activation-checkpointing --global-batch 512 --micro-batch 2 --gpus 8 --gpu-memory 80
     uv run python -m pipeline.plan --preset sdxl --arch flux1 --method swiftbrush  # a flow teacher
     uv run python -m pipeline.plan --arch flux1 --prompts 1000000 --text-embeddings on_the_fly
+    uv run python -m pipeline.plan --stage evaluate --preset sdxl --method dmd2   # or cache_teacher
 
 One complete iteration of the real method (every optimizer group, the optimizer steps, the EMA
 update) runs through the real training loop and policy on ``meta`` tensors of the teacher's real
@@ -158,19 +159,126 @@ def request(teacher: TeacherSpec, cfg, gpu: str = "H100", gpu_memory: float | No
 
 def distill_config(root: Path, preset: str | None, method: str | None):
     """The teacher, distill and cache configs of params.yaml, or of a preset with its method."""
+    configs = stage_configs(root, preset, method)
+    return configs["teacher"], configs["distill"], configs["cache"]
+
+
+def stage_configs(root: Path, preset: str | None, method: str | None) -> dict:
+    """The params sections the plans read (teacher, distill, cache, evaluate) of params.yaml,
+    or of a preset with its method."""
+    def read(folder) -> dict:
+        out = load_stage(folder, "distill")
+        cfg = out["distill"]
+        return {"teacher": out["teacher"],
+                "distill": replace(cfg, method=method) if method and not preset else cfg,
+                "cache": load_stage(folder, "cache_teacher")["cache"],
+                "evaluate": load_stage(folder, "evaluate")["evaluate"]}
+
     if preset is None:
-        configs = load_stage(root, "distill")
-        cfg = configs["distill"]
-        return (configs["teacher"], replace(cfg, method=method) if method else cfg,
-                load_stage(root, "cache_teacher")["cache"])
+        return read(root)
     from pipeline.configure import render_params
 
     text, _ = render_params(root, preset=preset, method=method)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "params.yaml").write_text(text, encoding="utf-8")
-        configs = load_stage(tmp, "distill")
-        cache = load_stage(tmp, "cache_teacher")["cache"]
-    return configs["teacher"], configs["distill"], cache
+        return read(tmp)
+
+
+def _vae_config(teacher_cfg, root: Path, arch: str | None) -> dict | None:
+    if arch in FLOW_ARCHS:
+        from components.flow_architectures import vae_config as flow_vae
+
+        return flow_vae(arch)
+    if arch:
+        from components.architectures import vae_config
+
+        return vae_config(arch)
+    try:
+        config = Path(resolve_model(teacher_cfg.model, root)) / "vae" / "config.json"
+    except TeacherNotFoundError:
+        return None
+    if not config.is_file():
+        return None
+    return {k: v for k, v in json.loads(config.read_text()).items() if not k.startswith("_")}
+
+
+UNTRACED = ("Inception (FID features) and the CLIP scorer are not traced (their architectures "
+            "come with their weights)")
+
+
+def inference_plan(stage: str, configs: dict, spec: TeacherSpec, arch: str | None,
+                   text: TextRequest | None, gpu: str, gpu_memory: float | None,
+                   root: Path, images: int | None = None) -> dict:
+    """The plan of ``cache_teacher`` or ``evaluate`` (``components.planning.stages``)."""
+    from components.evaluation.protocols import get_protocol
+    from components.methods import needs_pairs
+    from components.planning.gpus import efficiency, math_mode
+    from components.planning.stages import Work, decode_call, stage_plan, teacher_calls
+
+    card = get_gpu(gpu)
+    cache, evaluate, distill = configs["cache"], configs["evaluate"], configs["distill"]
+    precision = cache.precision if stage == "cache_teacher" else evaluate.precision
+    bf16 = precision == "bf16"
+    mode = math_mode(precision, False)
+    eff, _ = efficiency(card, mode, root / RESULTS)
+    rate = getattr(card, mode) * 1e12 * eff
+    notes = []
+    if stage == "cache_teacher":
+        pairs = cache.pairs
+        encoded = (text.prompts or 0) if text and text.mode == "disk" else 0
+        calls, resident = [], []
+        if pairs.count and needs_pairs(distill.method):
+            guided_step, _ = teacher_calls(spec, pairs.batch_size, bf16)
+            calls.append((guided_step, pairs.steps, pairs.count))
+            resident.append(guided_step)
+        if text and text.mode == "on_the_fly":
+            notes.append("cache.text_embeddings: on_the_fly: the prompts are encoded by distill")
+        if text and text.prompts is None:
+            notes.append("the number of training prompts is not known (pass --prompts N)")
+        work = Work(tuple(calls), text, encoded, tuple(resident))
+    else:
+        protocol = get_protocol(evaluate.protocol)
+        n = images or evaluate.num_images or protocol.size
+        if n is None:
+            raise ConfigError("the number of evaluation images is not known for protocol "
+                              f"{evaluate.protocol!r}: pass --images N")
+        student_steps = getattr(distill.method_config(), "generator_steps", 1)
+        curves = len(evaluate.curve_guidance_scales)
+        guided_step, student_step = teacher_calls(spec, evaluate.batch_size, bf16)
+        calls = [(guided_step, evaluate.teacher_steps, n * (1 + curves)),
+                 (student_step, student_steps, n)]
+        vae = _vae_config(configs["teacher"], root, arch)
+        if vae:
+            from components.generation import DECODE_CHUNK
+
+            calls.append((decode_call(vae, spec.latent, min(DECODE_CHUNK, evaluate.batch_size)),
+                          1, n * (2 + curves)))
+        else:
+            notes.append("the teacher's VAE config is not here: decoding is not counted")
+        notes.append(UNTRACED)
+        notes.append("the student's own VAE and text encoders (copies of the teacher's) are "
+                     "counted once")
+        resident = [guided_step, student_step] + ([calls[-1][0]] if vae else [])
+        work = Work(tuple(calls), text, n * (2 + curves), tuple(resident))
+    plan = stage_plan(stage, work, rate, gpu_memory or card.memory_gib, tuple(notes))
+    plan["gpu"] = {"name": card.name, "math": mode, "efficiency": round(eff, 3)}
+    return plan
+
+
+def stage_summary(plan: dict) -> str:
+    m = plan["memory_gib"]
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "total")
+    lines = [(f"{plan['stage']} on {plan['gpu']['name']} ({plan['gpu']['math']}, efficiency "
+              f"{plan['gpu']['efficiency']}): {m['total']:.2f} GiB of {plan['usable_gib']} "
+              f"usable ({parts}): {'fits' if plan['fits'] else 'DOES NOT FIT'}")]
+    for c in plan["calls"]:
+        lines.append(f"  {c['name']}: {c['tflop_per_image']:.4g} TFLOP per image per call, "
+                     f"{c['calls_per_item']} call(s) x {c['items']} image(s), batch "
+                     f"{c['batch']}: {c['activation_gib']:.2f} GiB of activations")
+    lines.append("time: " + ", ".join(f"{k} {v:.4g} s" for k, v in plan["seconds"].items())
+                 + f"; {plan['gpu_hours']:.4g} GPU-hours")
+    lines += [f"note: {n}" for n in plan["notes"]]
+    return "\n".join(lines)
 
 
 def _overrides(cfg, args):
@@ -291,6 +399,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    "cached on disk or encoded on the fly (default: cache.text_embeddings)")
     p.add_argument("--disk-budget", type=float, default=DISK_BUDGET_GIB,
                    help="GiB the embedding cache may take on disk (default %(default)g)")
+    p.add_argument("--stage", choices=("distill", "cache_teacher", "evaluate"),
+                   default="distill", help="the stage to plan (default %(default)s)")
+    p.add_argument("--images", type=int, help="evaluate: images to generate (default: "
+                   "evaluate.num_images, else the protocol's)")
     p.add_argument("--out", type=Path, help="write the plan JSON here")
     return p.parse_args(argv)
 
@@ -298,7 +410,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(argv)
     try:
-        teacher_cfg, cfg, cache = distill_config(args.root, args.preset, args.method)
+        configs = stage_configs(args.root, args.preset, args.method)
+        teacher_cfg, cfg, cache = configs["teacher"], configs["distill"], configs["cache"]
         arch = args.arch or (args.preset if args.preset in ARCHS else None)
         cfg = _overrides(cfg, args)
         cfg.validate()
@@ -307,11 +420,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = text_request(teacher_cfg, args.root, spec, arch,
                             args.text_embeddings or cache.text_embeddings, cache.dtype,
                             cache.precision, prompts, args.disk_budget)
-        req = request(spec, cfg, args.gpu, args.gpu_memory, args.root, text)
-        plan = make_plan(req)
+        if args.stage != "distill":
+            plan = inference_plan(args.stage, {**configs, "distill": cfg}, spec, arch, text,
+                                  args.gpu, args.gpu_memory, args.root, args.images)
+        else:
+            plan = make_plan(request(spec, cfg, args.gpu, args.gpu_memory, args.root, text))
     except (ConfigError, ValueError) as err:
         sys.exit(f"plan: {err}")
-    print(summary(plan))
+    print(summary(plan) if args.stage == "distill" else stage_summary(plan))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")

@@ -15,7 +15,7 @@ from components.planning.estimate import GIB, HEADROOM
 from components.planning.teachers import flow_spec
 from components.planning.text import TextRequest, text_plan
 from pipeline import plan as plan_cli
-from tests.test_plan import SPEC, _request
+from tests.test_plan import _request
 from tests.tiny import build_tiny_teacher
 
 CLIP_L, CLIP_G, T5_XXL = 123_060_480, 694_659_840, 4_762_310_656  # the released encoders
