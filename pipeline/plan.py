@@ -33,12 +33,14 @@ from pathlib import Path
 from components.architectures import ARCHS, scheduler_config, unet_config
 from components.config import ConfigError
 from components.flow_architectures import FLOW_ARCHS
+from components.generation import precision_dtype
 from components.methods import get_method, method_names, teacher_unsupported
 from components.networks import folder_traits
 from components.planning import (
     GPUS,
     PlanRequest,
     TeacherSpec,
+    estimate,
     flow_spec,
     get_gpu,
     make_plan,
@@ -57,7 +59,7 @@ from components.planning.text import (
 from components.policy import PRECISIONS
 from components.teacher import TeacherNotFoundError, resolve_model
 from pipeline import paths
-from pipeline.params import load_stage
+from pipeline.params import load_all
 
 RESULTS = Path("bench/results")
 
@@ -124,8 +126,11 @@ def text_request(teacher_cfg, root: Path, spec: TeacherSpec, arch: str | None, m
         return None
     encoders = tuple(encoder_of(slot, config, spec.family, spec.text_length)
                      for slot, config in configs.items())
-    return TextRequest(mode, prompts, torch.finfo(getattr(torch, storage)).bits // 8,
-                       4 if precision == "fp32" else 2, encoders, prompt_values(spec),
+    def size(dtype: torch.dtype) -> int:
+        return torch.finfo(dtype).bits // 8
+
+    return TextRequest(mode, prompts, size(getattr(torch, storage)),
+                       size(precision_dtype(precision)), encoders, prompt_values(spec),
                        disk_budget_gib)
 
 
@@ -167,12 +172,11 @@ def stage_configs(root: Path, preset: str | None, method: str | None) -> dict:
     """The params sections the plans read (teacher, distill, cache, evaluate) of params.yaml,
     or of a preset with its method."""
     def read(folder) -> dict:
-        out = load_stage(folder, "distill")
+        out = load_all(folder)  # the params file read and checked once
         cfg = out["distill"]
         return {"teacher": out["teacher"],
                 "distill": replace(cfg, method=method) if method and not preset else cfg,
-                "cache": load_stage(folder, "cache_teacher")["cache"],
-                "evaluate": load_stage(folder, "evaluate")["evaluate"]}
+                "cache": out["cache"], "evaluate": out["evaluate"]}
 
     if preset is None:
         return read(root)
@@ -213,7 +217,13 @@ def inference_plan(stage: str, configs: dict, spec: TeacherSpec, arch: str | Non
     from components.evaluation.protocols import get_protocol
     from components.methods import needs_pairs
     from components.planning.gpus import efficiency, math_mode
-    from components.planning.stages import Work, decode_call, stage_plan, teacher_calls
+    from components.planning.stages import (
+        Work,
+        decode_call,
+        guided_call,
+        stage_plan,
+        student_call,
+    )
 
     card = get_gpu(gpu)
     cache, evaluate, distill = configs["cache"], configs["evaluate"], configs["distill"]
@@ -221,14 +231,14 @@ def inference_plan(stage: str, configs: dict, spec: TeacherSpec, arch: str | Non
     bf16 = precision == "bf16"
     mode = math_mode(precision, False)
     eff, _ = efficiency(card, mode, root / RESULTS)
-    rate = getattr(card, mode) * 1e12 * eff
+    rate = estimate.rate(card, mode, eff)
     notes = []
     if stage == "cache_teacher":
         pairs = cache.pairs
         encoded = (text.prompts or 0) if text and text.mode == "disk" else 0
         calls, resident = [], []
         if pairs.count and needs_pairs(distill.method):
-            guided_step, _ = teacher_calls(spec, pairs.batch_size, bf16)
+            guided_step = guided_call(spec, pairs.batch_size, bf16)
             calls.append((guided_step, pairs.steps, pairs.count))
             resident.append(guided_step)
         if text and text.mode == "on_the_fly":
@@ -244,7 +254,8 @@ def inference_plan(stage: str, configs: dict, spec: TeacherSpec, arch: str | Non
                               f"{evaluate.protocol!r}: pass --images N")
         student_steps = getattr(distill.method_config(), "generator_steps", 1)
         curves = len(evaluate.curve_guidance_scales)
-        guided_step, student_step = teacher_calls(spec, evaluate.batch_size, bf16)
+        guided_step = guided_call(spec, evaluate.batch_size, bf16)
+        student_step = student_call(spec, evaluate.batch_size, bf16)
         calls = [(guided_step, evaluate.teacher_steps, n * (1 + curves)),
                  (student_step, student_steps, n)]
         vae = _vae_config(configs["teacher"], root, arch)

@@ -13,7 +13,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from components.planning.kernels import ATTENTION_FLOPS
-from components.planning.stages import teacher_calls
+from components.planning.stages import guided_call, student_call
 from components.teacher import TextConditioning
 from pipeline import plan as plan_cli
 from tests.tiny import build_tiny_teacher
@@ -42,7 +42,7 @@ def test_a_traced_step_has_the_flops_of_a_real_forward(project):
 
     spec = plan_cli.teacher_spec(plan_cli.stage_configs(project, None, None)["teacher"],
                                  project)
-    guided, student = teacher_calls(spec, 2, False)
+    guided, student = guided_call(spec, 2, False), student_call(spec, 2, False)
     assert guided.flops_per_image == pytest.approx(2 * student.flops_per_image)  # [uncond; cond]
     unet = UNet2DConditionModel.from_pretrained(project / "models/teacher", subfolder="unet")
     dim = unet.config.cross_attention_dim

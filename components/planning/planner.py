@@ -183,7 +183,7 @@ def make_plan(req: PlanRequest, suggest: bool = True) -> dict:
                 "peak_tflops": getattr(req.gpu, mode), "efficiency": round(eff, 3),
                 "efficiency_source": source},
         "memory_gib": estimate.gib(mem), "fits": fits,
-        "usable_gib": round(estimate.usable_bytes(req.gpu_memory_gib) / GIB, 2),
+        "usable_gib": round(usable / GIB, 2),
         "flops": {"per_group_tflop_per_image": {
             g: _sig(f / 1e12) for g, f in estimate.flops_per_image(traces[0]).items()}},
         "time": {k: _sig(v) for k, v in estimate.timing(

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from components.planning.estimate import ALLOCATOR, CUDA_CONTEXT_GIB, GIB, HEADROOM
+from components.planning.estimate import ALLOCATOR, CUDA_CONTEXT_GIB, GIB, usable_bytes
 from components.planning.kernels import ATTENTION_FLOPS, GpuKernels
 from components.planning.teachers import SpecBatches, TeacherSpec, spec_teacher
 from components.planning.text import TextRequest
@@ -48,7 +48,7 @@ def _weights(module: torch.nn.Module, dtype_bytes: int) -> int:
 
 def traced_call(name: str, module: torch.nn.Module, call, batch: int, bf16: bool) -> Call:
     """Trace ``call()`` (one forward of ``module`` at ``batch`` images) on ``meta``."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
     from torch.utils.flop_counter import FlopCounterMode
 
     from components.planning.trace import SHAPES
@@ -60,27 +60,35 @@ def traced_call(name: str, module: torch.nn.Module, call, batch: int, bf16: bool
     with torch.no_grad(), SHAPES, tracker, counter, kernels, (
             kernels.region() if bf16 else contextlib.nullcontext()):
         call()
+    made_kinds = (_MemRefType.ACT, _MemRefType.TEMP, _MemRefType.OTH)  # not weights
     peak = tracker.get_tracker_snapshot("peak")
-    made = max(sum(v for k, v in kinds.items() if str(k).endswith(("ACT", "TEMP", "OTH")))
-               for kinds in peak.values())
+    made = max(sum(kinds.get(k, 0) for k in made_kinds) for kinds in peak.values())
     return Call(name, counter.get_total_flops() / batch, _weights(module, 2 if bf16 else 4),
                 int(made), batch)
 
 
-def teacher_calls(spec: TeacherSpec, batch: int, bf16: bool) -> tuple[Call, Call]:
-    """The guided teacher step ([uncond; cond] in one call, or FLUX's guidance input) and the
-    student step (one call) at ``batch`` images."""
-    from components.diffusion import guided, predict_x0
-
-    teacher = spec_teacher(spec)
-    net = teacher.network
+def _network_and_batch(spec: TeacherSpec, batch: int):
     b = SpecBatches(spec)(batch, torch.Generator())
-    t = torch.full((batch,), 999, device="meta")
-    guided_step = traced_call("teacher step (CFG)", net,
-                              lambda: guided(net, b.z, t, b.cond, b.uncond, 4.0), batch, bf16)
-    student_step = traced_call("student step", net, lambda: predict_x0(net, b.z, t, b.cond),
-                               batch, bf16)
-    return guided_step, student_step
+    return spec_teacher(spec).network, b, torch.full((batch,), 999, device="meta")
+
+
+def guided_call(spec: TeacherSpec, batch: int, bf16: bool) -> Call:
+    """The guided teacher step at ``batch`` images: [uncond; cond] in one call, or FLUX's
+    guidance input."""
+    from components.diffusion import guided
+
+    net, b, t = _network_and_batch(spec, batch)
+    return traced_call("teacher step (CFG)", net,
+                       lambda: guided(net, b.z, t, b.cond, b.uncond, 4.0), batch, bf16)
+
+
+def student_call(spec: TeacherSpec, batch: int, bf16: bool) -> Call:
+    """The student step (one call, the teacher's architecture) at ``batch`` images."""
+    from components.diffusion import predict_x0
+
+    net, b, t = _network_and_batch(spec, batch)
+    return traced_call("student step", net, lambda: predict_x0(net, b.z, t, b.cond), batch,
+                       bf16)
 
 
 def decode_call(vae_config: dict[str, Any], latent: tuple[int, int, int], batch: int) -> Call:
@@ -119,7 +127,7 @@ def stage_plan(stage: str, work: Work, flops_per_second: float, gpu_memory_gib: 
     memory = {"networks": weights, "text_encoders": encoders, "activations": activations,
               "allocator": ALLOCATOR * activations, "cuda_context": CUDA_CONTEXT_GIB * GIB}
     memory["total"] = sum(memory.values())
-    usable = gpu_memory_gib * GIB * (1 - HEADROOM)
+    usable = usable_bytes(gpu_memory_gib)
     seconds = {k: v / flops_per_second for k, v in parts.items()}
     return {
         "stage": stage,
