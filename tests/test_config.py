@@ -13,6 +13,7 @@ import yaml
 
 from components.config import ConfigError, from_dict
 from pipeline.params import load_all, load_stage
+from pipeline.recipes import get_dotted
 from pipeline.stages import STAGE_SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,15 +70,8 @@ def test_every_shipped_params_file_has_what_dvc_tracks(path):
     """DVC refuses a stage whose listed parameter is absent from params.yaml, even where the
     config has a default (``cache.precision`` for distill), so every preset must spell it out."""
     data = yaml.safe_load(path.read_text())
-    missing = []
-    for name, sections in STAGE_SECTIONS.items():
-        for key in sections:
-            node = data
-            for part in key.split("."):
-                if not isinstance(node, dict) or part not in node:
-                    missing.append(f"{name}: {key}")
-                    break
-                node = node[part]
+    missing = [f"{name}: {key}" for name, sections in STAGE_SECTIONS.items()
+               for key in sections if get_dotted(data, key) is None]
     assert not missing, f"{path.name} lacks parameters dvc.yaml tracks: {missing}"
 
 
