@@ -47,6 +47,8 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
     if callable(check):
         try:
             check()
+        except ConfigError:
+            raise  # a nested section's error already names its own place
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
     return obj

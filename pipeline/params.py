@@ -26,10 +26,11 @@ from components.methods import get_method, lora_unsupported, method_names, teach
 from components.monitor import MonitorConfig
 from components.networks import UnsupportedTeacherError, folder_traits
 from components.policy import PolicyConfig
-from components.prompts import PromptsConfig
+from components.prompts import PromptsConfig, source_path
 from components.student import StudentConfig
 from components.teacher import TeacherConfig, TeacherNotFoundError, resolve_model
 from components.training import LoopConfig
+from pipeline.stages.common import undeclared
 
 PARAMS_FILE = "params.yaml"
 
@@ -267,7 +268,8 @@ def _register_late_sections() -> None:
 def input_errors(root: str | Path, configs: dict[str, Any]) -> list[str]:
     """The input paths params name (FID reference images, evaluation captions, prompt files)
     that do not exist and that no stage of ``root/dvc.yaml`` produces: under ``dvc repro`` DVC
-    would stop with a bare "No such file" before the stage could say what to set."""
+    would stop with a bare "No such file" before the stage could say what to set; and the prompt
+    files that are not dependencies of ``prepare_prompts`` (edits to them would go unseen)."""
     root = Path(root)
     dvc_file = root / "dvc.yaml"
     stages = yaml.safe_load(dvc_file.read_text(encoding="utf-8"))["stages"] if (
@@ -287,6 +289,12 @@ def input_errors(root: str | Path, configs: dict[str, Any]) -> list[str]:
         if not path.exists() and not any(p == path or p in path.parents for p in produced):
             errors.append(f"{key}: {value} does not exist and no stage produces it; set it to "
                           f"{what}")
+    sources = [(f"prompts.train_sources[{i}].path", s) for i, s in enumerate(prompts.train_sources)]
+    for key, source in [*sources, ("prompts.eval_source.path", prompts.eval_source)]:
+        if undeclared(root, "prepare_prompts", [source_path(source, root)]):
+            errors.append(f"{key}: {source.path} is not a dependency of prepare_prompts in "
+                          "dvc.yaml, so `dvc repro` would not see it change: move it under "
+                          "data/sources/ (a declared folder) or add it to the stage's deps")
     return errors
 
 

@@ -73,3 +73,19 @@ def test_a_source_outside_the_declared_dependencies_is_refused(project):
     assert ("mine.txt is not a dependency of prepare_prompts in dvc.yaml" in proc.stderr
             and "move it under data/sources/" in proc.stderr), proc.stderr[-2000:]
     assert not (project / "data/prompts").exists()
+
+
+def test_the_params_check_refuses_an_undeclared_source_before_any_stage_runs(project):
+    (project / "mine.txt").write_text("a purple hexagon\n")
+    _sources(project, "mine.txt")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.params", "--check"], cwd=project,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("params: error: prompts.train_sources[1].path: mine.txt is not a dependency of "
+            "prepare_prompts in dvc.yaml" in proc.stderr), proc.stderr
+    assert "move it under data/sources/" in proc.stderr
+    (project / "data/sources/mine.txt").write_text("a purple hexagon\n")
+    _sources(project, "data/sources/mine.txt")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.params", "--check"], cwd=project,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
