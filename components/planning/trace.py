@@ -6,7 +6,8 @@ in order with its backward and optimizer step, then the EMA update), under
 ``torch.distributed._tools.mem_tracker.MemTracker`` (every tensor's storage, by kind) and
 ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; forward, backward
 and recomputation). Nothing is allocated. The optimizers and gradients start as they are in a run in progress
-(``warm_state``), so the peak is that of any later iteration, not of the first.
+(``warm_state``: moments made, no gradient left over), so the peak is that of any later
+iteration, not of the first.
 Fused attention and CUDA autocast are modelled by ``components.planning.kernels``; the ``meta``
 kernels' results are memoised (``components.planning.meta_cache``: the same figures, faster).
 
@@ -213,13 +214,14 @@ def _param_split(method) -> tuple[int, int, tuple[int, int]]:
 @torch.no_grad()
 def warm_state(opts: dict) -> None:
     """The state of a run in progress: every optimizer has its moments (Adam makes them at its
-    first step) and every trained parameter a gradient left from its group's last update (a
-    group frees only its own gradients when it starts)."""
+    first step); no gradient outlives its group's update (``update_group`` frees them after its
+    step)."""
     for opt in opts.values():
         for group in opt.param_groups:
             for p in group["params"]:
                 p.grad = torch.zeros_like(p)
         opt.step()
+        opt.zero_grad(set_to_none=True)
 
 
 def traced_steps(method) -> tuple[int, ...]:
