@@ -289,13 +289,21 @@ def input_errors(root: str | Path, configs: dict[str, Any]) -> list[str]:
         if not path.exists() and not any(p == path or p in path.parents for p in produced):
             errors.append(f"{key}: {value} does not exist and no stage produces it; set it to "
                           f"{what}")
-    sources = [(f"prompts.train_sources[{i}].path", s) for i, s in enumerate(prompts.train_sources)]
-    for key, source in [*sources, ("prompts.eval_source.path", prompts.eval_source)]:
-        if undeclared(root, "prepare_prompts", [source_path(source, root)]):
-            errors.append(f"{key}: {source.path} is not a dependency of prepare_prompts in "
-                          "dvc.yaml, so `dvc repro` would not see it change: move it under "
-                          "data/sources/ (a declared folder) or add it to the stage's deps")
-    return errors
+    return errors + undeclared_sources(root, prompts)
+
+
+def undeclared_sources(root: Path, prompts: PromptsConfig) -> list[str]:
+    """A line for each prompt file that is not a dependency of ``prepare_prompts`` in
+    ``root/dvc.yaml``: editing it would leave the prompts stale while `dvc status` says up to
+    date (checked by ``--check`` and by the stage itself)."""
+    sources = [*((f"prompts.train_sources[{i}].path", s)
+                 for i, s in enumerate(prompts.train_sources)),
+               ("prompts.eval_source.path", prompts.eval_source)]
+    missing = set(undeclared(root, "prepare_prompts", [source_path(s, root) for _, s in sources]))
+    return [f"{key}: {s.path} is not a dependency of prepare_prompts in dvc.yaml, so `dvc repro` "
+            "would not see it change: move it under data/sources/ (a declared folder) or add "
+            "its path to the stage's deps in dvc.yaml"
+            for key, s in sources if source_path(s, root) in missing]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,22 +7,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.io import atomic_dir, write_json
-from components.prompts import PromptSourceError, prepare, read_source, select_eval, source_path
+from components.prompts import PromptSourceError, prepare, read_source, select_eval
 from pipeline import paths
-from pipeline.params import load_stage
-from pipeline.stages.common import entry, log, undeclared, write_resolved
+from pipeline.params import load_stage, undeclared_sources
+from pipeline.stages.common import entry, log, write_resolved
 
 
 def _check_declared(root: Path, cfg) -> None:
     """Every prompt file must be a dvc.yaml dependency of this stage, else editing it would
     leave the prompts stale while `dvc status` says up to date."""
-    files = [source_path(s, root) for s in (*cfg.train_sources, cfg.eval_source)]
-    missing = undeclared(root, "prepare_prompts", files)
-    if missing:
-        raise PromptSourceError(
-            f"prompt source {missing[0]} is not a dependency of prepare_prompts in dvc.yaml, so "
-            "`dvc repro` would not see it change: move it under data/sources/ (a declared "
-            "folder) or add its path to the stage's deps in dvc.yaml")
+    errors = undeclared_sources(root, cfg)
+    if errors:
+        raise PromptSourceError(errors[0])
 
 
 def run(root: Path) -> None:
