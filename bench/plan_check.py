@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
 from components.architectures import ARCHS, DIVISORS, scheduler_config, unet_config
@@ -43,6 +43,7 @@ from components.planning.trace import (
 from components.policy import PolicyConfig, TrainingPolicy, frozen_denoisers
 from components.training import LoopConfig, iteration
 
+_WINDOW = "plan_check.iterations"
 OVERRIDES = {"instaflow": {"reflow_fraction": 0.5}, "meng": {"stage1_fraction": 0.5}}
 
 
@@ -66,28 +67,38 @@ def _live_bytes(method, opts: dict, ema: EMA) -> int:
 
 
 def measure_cpu(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int,
-                run_steps: int) -> dict:
-    """Peak tensor bytes (allocator events) and FLOPs of the planned iterations, run for real."""
-    torch.manual_seed(0)
-    method = build(spec_teacher(spec, "cpu"))
-    run_policy = TrainingPolicy(policy)
-    opts = run_policy.prepare(method)
-    warm_state(opts)
-    ema = EMA(method.student(), method.ema, micro_batch)
-    before = _live_bytes(method, opts, ema)
-    loop = LoopConfig(steps=run_steps, batch_size=micro_batch)
-    batches = SpecBatches(spec, "cpu")
-    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, counter:
-        for step in traced_steps(method):
-            iteration(method, step, batches, loop, opts, ema, run_policy)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
+               run_steps: int) -> dict:
+    """Peak tensor bytes (allocator events) and FLOPs of the planned iterations, run for real.
+
+    The profiler runs from before the method is built: a block allocated before profiling
+    starts has no size in its free event, so the state a phase start replaces (the old
+    optimizer moments and EMA average) would stay counted after it is freed."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.manual_seed(0)
+        method = build(spec_teacher(spec, "cpu"))
+        run_policy = TrainingPolicy(policy)
+        opts = run_policy.prepare(method)
+        warm_state(opts)
+        ema = EMA(method.student(), method.ema, micro_batch)
+        before = _live_bytes(method, opts, ema)
+        loop = LoopConfig(steps=run_steps, batch_size=micro_batch)
+        batches = SpecBatches(spec, "cpu")
+        counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS)
+        with record_function(_WINDOW), counter:
+            for step in traced_steps(method):
+                iteration(method, step, batches, loop, opts, ema, run_policy)
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == _WINDOW)
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    live, start, peak = 0, None, 0
+    for at, nbytes in memory:
+        if start is None and at >= window.start_ns():
+            start = peak = live  # tensor bytes live when the iterations begin
         live += nbytes
-        peak = max(peak, live)
-    return {"peak_bytes": before + peak, "flops": counter.get_total_flops()}
+        if start is not None and at <= window.end_ns():
+            peak = max(peak, live)
+    start = live if start is None else start
+    return {"peak_bytes": before + peak - start, "flops": counter.get_total_flops()}
 
 
 def predict(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int,
