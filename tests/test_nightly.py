@@ -270,8 +270,9 @@ def night2(night1, worker, tracking):
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
         register = task_runs_of(flow_run_id).get("register")
-        if register is not None and (register.state.name == "AwaitingRetry"
-                                     or register.run_count > 1):
+        # a task run is listed before its first state is set: state None until then
+        if register is not None and register.state is not None and (
+                register.state.name == "AwaitingRetry" or register.run_count > 1):
             break
         time.sleep(1)
     else:
