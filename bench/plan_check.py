@@ -90,14 +90,15 @@ def measure_cpu(build, spec: TeacherSpec, policy: PolicyConfig, micro_batch: int
     events = prof.profiler.kineto_results.events()
     window = next(e for e in events if e.name() == _WINDOW)
     memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    live, start, peak = 0, None, 0
+    live = start = peak = 0  # start: tensor bytes live when the iterations begin
     for at, nbytes in memory:
-        if start is None and at >= window.start_ns():
-            start = peak = live  # tensor bytes live when the iterations begin
+        if at > window.end_ns():
+            break
         live += nbytes
-        if start is not None and at <= window.end_ns():
+        if at < window.start_ns():
+            start = peak = live
+        else:
             peak = max(peak, live)
-    start = live if start is None else start
     return {"peak_bytes": before + peak - start, "flops": counter.get_total_flops()}
 
 
