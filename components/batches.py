@@ -50,9 +50,7 @@ class ConditioningTable:
 
     def conditioning(self, indices: torch.Tensor,
                      dtype: torch.dtype = torch.float32) -> TextConditioning:
-        rows = self.table.rows(torch.as_tensor(indices))
-        cast = lambda a: None if a is None else a.to(dtype)
-        return TextConditioning(rows.text.to(dtype), cast(rows.pooled), cast(rows.time_ids))
+        return self.table.rows(torch.as_tensor(indices)).cast(dtype)
 
 
 class PromptBatches:

@@ -13,7 +13,9 @@ rows to their own dtype. The shard format itself (writing, resuming, lazy memory
 hash checks) is ``components.shards``.
 
 SDXL teachers add ``"pooled"`` (n, D_pooled) and ``"time_ids"`` (n, 6) to every file, and their
-unconditional embedding is zeros when the pipeline says so (``force_zeros_for_empty_prompt``).
+unconditional embedding is zeros when the pipeline says so (``force_zeros_for_empty_prompt``);
+SD3 and FLUX add ``"pooled"``; SANA adds ``"mask"`` (n, L), Gemma's attention mask over the
+padded token sequence (1 where a token is attended, stored in the same dtype).
 
 Shards are written one at a time into ``<dir>.partial`` and kept there if the run is killed, so a
 re-run resumes after the last complete shard; the finished folder replaces ``<dir>`` by rename.
@@ -88,7 +90,7 @@ def prompts_hash(prompts: Sequence[str]) -> str:
     return sha256_bytes("\n".join(prompts).encode())
 
 
-FIELDS = ("text", "pooled", "time_ids")
+FIELDS = ("text", "pooled", "time_ids", "mask")
 
 
 def _as_conditioning(x: TextConditioning | torch.Tensor) -> TextConditioning:
@@ -96,7 +98,7 @@ def _as_conditioning(x: TextConditioning | torch.Tensor) -> TextConditioning:
 
 
 def _tensors(cond: TextConditioning) -> dict[str, torch.Tensor]:
-    return {k: getattr(cond, k).cpu() for k in FIELDS if getattr(cond, k) is not None}
+    return {k: v.cpu() for k, v in cond.tensors().items()}
 
 
 def _encode(encode: Encoder, prompts: Sequence[str], batch: int,
@@ -109,8 +111,7 @@ def _encode(encode: Encoder, prompts: Sequence[str], batch: int,
 
 
 def _cast(cond: TextConditioning, dtype: torch.dtype) -> TextConditioning:
-    cast = lambda a: None if a is None else a.to(dtype)
-    return TextConditioning(cond.text.to(dtype), cast(cond.pooled), cast(cond.time_ids))
+    return cond.cast(dtype)
 
 
 def write_cache(out_dir: str | Path, prompts: Sequence[str], encode: Encoder, cfg: CacheConfig,
@@ -157,7 +158,7 @@ def _read_index(folder: Path, expected_prompts_sha256: str | None) -> dict:
 
 def _read_null(folder: Path, index: dict) -> TextConditioning:
     null = load_verified(folder, index["null"], "cache null embedding")
-    return TextConditioning(*(null.get(k) for k in FIELDS))
+    return TextConditioning(**{k: null.get(k) for k in FIELDS})
 
 
 def text_mode(folder: str | Path) -> str:
@@ -198,7 +199,7 @@ class EmbeddingCache:
         consumer's; the cache may store fp16 or bf16), read from their shards only."""
         def read(name: str) -> torch.Tensor | None:
             return self._table.rows(name, indices).to(dtype) if name in self._fields else None
-        return TextConditioning(read("text"), read("pooled"), read("time_ids"))
+        return TextConditioning(**{k: read(k) for k in FIELDS})
 
     def null(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> TextConditioning:
         """The unconditional embedding in ``dtype``, repeated ``batch`` times."""

@@ -1,5 +1,5 @@
-"""The stock diffusers call that reproduces a student of a flow teacher (SD3 / SD3.5, FLUX.1):
-the folder keeps the teacher's ``FlowMatchEulerDiscreteScheduler`` and
+"""The stock diffusers call that reproduces a student of a flow teacher (SD3 / SD3.5, FLUX.1,
+SANA): the folder keeps the teacher's ``FlowMatchEulerDiscreteScheduler`` and
 ``StableDiffusion3Pipeline.from_pretrained(student)(prompt, num_inference_steps=N,
 sigmas=[...], guidance_scale=1)`` computes what ``Student.generate`` computes (a folder saved
 without its T5 encoder loads with ``text_encoder_3=None, tokenizer_3=None``, which
@@ -8,7 +8,12 @@ student's ``height`` and ``width`` (its resolution fixes the scheduler's shift: 
 computes μ from the image's token count and shifts the given sigmas by ``exp(μ)``, so the sigmas
 are unshifted with that factor) and ``max_sequence_length``; its ``guidance_scale`` is FLUX.1-dev's
 guidance input, 1 for a student that runs without one, and with ``true_cfg_scale`` at its default
-1 it runs no CFG.
+1 it runs no CFG. ``SanaPipeline``'s DPM-Solver on flow sigmas takes no ``sigmas``, so a SANA
+student is saved with the ``FlowMatchEulerDiscreteScheduler`` of the same shift (its Euler step
+is the one below; the pipeline feeds the transformer ``T σ`` as the solver does) and called with
+its ``height``, ``width``, ``max_sequence_length`` and ``use_resolution_binning=False`` (the
+student generates at its own resolution); the default instruction before each prompt is the one
+the student was trained with.
 
 The stock sampler is Euler on the velocity, ``x ← x + (σ' − σ) u(x, T σ)`` from unscaled noise
 over the scheduler's *shifted* ``sigmas`` (it shifts the ones it is given), ending at σ = 0; a
@@ -36,7 +41,7 @@ from components.generation import GeneratorSpec, trailing_timesteps
 from components.schedules import FlowSchedule, unshift_sigma
 from components.stock_scheduler import StockCall
 
-STOCK_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+STOCK_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline", "SanaPipeline")
 
 
 def _reason(spec: GeneratorSpec, pipe: Any) -> str | None:
@@ -77,9 +82,16 @@ def flow_stock_call(pipe: Any, spec: GeneratorSpec) -> StockCall:
     from components.networks import family, latent_shape
 
     scheduler = pipe.scheduler
-    name = type(scheduler).__name__
     if (why := _reason(spec, pipe)) is not None:
         return StockCall(None, spec.steps, 1.0, reason=why)
+    saved = None  # the scheduler to save in place of the teacher's (None: keep it)
+    if family(pipe) == "sana":  # SANA's DPM-Solver takes no sigmas: its Euler twin does
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        schedule = FlowSchedule.from_scheduler(scheduler)
+        saved = scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=schedule.num_timesteps, shift=schedule.shift)
+    name = type(scheduler).__name__
     extra: dict[str, Any] = {}
     shift_args: dict[str, Any] = {}
     if family(pipe) == "flux":  # the resolution the student generates at sets the shift
@@ -104,11 +116,17 @@ def flow_stock_call(pipe: Any, spec: GeneratorSpec) -> StockCall:
         from components.networks.flux import t5_length
 
         extra["max_sequence_length"] = t5_length(pipe)
+    elif family(pipe) == "sana":  # the Gemma length the student was fed, at its resolution
+        from components.networks.sana import gemma_length
+
+        _, h, w = latent_shape(pipe)
+        extra.update(max_sequence_length=gemma_length(pipe), height=h * pipe.vae_scale_factor,
+                     width=w * pipe.vae_scale_factor, use_resolution_binning=False)
     elif getattr(pipe, "tokenizer_3", None) is not None:
         from components.networks.sd3 import t5_length
 
         extra["max_sequence_length"] = t5_length(pipe)
     optional = set(type(pipe)._optional_components)
     absent = {k: None for k, v in pipe.components.items() if v is None and k not in optional}
-    return StockCall(None, len(want), 1.0, pipeline=type(pipe).__name__, extra=extra,
+    return StockCall(saved, len(want), 1.0, pipeline=type(pipe).__name__, extra=extra,
                      scheduler_name=name, load=absent)

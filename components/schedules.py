@@ -16,7 +16,8 @@ The shift k comes from the pipeline's own scheduler config: SD3's static ``shift
 FLUX's resolution-dependent one when ``use_dynamic_shifting`` is set: ``k = exp(μ)`` with μ linear
 in the image's token count between ``(base_image_seq_len, base_shift)`` and
 ``(max_image_seq_len, max_shift)`` (``time_shift_type: exponential``, as FluxPipeline computes
-it; ``e^μ / (e^μ + 1/s − 1)`` is the same map as ``shift(s, e^μ)``).
+it; ``e^μ / (e^μ + 1/s − 1)`` is the same map as ``shift(s, e^μ)``), or SANA's ``flow_shift`` of
+its ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas`` (the same static shift map).
 """
 
 from __future__ import annotations
@@ -66,11 +67,19 @@ class FlowSchedule:
 
     @classmethod
     def from_scheduler(cls, scheduler: Any, image_seq_len: int | None = None) -> FlowSchedule:
-        """The schedule of a ``FlowMatchEulerDiscreteScheduler`` (its config, never a constant).
+        """The schedule of a ``FlowMatchEulerDiscreteScheduler``, or of a DPM-Solver on flow sigmas
+    (SANA's: ``use_flow_sigmas``, ``flow_shift``), from its config, never a constant.
 
         With ``use_dynamic_shifting`` the shift depends on the resolution: ``image_seq_len``
         (latent tokens after patching) is then required."""
         cfg = scheduler.config
+        if cfg.get("use_flow_sigmas"):  # SANA's DPM-Solver on flow sigmas: a static shift
+            if cfg.get("prediction_type") != "flow_prediction":
+                raise ValueError("a scheduler with use_flow_sigmas must predict the flow "
+                                 f"(prediction_type flow_prediction), not "
+                                 f"{cfg.get('prediction_type')!r}")
+            return cls(float(cfg.get("flow_shift", 1.0)),
+                       int(cfg.get("num_train_timesteps", 1000)))
         unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas",
                                    "use_beta_sigmas", "invert_sigmas") if cfg.get(k)]
         if cfg.get("shift_terminal") or unsupported:
@@ -123,10 +132,11 @@ def schedule_from_scheduler(scheduler: Any, image_seq_len: int | None = None):
     shifted rectified flow of ``FlowMatchEulerDiscreteScheduler``."""
     from components.diffusion import NoiseSchedule
 
-    if type(scheduler).__name__.startswith("FlowMatch"):
+    flow = type(scheduler).__name__.startswith("FlowMatch")
+    if flow or scheduler.config.get("use_flow_sigmas"):
         return FlowSchedule.from_scheduler(scheduler, image_seq_len)
     if hasattr(scheduler, "alphas_cumprod"):
         return NoiseSchedule.from_scheduler(scheduler)
     raise ValueError(f"scheduler {type(scheduler).__name__} has neither a VP ᾱ table nor a "
-                     "flow-matching config; supported: DDIM/DDPM/Euler-style VP schedulers and "
-                     "FlowMatchEulerDiscreteScheduler")
+                     "flow-matching config; supported: DDIM/DDPM/Euler-style VP schedulers, "
+                     "FlowMatchEulerDiscreteScheduler and DPM-Solver with use_flow_sigmas")

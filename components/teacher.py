@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,40 +32,50 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class TextConditioning:
-    """Text conditioning of a batch: token embeddings, plus SDXL's pooled embeddings and time ids."""
+    """Text conditioning of a batch: token embeddings, plus SDXL's pooled embeddings and time ids,
+    SD3's and FLUX's pooled embeddings, and SANA's attention mask over the tokens.
+
+    Every field is (B, ...) or None; the methods below apply to each field that is present."""
 
     text: torch.Tensor  # (B, L, D)
-    pooled: torch.Tensor | None = None  # (B, D_pooled), SDXL only
+    pooled: torch.Tensor | None = None  # (B, D_pooled): SDXL, SD3, FLUX
     time_ids: torch.Tensor | None = None  # (B, 6), SDXL only
+    mask: torch.Tensor | None = None  # (B, L), 1 where a token is attended: SANA only
+
+    def _map(self, fn, *others: TextConditioning) -> TextConditioning:
+        out = {}
+        for f in fields(self):
+            a = getattr(self, f.name)
+            out[f.name] = None if a is None else fn(a, *(getattr(o, f.name) for o in others))
+        return TextConditioning(**out)
 
     def concat(self, other: TextConditioning) -> TextConditioning:
-        cat = lambda a, b: None if a is None else torch.cat([a, b])
-        return TextConditioning(torch.cat([self.text, other.text]), cat(self.pooled, other.pooled),
-                                cat(self.time_ids, other.time_ids))
+        return self._map(lambda a, b: torch.cat([a, b]), other)
 
     def to(self, device: torch.device | str) -> TextConditioning:
-        move = lambda a: None if a is None else a.to(device)
-        return replace(self, text=self.text.to(device), pooled=move(self.pooled),
-                       time_ids=move(self.time_ids))
+        return self._map(lambda a: a.to(device))
+
+    def cast(self, dtype: torch.dtype) -> TextConditioning:
+        """Every field in ``dtype`` (a mask's 0 and 1 are exact in any float dtype)."""
+        return self._map(lambda a: a.to(dtype))
 
     def expand(self, batch: int) -> TextConditioning:
         """Repeat a single-row conditioning (e.g. the empty prompt) to ``batch`` rows."""
-        grow = lambda a: None if a is None else a.expand(batch, *a.shape[1:])
-        return TextConditioning(grow(self.text), grow(self.pooled), grow(self.time_ids))
+        return self._map(lambda a: a.expand(batch, *a.shape[1:]))
 
     def rows(self, index: slice | torch.Tensor) -> TextConditioning:
         """The rows ``index`` of every field (a micro-batch, or a selection)."""
-        pick = lambda a: None if a is None else a[index]
-        return TextConditioning(self.text[index], pick(self.pooled), pick(self.time_ids))
+        return self._map(lambda a: a[index])
 
     def where(self, mask: torch.Tensor, other: TextConditioning) -> TextConditioning:
         """Rows of ``other`` where ``mask`` (B,) is true, else rows of ``self``."""
-        def pick(a, b):
-            if a is None:
-                return None
-            return torch.where(mask.view(-1, *([1] * (a.ndim - 1))), b, a)
-        return TextConditioning(pick(self.text, other.text), pick(self.pooled, other.pooled),
-                                pick(self.time_ids, other.time_ids))
+        return self._map(lambda a, b: torch.where(mask.view(-1, *([1] * (a.ndim - 1))), b, a),
+                         other)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are present, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
 
 
 class UNetDenoiser(torch.nn.Module):

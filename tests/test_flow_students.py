@@ -23,7 +23,7 @@ from components.networks import saved_network
 from components.real_latents import encode_images
 from components.teacher import teacher_denoiser
 from tests.test_protocols import photos
-from tests.tiny_flow import tiny_sd3_pipeline
+from tests.tiny_flow import tiny_sana_pipeline, tiny_sd3_pipeline
 
 PROMPTS, SEEDS = ["a red circle", "a blue square at the top"], [3, 11]
 KINDS = {
@@ -137,8 +137,36 @@ def test_stock_sd3_pipeline_reproduces_the_student(students, name):
     assert ours.std() > 0
 
 
-def test_the_folded_w_input_is_the_w_conditioned_student():
-    pipe = tiny_sd3_pipeline(0)
+@pytest.fixture(scope="module")
+def sana_students(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sana-students")
+    for name, spec in KINDS.items():
+        pipe = tiny_sana_pipeline(0)
+        if spec.w_dim:
+            _, pipe.transformer, spec = saved_network(_w_student(pipe), spec)
+        save_student(pipe, spec, base / name, {"method": name})
+    run_plain_user([base / name for name in KINDS])
+    return base
+
+
+@pytest.mark.parametrize("name", sorted(KINDS))
+def test_stock_sana_pipeline_reproduces_the_student(sana_students, name):
+    """SanaPipeline with the saved Euler twin of SANA's flow DPM-Solver, at the student's
+    resolution, its default instruction before each prompt and no CFG."""
+    entry = json.loads((sana_students / name / "student.json").read_text())["diffusers"]
+    assert entry["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert entry["call"]["use_resolution_binning"] is False
+    ours = load_student(sana_students / name).generate(PROMPTS, SEEDS)
+    stock = plain_images(sana_students / name, pipeline="SanaPipeline")
+    diff = np.abs(ours.astype(int) - stock.astype(int)).max()
+    assert diff <= 1, f"{name}: SanaPipeline differs from Student.generate by {diff}"
+    assert ours.std() > 0
+
+
+@pytest.mark.parametrize("build", [tiny_sd3_pipeline, tiny_sana_pipeline],
+                         ids=["sd3", "sana"])
+def test_the_folded_w_input_is_the_w_conditioned_student(build):
+    pipe = build(0)
     net, spec = _w_student(pipe), KINDS["w_conditioned_ddim"]
     live = Student(pipe, spec)
     live.denoiser = net  # the network as it trained, w through its projection

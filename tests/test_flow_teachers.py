@@ -1,5 +1,5 @@
-"""Every method trains and resumes on tiny random SD3.5-style and FLUX.1-dev-style pipelines,
-through the same loop, caches and loaders as the UNet teachers."""
+"""Every method trains and resumes on tiny random SD3.5-style, FLUX.1-dev-style and SANA-style
+pipelines, through the same loop, caches and loaders as the UNet teachers."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from components.methods import Teacher, get_method, method_names
 from components.teacher import teacher_denoiser
 from components.training import LoopConfig, train
 from tests.memory_pairs import MemoryPairs
-from tests.tiny_flow import LATENT, tiny_flux_pipeline, tiny_sd3_pipeline
+from tests.tiny_flow import LATENT, tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle on the left", "a yellow circle"]
-PIPELINES = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
+PIPELINES = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline, "sana": tiny_sana_pipeline}
 
 # Small settings so a few steps move the weights; everything else is the published default.
 SETTINGS = {

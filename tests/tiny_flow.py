@@ -1,15 +1,21 @@
 """Tiny random-weight flow-transformer pipelines built in code (nothing downloaded): SD3.5-style
-(joint CLIP-L + CLIP-G sequence, no T5, QK RMS-norm, one dual-attention layer) and FLUX.1-dev-style
-(CLIP-L pooled + T5 sequence with an offline-trained T5 vocabulary, guidance embedding)."""
+(joint CLIP-L + CLIP-G sequence, no T5, QK RMS-norm, one dual-attention layer), FLUX.1-dev-style
+(CLIP-L pooled + T5 sequence with an offline-trained T5 vocabulary, guidance embedding) and
+SANA-style (a Gemma-2 encoder on an offline-trained Gemma vocabulary, masked cross-attention,
+a deep-compression autoencoder, DPM-Solver on flow sigmas)."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -17,10 +23,13 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
     T5Config,
     T5EncoderModel,
 )
 
+from components.networks.gemma_tokenizer import build_gemma_tokenizer
 from components.networks.t5_tokenizer import build_t5_tokenizer
 from components.world.tokenizer import build_tokenizer
 
@@ -85,5 +94,36 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
     pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_vae(0.3611, 0.1159),
                         text_encoder=CLIPTextModel(CLIPTextConfig(**_CLIP)),
                         tokenizer=build_tokenizer(), text_encoder_2=t5, tokenizer_2=tokenizer_2)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sana_pipeline(seed: int = 0) -> SanaPipeline:
+    """SANA-style: 2 linear-attention blocks with masked cross-attention to a 2-layer Gemma-2
+    encoder (16 tokens per prompt, after SANA's default instruction), 16×8×8 latents of a
+    3-stage deep-compression autoencoder (32-pixel images, SanaPipeline's smallest size),
+    DPM-Solver on flow sigmas with flow shift 3."""
+    torch.manual_seed(seed)
+    tokenizer = build_gemma_tokenizer(max_length=16)
+    gemma = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+        max_position_embeddings=1024, sliding_window=512))
+    transformer = SanaTransformer2DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16,
+        num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16,
+        cross_attention_dim=32, caption_channels=32, sample_size=8, patch_size=1)
+    vae = AutoencoderDC(in_channels=3, latent_channels=16, attention_head_dim=8,
+                        encoder_block_types="ResBlock", decoder_block_types="ResBlock",
+                        encoder_block_out_channels=(8, 8, 16),
+                        decoder_block_out_channels=(8, 8, 16),
+                        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+                        encoder_qkv_multiscales=((),) * 3, decoder_qkv_multiscales=((),) * 3,
+                        decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=gemma, vae=vae,
+                        transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,6 +1,7 @@
 """Teacher families behind the ``Denoiser`` protocol, one file each (the only place that knows
 its model's call conventions): diffusers UNets (``components.teacher.UNetDenoiser``), SD3/SD3.5
-MMDiT transformers (``sd3``) and FLUX.1 transformers (``flux``).
+MMDiT transformers (``sd3``), FLUX.1 transformers (``flux``) and SANA linear-attention DiTs
+(``sana``).
 
 ``PIPELINES`` names the diffusers pipeline classes of each family; a teacher of any other family
 fails at load with that list.
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
-             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "SanaPipeline": "sana"}
 
 
 class UnsupportedTeacherError(ValueError):
@@ -38,7 +39,7 @@ def check_pipeline_class(class_name: str, source: str) -> str:
 
 def folder_traits(folder: str | Path) -> dict[str, Any] | None:
     """What config checks need of a local teacher folder, from its configs alone (no weights):
-    ``family`` (``unet``, ``sd3``, ``flux``) and ``embedded_guidance`` (a guidance-distilled
+    ``family`` (``unet``, ``sd3``, ``flux``, ``sana``) and ``embedded_guidance`` (a guidance-distilled
     FLUX.1-dev transformer); None for a folder without ``model_index.json``. A pipeline of an
     unsupported family raises ``UnsupportedTeacherError`` listing the supported ones."""
     index = Path(folder) / "model_index.json"
@@ -97,7 +98,10 @@ def saved_network(student: torch.nn.Module, spec: Any) -> tuple[str, torch.nn.Mo
         return "unet", student.unet, spec
     if getattr(student, "w_proj", None) is None:
         return "transformer", student.transformer, spec
-    folded = fold_w_projection(student, spec.guidance_weight)
+    if hasattr(student, "fold_w"):  # the family folds its w input its own way (SANA)
+        folded = student.fold_w(spec.guidance_weight)
+    else:
+        folded = fold_w_projection(student, spec.guidance_weight)
     return "transformer", folded, dataclasses.replace(spec, w_dim=0)
 
 
@@ -124,7 +128,7 @@ def family(pipe: Any) -> str:
 
 def flow_denoiser(pipe: Any, compute_dtype: torch.dtype | None = None,
                   latent_hw: tuple[int, int] | None = None) -> torch.nn.Module:
-    """The transformer of an SD3 or FLUX pipeline as a ``Denoiser`` (flow prediction)."""
+    """The transformer of an SD3, FLUX or SANA pipeline as a ``Denoiser`` (flow prediction)."""
     kind = family(pipe)
     if kind == "sd3":
         from components.networks.sd3 import sd3_denoiser
@@ -134,6 +138,10 @@ def flow_denoiser(pipe: Any, compute_dtype: torch.dtype | None = None,
         from components.networks.flux import flux_denoiser
 
         return flux_denoiser(pipe, compute_dtype, latent_hw)
+    if kind == "sana":
+        from components.networks.sana import sana_denoiser
+
+        return sana_denoiser(pipe, compute_dtype)
     raise UnsupportedTeacherError(f"{type(pipe).__name__} has no flow transformer")
 
 
@@ -145,6 +153,10 @@ def encode(pipe: Any, prompts: Sequence[str]):
         from components.networks.sd3 import encode_sd3
 
         return encode_sd3(pipe, prompts)
+    if kind == "sana":
+        from components.networks.sana import encode_sana
+
+        return encode_sana(pipe, prompts)
     from components.networks.flux import encode_flux
 
     return encode_flux(pipe, prompts)
@@ -152,7 +164,7 @@ def encode(pipe: Any, prompts: Sequence[str]):
 
 def latent_shape(pipe: Any) -> tuple[int, int, int]:
     """(C, h, w) of a flow pipeline's latents at its native resolution."""
-    if family(pipe) == "sd3":
+    if family(pipe) in ("sd3", "sana"):
         size = pipe.transformer.config.sample_size
         return (pipe.transformer.config.in_channels, size, size)
     # FLUX: 16-channel latents, packed 2×2 into the transformer's 64 input channels
