@@ -4,9 +4,11 @@
     python -m pipeline.build_sd --arch sdxl --out /tmp/sdxl-small --divisor 8
     python -m pipeline.build_sd --arch sd35m --out /tmp/sd35m-small --divisor 16 --no-t5
     python -m pipeline.build_sd --arch flux1 --out /tmp/flux1-small --divisor 16
+    python -m pipeline.build_sd --arch sana --out /tmp/sana-small --divisor 16
 
 UNets: sd15, sd21, sdxl; flow transformers: sd35m (SD3.5 Medium), sd35l (SD3.5 Large), flux1
-(FLUX.1-dev). ``--no-t5`` leaves out SD3's T5 encoder (SD3 runs without it).
+(FLUX.1-dev), sana (SANA 1.6B, 1024 px) and sana600m (SANA 0.6B, 1024 px). ``--no-t5`` leaves
+out SD3's T5 encoder (SD3 runs without it).
 
 The folder is a diffusers pipeline that ``components.teacher.load_pipeline`` (and so
 ``teacher.model`` in params.yaml) loads: for benchmarks at SD scale and tests of the real code

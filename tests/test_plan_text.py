@@ -23,8 +23,8 @@ CLIP_L, CLIP_G, T5_XXL = 123_060_480, 694_659_840, 4_762_310_656  # the released
 
 def _text(arch: str, mode: str = "disk", prompts: int | None = 1_000_000,
           precision: str = "bf16") -> TextRequest:
-    spec = flow_spec(arch) if arch in ("flux1", "sd35m") else plan_cli.teacher_spec(None, Path("."),
-                                                                                      arch)
+    flow = arch in ("flux1", "sd35m", "sana")
+    spec = flow_spec(arch) if flow else plan_cli.teacher_spec(None, Path("."), arch)
     return plan_cli.text_request(None, Path("."), spec, arch, mode, "float16", precision, prompts)
 
 
@@ -45,6 +45,15 @@ def test_the_released_text_encoders_and_what_one_prompt_stores():
     # embeddings are lookups: T5's 32,128 x 4,096 token table and its 32-bucket x 64-head
     # relative position bias do no multiply
     assert flux.encoders[1].matmul_parameters == T5_XXL - 32_128 * 4096 - 32 * 64
+
+
+def test_sana_encodes_300_gemma_tokens_and_stores_them_with_their_mask():
+    sana = _text("sana")
+    assert [(e.slot, e.parameters, e.tokens) for e in sana.encoders] == [
+        ("text_encoder", 2_614_341_888, 300)]
+    assert sana.bytes_per_prompt == (300 * 2304 + 300) * 2  # sequence and mask, fp16
+    # Gemma-2's 256,000 x 2,304 token table is a lookup
+    assert sana.encoders[0].matmul_parameters == 2_614_341_888 - 256_000 * 2304
 
 
 def test_disk_within_the_budget_else_on_the_fly_where_it_fits_else_neither():

@@ -92,11 +92,13 @@ def student_call(spec: TeacherSpec, batch: int, bf16: bool) -> Call:
 
 
 def decode_call(vae_config: dict[str, Any], latent: tuple[int, int, int], batch: int) -> Call:
-    """One VAE decode of ``batch`` latents (the stages decode in fp32)."""
-    from diffusers import AutoencoderKL
+    """One VAE decode of ``batch`` latents (the stages decode in fp32): an ``AutoencoderKL``,
+    or SANA's deep-compression ``AutoencoderDC`` (its config names per-stage block types)."""
+    from diffusers import AutoencoderDC, AutoencoderKL
 
+    cls = AutoencoderDC if "decoder_block_types" in vae_config else AutoencoderKL
     with torch.device("meta"):
-        vae = AutoencoderKL.from_config(vae_config)
+        vae = cls.from_config(vae_config)
     z = torch.zeros(batch, *latent, device="meta")
     return traced_call("VAE decode", vae, lambda: vae.decode(z, return_dict=False), batch,
                        False)

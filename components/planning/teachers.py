@@ -2,11 +2,12 @@
 batches of its shapes.
 
 Families (``components.networks``): ``unet`` (diffusers ``UNet2DConditionModel``: SD1.5,
-SD2.1, SDXL), ``sd3`` (``SD3Transformer2DModel``: SD3.5 Medium and Large) and ``flux``
-(``FluxTransformer2DModel``: FLUX.1). Each is wrapped in the adapter the distill stage uses, so
-the trace runs the call conventions of a real run: SD3's joint CLIP + T5 sequence
-(77 + 256 tokens) and pooled CLIP embeddings, FLUX's packed latents with T5's 512 tokens and its
-guidance input.
+SD2.1, SDXL), ``sd3`` (``SD3Transformer2DModel``: SD3.5 Medium and Large), ``flux``
+(``FluxTransformer2DModel``: FLUX.1) and ``sana`` (``SanaTransformer2DModel``: SANA 1.6B and
+0.6B). Each is wrapped in the adapter the distill stage uses, so the trace runs the call
+conventions of a real run: SD3's joint CLIP + T5 sequence (77 + 256 tokens) and pooled CLIP
+embeddings, FLUX's packed latents with T5's 512 tokens and its guidance input, SANA's 300 Gemma
+tokens with their attention mask.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from components.diffusion import NoiseSchedule
 from components.methods import Batch, Teacher
 from components.teacher import TextConditioning, UNetDenoiser
 
-FAMILIES = ("unet", "sd3", "flux")
-TEXT_LENGTHS = {"unet": 77, "sd3": 77 + 256, "flux": 512}  # the pipelines' defaults
+FAMILIES = ("unet", "sd3", "flux", "sana")
+TEXT_LENGTHS = {"unet": 77, "sd3": 77 + 256, "flux": 512, "sana": 300}  # the pipelines' defaults
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,9 @@ class TeacherSpec:
 
 def flow_spec(arch: str) -> TeacherSpec:
     """The spec of a flow architecture of ``components.flow_architectures``."""
-    from components.flow_architectures import scheduler_config, transformer_config
+    from components.flow_architectures import SANA_ARCHS, scheduler_config, transformer_config
 
-    family = "flux" if arch == "flux1" else "sd3"
+    family = "flux" if arch == "flux1" else "sana" if arch in SANA_ARCHS else "sd3"
     return TeacherSpec(transformer_config(arch), scheduler_config(arch), TEXT_LENGTHS[family],
                        family)
 
@@ -76,15 +77,23 @@ def spec_teacher(spec: TeacherSpec, device: str = "meta") -> Teacher:
 
 def _flow_network(spec: TeacherSpec, device: str) -> torch.nn.Module:
     from diffusers import (
+        DPMSolverMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
         FluxTransformer2DModel,
+        SanaTransformer2DModel,
         SD3Transformer2DModel,
     )
 
     from components.networks.flux import FluxDenoiser
+    from components.networks.sana import SanaDenoiser
     from components.networks.sd3 import SD3Denoiser
     from components.schedules import FlowSchedule
 
+    if spec.family == "sana":
+        with torch.device(device):
+            transformer = SanaTransformer2DModel.from_config(spec.network)
+        return SanaDenoiser(transformer, FlowSchedule.from_scheduler(
+            DPMSolverMultistepScheduler.from_config(spec.scheduler)))
     flux = spec.family == "flux"
     with torch.device(device):
         cls = FluxTransformer2DModel if flux else SD3Transformer2DModel
@@ -100,7 +109,7 @@ def _flow_network(spec: TeacherSpec, device: str) -> torch.nn.Module:
 def prompt_values(spec: TeacherSpec) -> int:
     """How many numbers one prompt's conditioning holds (what a cache stores per prompt)."""
     cond = SpecBatches(spec)._cond(1)
-    return sum(a.numel() for a in (cond.text, cond.pooled, cond.time_ids) if a is not None)
+    return sum(a.numel() for a in cond.tensors().values())
 
 
 class SpecBatches:
@@ -114,6 +123,9 @@ class SpecBatches:
 
     def _cond(self, b: int) -> TextConditioning:
         n, length = self.spec.network, self.spec.text_length
+        if self.spec.family == "sana":  # (B, L, 2304) Gemma sequence and its mask
+            return TextConditioning(self._zeros(b, length, n["caption_channels"]),
+                                    mask=torch.ones(b, length, device=self.device))
         if self.spec.family != "unet":  # (B, L, 4096) text, (B, pooled) CLIP embeddings
             return TextConditioning(self._zeros(b, length, n["joint_attention_dim"]),
                                     self._zeros(b, n["pooled_projection_dim"]))

@@ -94,7 +94,8 @@ def _config(cls, config: dict[str, Any]):
 
 def encoder_of(slot: str, config: dict[str, Any], family: str, text_length: int) -> TextEncoder:
     """A text encoder's weights, counted on ``meta`` from its config (nothing allocated), and
-    its tokens per prompt: CLIP's 77, T5 the rest of the teacher's text length (SD3: 256)."""
+    its tokens per prompt: CLIP's 77, T5 the rest of the teacher's text length (SD3: 256),
+    SANA's Gemma-2 its whole text length."""
     cls = _model_class(config, slot, family)
     with torch.device("meta"):
         model = cls(_config(cls, config))
@@ -102,7 +103,7 @@ def encoder_of(slot: str, config: dict[str, Any], family: str, text_length: int)
     lookups = {id(m.weight): m.weight.numel() for m in model.modules()
                if isinstance(m, torch.nn.Embedding)}  # a tied table counted once
     tables = sum(lookups.values())
-    clip = "d_model" not in config
+    clip = "d_model" not in config and family != "sana"  # SANA's encoder is Gemma-2
     tokens = int(config.get("max_position_embeddings", 77)) if clip else (
         text_length - 77 if family == "sd3" else text_length)
     return TextEncoder(slot, total, total - tables, tokens)
