@@ -23,7 +23,7 @@ from pipeline.stages import register as register_stage
 from tests.test_flow_students import stock_images
 from tests.test_protocols import _random_scorer, photos
 from tests.threads import one_thread  # noqa: F401
-from tests.tiny_flow import tiny_sd3_pipeline
+from tests.tiny_flow import tiny_sana_pipeline, tiny_sd3_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["a red circle", "a blue square", "a green triangle on the left", "a yellow circle",
@@ -58,20 +58,29 @@ def _params(root: Path, method: str) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("flow-project")
+def _project(root: Path, teacher) -> Path:
+    """A project on the tiny flow pipeline ``teacher``, its stages before distill run."""
     _coco(root / "annotations/train.json", TRAIN)
     _coco(root / "annotations/captions_val2017.json", EVAL)
     (root / "val2017").mkdir()
     for i, image in enumerate(photos(6, seed=20)):
         image.save(root / "val2017" / f"{i:012d}.jpg", quality=95)
-    tiny_sd3_pipeline(0, t5=True).save_pretrained(root / paths.TEACHER, safe_serialization=True)
+    teacher.save_pretrained(root / paths.TEACHER, safe_serialization=True)
     _random_scorer(root / "models/scorer")
     _params(root, "instaflow")
     for stage in (prepare_prompts, cache_teacher, reference_stats):
         stage.run(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return _project(tmp_path_factory.mktemp("flow-project"), tiny_sd3_pipeline(0, t5=True))
+
+
+@pytest.fixture(scope="module")
+def sana_project(tmp_path_factory) -> Path:
+    return _project(tmp_path_factory.mktemp("sana-project"), tiny_sana_pipeline(0))
 
 
 def _distill_evaluate_register(root: Path, method: str) -> dict:
@@ -81,8 +90,9 @@ def _distill_evaluate_register(root: Path, method: str) -> dict:
     return json.loads((root / paths.REGISTER_OUT).read_text())
 
 
-@pytest.mark.parametrize("method", ["instaflow", "swiftbrush"])
-def test_the_dag_runs_on_an_sd3_teacher(project, method):
+def _check_dag(project: Path, method: str, pipeline: str) -> None:
+    """Distil, evaluate and register on ``project``; the student is a ``pipeline`` folder that
+    the stock class reproduces, and the registered pyfunc generates what it does."""
     import mlflow
 
     result = _distill_evaluate_register(project, method)
@@ -90,11 +100,11 @@ def test_the_dag_runs_on_an_sd3_teacher(project, method):
     meta = json.loads((student / "student.json").read_text())
     assert meta["method"] == method and meta["diffusers"]["reproduces_student"] is True
     assert "from_pretrained" not in meta["diffusers"]  # nothing to pass: a plain folder
-    assert json.loads((student / "model_index.json").read_text())["_class_name"] == (
-        "StableDiffusion3Pipeline")
+    assert json.loads((student / "model_index.json").read_text())["_class_name"] == pipeline
     prompts, seeds = EVAL[:2], [0, 1]
     ours = load_student(student).generate(prompts, seeds)
-    assert np.abs(ours.astype(int) - stock_images(student, prompts, seeds).astype(int)).max() <= 1
+    stock = stock_images(student, prompts, seeds, pipeline=pipeline)
+    assert np.abs(ours.astype(int) - stock.astype(int)).max() <= 1
     metrics = json.loads((project / paths.EVAL_METRICS).read_text())
     assert all(np.isfinite(metrics[k]["fid"]) for k in ("student", "teacher", "teacher_1step"))
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
@@ -103,6 +113,21 @@ def test_the_dag_runs_on_an_sd3_teacher(project, method):
     finally:
         mlflow.set_tracking_uri(None)
     assert np.array_equal(model.predict(prompts), ours)
+
+
+@pytest.mark.parametrize("method", ["instaflow", "swiftbrush"])
+def test_the_dag_runs_on_an_sd3_teacher(project, method):
+    _check_dag(project, method, "StableDiffusion3Pipeline")
+
+
+def test_the_dag_runs_on_a_sana_teacher(sana_project):
+    """SANA's Gemma sequence and its attention mask go through the cache, the distill loop and
+    evaluation; the student folder is a SanaPipeline with the Euler twin of its scheduler."""
+    from components.embed_cache import EmbeddingCache
+
+    cache = EmbeddingCache(sana_project / paths.CACHE)
+    assert cache.conditioning([0]).mask is not None and cache.null().mask.sum() == 1
+    _check_dag(sana_project, "swiftbrush", "SanaPipeline")
 
 
 def test_a_method_that_cannot_apply_fails_at_config_load(project, tmp_path):
@@ -119,7 +144,7 @@ def test_a_method_that_cannot_apply_fails_at_config_load(project, tmp_path):
     (tmp_path / "models/teacher").unlink()
     (tmp_path / "models/teacher").mkdir()
     (tmp_path / "models/teacher/model_index.json").write_text(json.dumps(
-        {**index, "_class_name": "SanaPipeline"}))
-    with pytest.raises(ConfigError, match="SanaPipeline.*supported teacher pipelines: "
+        {**index, "_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ConfigError, match="KandinskyPipeline.*supported teacher pipelines: "
                                           "StableDiffusionPipeline"):
         load_all(tmp_path)
