@@ -2,7 +2,7 @@
 
 Every method runs whole iterations (every optimizer group, the EMA update, the optimizer steps, a
 checkpoint save and a resume) through the real training loop and policy at SD1.5 and SDXL
-architecture size on the ``meta`` device: tensors with shapes and dtypes but no memory or
+architecture size, and at SANA 1.6B, SD3.5 Medium and FLUX.1-dev size, on the ``meta`` device: tensors with shapes and dtypes but no memory or
 values, and an error on any meta/CPU mix ("Tensor on device cpu is not on the expected device
 meta"), as a GPU run errors on a CUDA/CPU mix. Checkpoints go through DCP's planning with a
 storage that records devices instead of writing bytes (``tests/meta_storage.py``). The ``meta``
@@ -122,23 +122,59 @@ def test_the_memoised_meta_kernels_refuse_a_device_mix_as_the_kernels_do():
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_trains_checkpoints_and_resumes_on_meta(name, arch, precision, tmp_path,
                                                              monkeypatch):
+    _train_and_resume(lambda: _build(name, arch), _MetaBatches(arch), precision, tmp_path,
+                      monkeypatch)
+
+
+# Flow-transformer teachers at their released size, built from their configs as the planner
+# builds them (components.planning.teachers), with batches of their own conditioning: SANA's
+# 300 Gemma tokens and mask, FLUX's packed latents and guidance input. bf16 with activation
+# checkpointing, as such a teacher trains. FLUX.1-dev is guidance-distilled: Meng et al.'s stage 1
+# is its own guidance input.
+FLOW_TIER = ("sana", "sd35m", "flux1")
+FLOW_OVERRIDES = {("meng", "flux1"): {"stage1_fraction": 0.0}}
+FLOW_GROUPS = {("meng", "flux1"): {"progressive"}}  # no stage 1: its group never steps
+
+
+@pytest.mark.parametrize("arch", FLOW_TIER)
+@pytest.mark.parametrize("name", method_names())
+def test_every_method_trains_checkpoints_and_resumes_on_meta_on_a_flow_teacher(
+        name, arch, tmp_path, monkeypatch):
+    from components.planning.teachers import SpecBatches, flow_spec, spec_teacher
+
+    spec = flow_spec(arch)
+
+    def build():
+        cfg_cls, factory = get_method(name)
+        settings = {**OVERRIDES.get(name, {}), **FLOW_OVERRIDES.get((name, arch), {})}
+        return factory(cfg_cls(**settings), spec_teacher(spec, "meta"), 2)
+
+    _train_and_resume(build, SpecBatches(spec, "meta"), "bf16", tmp_path, monkeypatch,
+                      FLOW_GROUPS.get((name, arch)))
+
+
+def _train_and_resume(build, batches, precision: str, tmp_path, monkeypatch,
+                      groups: set[str] | None = None) -> None:
+    """Two iterations of a method on ``meta`` through the loop and policy, with a checkpoint at
+    step 1 and a fresh run resuming from it: nothing leaves the device, the EMA is fp32 and
+    every optimizer group (or those of ``groups``) steps."""
     store = MetaStore()
     store.install(monkeypatch, checkpoint)
     loop = LoopConfig(steps=1, batch_size=2, log_every=1, sample_every=100,
                       checkpoint_every=1)
     policy = PolicyConfig(precision=precision, activation_checkpointing=True)
     logs: list = []
-    method = _build(name, arch)
+    method = build()
     with MetaCache():
-        train(method, _MetaBatches(arch), loop, tmp_path, lambda m, s: logs.append(m),
+        train(method, batches, loop, tmp_path, lambda m, s: logs.append(m),
               lambda module, step: None, policy=TrainingPolicy(policy))
     for module_name, module in method.state_modules().items():
         assert not _on_meta(module), f"{module_name}: off the run's device: {_on_meta(module)}"
     # a fresh run resumes from step 1 and runs iteration 1 (the second phase, where there is one)
-    resumed = _build(name, arch)
+    resumed = build()
     loop2 = LoopConfig(**{**loop.__dict__, "steps": 2})
     with MetaCache():
-        ema = train(resumed, _MetaBatches(arch), loop2, tmp_path, lambda m, s: logs.append(m),
+        ema = train(resumed, batches, loop2, tmp_path, lambda m, s: logs.append(m),
                     lambda module, step: None, policy=TrainingPolicy(policy))
     # Adam's step counters are host scalars by design (torch.optim, not capturable)
     off = sorted(k for k, d in {**store.written, **store.loaded}.items()
@@ -152,7 +188,7 @@ def test_every_method_trains_checkpoints_and_resumes_on_meta(name, arch, precisi
     else:  # DMD2 keeps no average: the checkpoint holds none
         assert not any(k.startswith("ema/") for k in {**store.written, **store.loaded})
     assert len(logs) == 2 and {k.split("_")[0] for k in logs[1]} >= {"dropped"}
-    groups = {g.name for g in method.groups}
+    groups = groups or {g.name for g in method.groups}
     assert {k[len("dropped_"):] for log in logs for k in log if k.startswith("dropped_")} == groups
 
 
