@@ -33,8 +33,10 @@ from pipeline.plan import distill_config, request, teacher_spec
 POLICIES = {"fp32": PolicyConfig(),
             "bf16 + checkpointing": PolicyConfig(precision="bf16", activation_checkpointing=True)}
 NAMES = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL", "sd35m": "SD3.5 Medium",
-         "sd35l": "SD3.5 Large", "flux1": "FLUX.1-dev"}
-RECIPES = {"sd35m": "sdxl", "sd35l": "sdxl", "flux1": "sdxl"}  # the preset of each teacher
+         "sd35l": "SD3.5 Large", "flux1": "FLUX.1-dev", "sana": "SANA 1.6B",
+         "sana600m": "SANA 0.6B"}
+RECIPES = {"sd35m": "sdxl", "sd35l": "sdxl", "flux1": "sdxl", "sana": "sdxl",
+           "sana600m": "sdxl"}  # the preset of each teacher
 ANY = 2**20  # the planner's bound on the largest micro-batch: memory does not grow with it
 
 
