@@ -1,4 +1,10 @@
-"""Bootstrap of the miniature world: render the splits, train the teacher, save both atomically."""
+"""Bootstrap of the miniature world: render the splits, train the teacher, save both atomically.
+
+The teacher is the family ``world.teacher`` names: ``unet``, a ``StableDiffusionPipeline`` (UNet
+and CLIP text encoder, ε-prediction on SD's VP schedule), or ``sd3``, a
+``StableDiffusion3Pipeline`` (MMDiT transformer and SD3's three text encoders at world size,
+flow matching on a shifted rectified-flow schedule). Both share the world's VAE, trained first.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +14,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from components.io import atomic_dir
 from components.world.config import WorldConfig
 from components.world.dataset import SPLITS, render_splits, split_summary
 from components.world.evaluate import teacher_accuracy
 from components.world.export import write_split
-from components.world.models import build_text_encoder, build_unet, build_vae, save_pipeline
+from components.world.models import (
+    assemble_pipeline,
+    assemble_sd3_pipeline,
+    build_sd3_parts,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+)
 from components.world.render import chance_levels
 from components.world.tokenizer import build_tokenizer
-from components.world.train import encode_latents, reconstruction_psnr, train_unet, train_vae
+from components.world.train import (
+    encode_latents,
+    reconstruction_psnr,
+    train_sd3,
+    train_unet,
+    train_vae,
+)
 
 
 def _metric_logger(log: Callable[[str], None]) -> Callable[[dict, int], None]:
@@ -90,16 +109,31 @@ def train_teacher(
     reference_images: np.ndarray,
     log: Callable[[str], None],
 ):
-    """Train VAE, then UNet + text encoder; returns (parts for the pipeline, report)."""
+    """Train the VAE, then the ``world.teacher`` family's denoiser and text encoders; returns
+    (the teacher pipeline, report)."""
     emit = _metric_logger(log)
     images = torch.from_numpy(train_images)
     vae, latents, vae_report = train_autoencoder(
         cfg, images, torch.from_numpy(reference_images), emit
     )
     log(f"vae: {vae_report}")
+    if cfg.teacher == "sd3":
+        torch.manual_seed(cfg.seed + 1)
+        parts = build_sd3_parts(cfg.sd3, cfg.vae.latent_channels, latents.shape[-1],
+                                train_captions)
+        for key, name in (("max_length", "tokenizer"), ("t5_length", "tokenizer_3")):
+            longest = max(len(ids) for ids in parts[name](sorted(set(train_captions))).input_ids)
+            if longest > getattr(cfg.sd3, key):
+                raise ValueError(f"captions need {longest} tokens but world.sd3.{key} is "
+                                 f"{getattr(cfg.sd3, key)}; raise it to at least {longest}")
+        pipe = assemble_sd3_pipeline(vae, parts, cfg.sd3.shift)
+        report = train_sd3(pipe, latents, train_captions, cfg.sd3, cfg.seed, emit)
+        log(f"sd3: {report}")
+        return pipe, {"vae": vae_report, "sd3": report}
     tokenizer, text_encoder, unet, unet_report = train_denoiser(cfg, latents, train_captions, emit)
     log(f"unet: {unet_report}")
-    return (vae, text_encoder, tokenizer, unet), {"vae": vae_report, "unet": unet_report}
+    pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
+    return pipe, {"vae": vae_report, "unet": unet_report}
 
 
 def build_world(
@@ -122,13 +156,13 @@ def build_world(
     report["render_seconds"] = round(time.perf_counter() - start, 1)
     log(f"rendered {report['splits']} in {report['render_seconds']} s")
 
-    parts, trained = train_teacher(cfg, *splits["train"], splits["reference"][0], log)
-    report.update(trained)
+    teacher, trained = train_teacher(cfg, *splits["train"], splits["reference"][0], log)
+    report.update(trained, teacher=cfg.teacher)
     with atomic_dir(teacher_dir) as tmp:
-        save_pipeline(tmp, *parts)
+        teacher.save_pretrained(tmp)
     report["train_seconds"] = round(time.perf_counter() - start, 1)
 
-    pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
+    pipe = DiffusionPipeline.from_pretrained(teacher_dir)  # the saved folder, as users load it
     captions = splits["eval"][1][: cfg.check.n_samples]
     settings = {"cfg": (cfg.check.steps, cfg.check.guidance_scale), "one_step": (1, 1.0)}
     report["accuracy"] = teacher_accuracy(pipe, captions, settings, cfg.seed)

@@ -75,6 +75,43 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class SD3Config:
+    """The flow teacher (``world.teacher: sd3``): an ``SD3Transformer2DModel`` (MMDiT) trained with
+    flow matching on the world's latents, with SD3's three text encoders at world size (two
+    CLIPTextModelWithProjection, one T5 encoder on an offline-trained T5 vocabulary), trained
+    jointly with it; saved as a ``StableDiffusion3Pipeline``."""
+
+    layers: int = 4
+    heads: int = 4
+    head_dim: int = 32
+    patch_size: int = 1
+    qk_norm: bool = True  # SD3.5's RMS norm of queries and keys
+    text_hidden: int = 64  # width of each CLIP encoder (and of the T5 encoder)
+    text_layers: int = 2
+    max_length: int = 16  # CLIP tokens per prompt (captions need 15 with BOS and EOS)
+    t5_length: int = 64  # T5 tokens per prompt (its small vocabulary splits words finely)
+    shift: float = 3.0  # the scheduler's timestep shift (SD3's static shift); training draws
+    # sigma = shift(u) with u logit-normal(0, 1) (SD3's "lognorm" sampling)
+    steps: int = 1500
+    max_seconds: float = 0.0
+    batch: int = 64
+    lr: float = 5e-4
+    warmup: int = 100
+    caption_dropout: float = 0.1
+
+    def validate(self) -> None:
+        for key in ("layers", "heads", "head_dim", "patch_size", "text_hidden", "text_layers",
+                    "max_length", "t5_length", "steps", "batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"world.sd3.{key} must be at least 1, got {getattr(self, key)}")
+        if self.shift <= 0:
+            raise ValueError(f"world.sd3.shift must be positive, got {self.shift}")
+
+
+TEACHERS = ("unet", "sd3")
+
+
+@dataclass(frozen=True)
 class CheckConfig:
     """The prompt-following check at the end of a build: samples of held-out eval captions."""
 
@@ -85,18 +122,26 @@ class CheckConfig:
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """The ``world`` section: seed, data, VAE, text encoder, UNet and the final check."""
+    """The ``world`` section: seed, data, VAE, which teacher family (``teacher``: ``unet``, a
+    UNet with the ``text`` encoder; ``sd3``, the flow transformer of ``sd3``) and the final
+    check."""
 
     seed: int = 0
+    teacher: str = "unet"
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    sd3: SD3Config = field(default_factory=SD3Config)
     check: CheckConfig = field(default_factory=CheckConfig)
 
     def validate(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"world.teacher must be one of {', '.join(TEACHERS)}, got "
+                             f"{self.teacher!r}")
         self.data.validate()
         self.unet.validate()
+        self.sd3.validate()
         factor = 2 ** (len(self.vae.channels) - 1)
         if self.data.image_size % (factor * 2 ** (len(self.unet.channels) - 1)):
             raise ValueError("image_size must be divisible by the VAE and UNet downsampling")

@@ -1,17 +1,21 @@
-"""Does the teacher follow its captions? Sample it with the plain diffusers pipeline and judge."""
+"""Does the teacher follow its captions? Sample it with the plain diffusers pipeline and judge.
+
+The pipeline is either family's (``StableDiffusionPipeline`` or ``StableDiffusion3Pipeline``),
+called with its own defaults; an SD3 pipeline with its T5 encoder is told the T5 length the
+teacher was trained on (its tokenizer's ``model_max_length``), as every other consumer is."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from components.world.render import attribute_accuracy
 
 
 @torch.no_grad()
 def sample_pipeline(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     captions: list[str],
     steps: int,
     guidance_scale: float,
@@ -19,6 +23,11 @@ def sample_pipeline(
     batch: int = 64,
 ) -> np.ndarray:
     """uint8 (N, H, W, 3); image i is seeded with seed + i whatever the batch size."""
+    extra = {}
+    if getattr(pipe, "tokenizer_3", None) is not None:
+        from components.networks.sd3 import t5_length
+
+        extra["max_sequence_length"] = t5_length(pipe)
     out = []
     for i in range(0, len(captions), batch):
         chunk = captions[i : i + batch]
@@ -29,13 +38,14 @@ def sample_pipeline(
             guidance_scale=guidance_scale,
             generator=gens,
             output_type="np",
+            **extra,
         ).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
 
 def teacher_accuracy(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     captions: list[str],
     settings: dict[str, tuple[int, float]],
     seed: int,

@@ -194,3 +194,57 @@ def train_unet(
         ema.copy_to(both)
     unet.eval(), text_encoder.eval()
     return budget.report(ema_loss)
+
+
+def flow_matching_loss(pipe, z0: torch.Tensor, captions: list[str], shift: float,
+                       t5_length: int, gen: torch.Generator) -> torch.Tensor:
+    """Rectified-flow loss of an SD3 pipeline's transformer on scaled latents z0 (B, C, h, w):
+    ``x_t = (1 − σ) z0 + σ ε``, target velocity ``ε − z0``, σ = shift(u) with u logit-normal
+    (SD3's sampling), the transformer fed ``1000 σ`` as the pipeline feeds it. The captions go
+    through the pipeline's own ``encode_prompt`` (with gradients), so the text encoders train
+    on exactly the conditioning the pipeline computes at generation."""
+    from components.schedules import shift_sigma
+
+    text, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None,
+                                            device=z0.device, do_classifier_free_guidance=False,
+                                            max_sequence_length=t5_length)
+    u = torch.sigmoid(torch.randn(len(z0), generator=gen))
+    sigma = shift_sigma(u, shift)
+    eps = torch.randn(z0.shape, generator=gen)
+    s = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s) * z0 + s * eps
+    pred = pipe.transformer(hidden_states=x_t, timestep=1000 * sigma,
+                            encoder_hidden_states=text, pooled_projections=pooled,
+                            return_dict=False)[0]
+    return (pred - (eps - z0)).pow(2).mean()
+
+
+def train_sd3(pipe, latents: torch.Tensor, captions: list[str], cfg, seed: int,
+              log: Log) -> dict:
+    """Train an SD3 pipeline's transformer and its three text encoders jointly by flow matching
+    (``world.sd3``: ``SD3Config``); captions are dropped to the empty prompt with probability
+    ``caption_dropout`` (the unconditional input of CFG). Returns a report."""
+    gen = torch.Generator().manual_seed(seed)
+    modules = torch.nn.ModuleList([pipe.transformer, pipe.text_encoder, pipe.text_encoder_2,
+                                   pipe.text_encoder_3])
+    params = list(modules.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    budget, ema_loss = Budget(cfg.steps, cfg.max_seconds), None
+    modules.train()
+    while not budget.done():
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(budget.step, cfg.steps, cfg.warmup)
+        idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
+        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
+        batch = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist())]
+        loss = flow_matching_loss(pipe, latents[idx], batch, cfg.shift, cfg.t5_length, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        budget.step += 1
+        if budget.step % 50 == 0:
+            log({"sd3/loss": ema_loss}, budget.step)
+    modules.eval()
+    return budget.report(ema_loss)
