@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from components.prompts import PromptsConfig, source_path
 from components.student import StudentConfig
 from components.teacher import TeacherConfig, TeacherNotFoundError, resolve_model
 from components.training import LoopConfig
+from pipeline import paths
 from pipeline.stages.common import undeclared
 
 PARAMS_FILE = "params.yaml"
@@ -233,13 +234,29 @@ def load_all(root: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{Path(root) / PARAMS_FILE}: missing section(s) "
                           f"{', '.join(map(repr, missing))}")
     configs = {name: from_dict(cls, data[name], name) for name, cls in SECTIONS.items()}
-    check_teacher(root, configs["teacher"], configs["distill"])
+    family = world_family(configs["teacher"], configs["world"])
+    check_teacher(root, configs["teacher"], configs["distill"], family)
+    if family not in (None, "unet"):  # one registered model per world teacher family
+        register = configs["register"]
+        configs["register"] = replace(register, model_name=f"{register.model_name}-{family}")
     return configs
 
 
-def check_teacher(root: str | Path, teacher: TeacherConfig, distill: DistillConfig) -> None:
+def world_family(teacher: TeacherConfig, world: Any) -> str | None:
+    """The family of the world teacher that ``teacher.model`` names (``world.teacher``), or None
+    when the teacher is not the world's (a folder or hub id of the user's).
+
+    A world teacher of a flow family registers under ``<register.model_name>-<family>``, so
+    ``dvc exp run -S world.teacher=sd3`` needs no other change and the registry keeps one
+    registered model (and one champion) per teacher."""
+    return world.teacher if Path(teacher.model) == paths.TEACHER else None
+
+
+def check_teacher(root: str | Path, teacher: TeacherConfig, distill: DistillConfig,
+                  world_teacher: str | None = None) -> None:
     """The teacher folder's family (from its configs, no weights) is supported, and the method
-    applies to it; a hub id or a folder not built yet is checked when the stage loads it."""
+    applies to it; a hub id is checked when the stage loads it. The world's teacher, before
+    bootstrap has built it, is of ``world.teacher``'s family."""
     try:
         folder = Path(resolve_model(teacher.model, Path(root)))
     except TeacherNotFoundError:
@@ -248,6 +265,8 @@ def check_teacher(root: str | Path, teacher: TeacherConfig, distill: DistillConf
         traits = folder_traits(folder) if folder.is_dir() else None
     except UnsupportedTeacherError as err:
         raise ConfigError(f"teacher.model: {err}") from None
+    if traits is None and world_teacher is not None:
+        traits = {"family": world_teacher, "embedded_guidance": False}
     if traits is None:
         return
     why = teacher_unsupported(distill.method, distill.method_config(), traits)
