@@ -89,16 +89,21 @@ def stock_images(folder, prompts=PROMPTS, seeds=SEEDS,
     return plain_images(folder, pipeline)
 
 
-@pytest.fixture(scope="module")
-def students(tmp_path_factory):
-    base = tmp_path_factory.mktemp("flow-students")
+def _save_students(base, build):
+    """Every generator kind of ``KINDS`` saved from the tiny pipeline ``build`` under ``base``,
+    and what the plain diffusers user gets from each."""
     for name, spec in KINDS.items():
-        pipe = tiny_sd3_pipeline(0)
+        pipe = build(0)
         if spec.w_dim:
             _, pipe.transformer, spec = saved_network(_w_student(pipe), spec)
         save_student(pipe, spec, base / name, {"method": name})
     run_plain_user([base / name for name in KINDS])
     return base
+
+
+@pytest.fixture(scope="module")
+def students(tmp_path_factory):
+    return _save_students(tmp_path_factory.mktemp("flow-students"), tiny_sd3_pipeline)
 
 
 FLUX_KINDS = {"one_step": GeneratorSpec(), "one_step_t500": GeneratorSpec(t=500),
@@ -139,14 +144,7 @@ def test_stock_sd3_pipeline_reproduces_the_student(students, name):
 
 @pytest.fixture(scope="module")
 def sana_students(tmp_path_factory):
-    base = tmp_path_factory.mktemp("sana-students")
-    for name, spec in KINDS.items():
-        pipe = tiny_sana_pipeline(0)
-        if spec.w_dim:
-            _, pipe.transformer, spec = saved_network(_w_student(pipe), spec)
-        save_student(pipe, spec, base / name, {"method": name})
-    run_plain_user([base / name for name in KINDS])
-    return base
+    return _save_students(tmp_path_factory.mktemp("sana-students"), tiny_sana_pipeline)
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))

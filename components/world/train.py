@@ -42,6 +42,14 @@ class Budget:
         self.steps, self.max_seconds = steps, max_seconds
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
         self.step = 0
+        self.loss: float | None = None  # the running (exponentially smoothed) loss
+
+    def advance(self, loss: float, log: Log, name: str) -> None:
+        """Count one step of loss ``loss``; log the running loss as ``name`` every 50 steps."""
+        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+        self.step += 1
+        if self.step % 50 == 0:
+            log({name: self.loss}, self.step)
 
     @property
     def seconds(self) -> float:
@@ -69,7 +77,7 @@ def train_vae(
     """Reconstruction MSE + kl_weight * KL on uint8 (N, H, W, 3) images; returns a report."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    budget, ema_loss = Budget(cfg.steps, cfg.max_seconds), None
+    budget = Budget(cfg.steps, cfg.max_seconds)
     vae.train()
     while not budget.done():
         for group in opt.param_groups:
@@ -81,12 +89,9 @@ def train_vae(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
-        budget.step += 1
-        if budget.step % 50 == 0:
-            log({"vae/loss": ema_loss}, budget.step)
+        budget.advance(loss.item(), log, "vae/loss")
     vae.eval()
-    return budget.report(ema_loss)
+    return budget.report(budget.loss)
 
 
 @torch.no_grad()
@@ -171,7 +176,7 @@ def train_unet(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     both = torch.nn.ModuleList([unet, text_encoder])
     ema = EMA(both, EMAConfig("constant", cfg.ema), cfg.batch) if cfg.ema > 0 else None
-    budget, ema_loss = Budget(cfg.steps, cfg.max_seconds), None
+    budget = Budget(cfg.steps, cfg.max_seconds)
     unet.train(), text_encoder.train()
     while not budget.done():
         for group in opt.param_groups:
@@ -186,14 +191,11 @@ def train_unet(
         opt.step()
         if ema is not None:
             ema.update(both, budget.step + 1)
-        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
-        budget.step += 1
-        if budget.step % 50 == 0:
-            log({"unet/loss": ema_loss}, budget.step)
+        budget.advance(loss.item(), log, "unet/loss")
     if ema is not None:
         ema.copy_to(both)
     unet.eval(), text_encoder.eval()
-    return budget.report(ema_loss)
+    return budget.report(budget.loss)
 
 
 def flow_matching_loss(pipe, z0: torch.Tensor, captions: list[str], shift: float,
@@ -229,7 +231,7 @@ def train_sd3(pipe, latents: torch.Tensor, captions: list[str], cfg, seed: int,
                                    pipe.text_encoder_3])
     params = list(modules.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    budget, ema_loss = Budget(cfg.steps, cfg.max_seconds), None
+    budget = Budget(cfg.steps, cfg.max_seconds)
     modules.train()
     while not budget.done():
         for group in opt.param_groups:
@@ -242,9 +244,6 @@ def train_sd3(pipe, latents: torch.Tensor, captions: list[str], cfg, seed: int,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
-        budget.step += 1
-        if budget.step % 50 == 0:
-            log({"sd3/loss": ema_loss}, budget.step)
+        budget.advance(loss.item(), log, "sd3/loss")
     modules.eval()
-    return budget.report(ema_loss)
+    return budget.report(budget.loss)
