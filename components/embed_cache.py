@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from components.generation import precision_dtype
-from components.io import CacheError, read_json, sha256_bytes
+from components.io import CacheError, read_cache_index, sha256_bytes
 from components.pair_cache import PairsConfig
 from components.shards import (
     ShardedTable,
@@ -149,7 +149,7 @@ def _read_index(folder: Path, expected_prompts_sha256: str | None) -> dict:
     if not (folder / INDEX).exists():
         raise CacheError(f"no embedding cache at {folder} (missing {INDEX}); build it "
                          "with `dvc repro cache_teacher`")
-    index = read_json(folder / INDEX)
+    index = read_cache_index(folder / INDEX)
     if expected_prompts_sha256 and index["prompts_sha256"] != expected_prompts_sha256:
         raise CacheError(f"embedding cache {folder} was built for other prompts; "
                          "re-run `dvc repro cache_teacher`")

@@ -90,3 +90,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 class CacheError(RuntimeError):
     """A cache folder is missing, stale or corrupt; the message says how to rebuild it."""
+
+
+def read_cache_index(path: str | Path) -> Any:
+    """A cache folder's ``index.json``, or a ``CacheError`` naming the file when it is not
+    valid JSON (a truncated or overwritten index)."""
+    try:
+        return read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheError(f"cache index {path} is corrupt ({err}); rebuild the cache with "
+                         "`dvc repro cache_teacher --force` (or restore it with "
+                         "`dvc checkout`)") from None

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from components.generation import seeded_noise
-from components.io import CacheError, read_json
+from components.io import CacheError, read_cache_index
 from components.shards import ShardedTable, write_table
 
 INDEX = "index.json"
@@ -131,7 +131,7 @@ class PairCache:
                 f"no teacher pair cache at {self.folder}: this method trains on teacher ODE "
                 "pairs. Set `cache.pairs.count` > 0 in params.yaml and run "
                 "`dvc repro cache_teacher`.")
-        self.index = read_json(self.folder / INDEX)
+        self.index = read_cache_index(self.folder / INDEX)
         if expected_prompts_sha256 and self.index.get("prompts_sha256") != expected_prompts_sha256:
             raise CacheError(f"pair cache {self.folder} was built for other prompts; re-run "
                              "`dvc repro cache_teacher`")

@@ -191,3 +191,19 @@ def test_missing_reference_folder_gets_the_stages_own_line(tmp_path, monkeypatch
     line = (f"reference_stats: error: reference image folder {tmp_path.resolve()}/data/coco/"
             "val2014 not found; set `reference.images` to a folder of images (e.g. COCO val2014)")
     assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_a_corrupt_cache_index_names_its_file(tmp_path):
+    """An index.json that is not JSON is a CacheError naming the file and how to rebuild it
+    (as a corrupt shard is), for the embedding cache and the pair cache alike."""
+    from components.embed_cache import EmbeddingCache
+    from components.io import CacheError
+    from components.pair_cache import PairCache
+
+    for name in ("cache", "pairs"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "index.json").write_text("{garbage")
+    for reader, name in ((EmbeddingCache, "cache"), (PairCache, "pairs")):
+        with pytest.raises(CacheError, match=rf"cache index .*{name}/index\.json is corrupt.*"
+                                             r"dvc repro cache_teacher --force"):
+            reader(tmp_path / name)
