@@ -15,7 +15,6 @@ with ``from_pretrained`` as usual.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 
 from components.networks.t5_tokenizer import DEFAULT_CORPUS
@@ -24,30 +23,24 @@ SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 BYTES = tuple(f"<0x{b:02X}>" for b in range(256))
 
 
-def sana_instruction() -> list[str]:
-    """The instruction ``SanaPipeline`` puts before each prompt by default (its own
-    ``complex_human_instruction`` default, read from the installed diffusers)."""
-    from diffusers import SanaPipeline
-
-    default = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"]
-    return list(default.default or [])
-
-
 def build_gemma_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 1024,
                           max_length: int = 300):
     """A ``GemmaTokenizer`` whose byte-pair vocabulary (``vocab_size`` at most, plus the byte
     pieces) is trained on ``corpus`` and SANA's default instruction; ``max_length`` is its
     ``model_max_length``."""
+    from diffusers import SanaPipeline
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from tokenizers.trainers import BpeTrainer
     from transformers import GemmaTokenizer
+
+    from components.networks.sana import default_instruction
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
     trainer = BpeTrainer(vocab_size=vocab_size + len(SPECIALS) + len(BYTES),
                          special_tokens=[*SPECIALS, *BYTES], show_progress=False)
-    tok.train_from_iterator([*corpus, "\n".join(sana_instruction())], trainer)
+    tok.train_from_iterator([*corpus, "\n".join(default_instruction(SanaPipeline))], trainer)
     return GemmaTokenizer(vocab=tok.get_vocab(), merges=_merges(tok), model_max_length=max_length,
                           add_bos_token=True, add_eos_token=False)
 

@@ -124,13 +124,20 @@ def gemma_length(pipe: Any) -> int:
     return min(300, pipe.tokenizer.model_max_length)
 
 
-def instruction(pipe: Any) -> list[str]:
-    """What ``SanaPipeline`` puts before each prompt by default (``complex_human_instruction``
-    of its ``__call__``), so that the cache encodes prompts as the pipeline does."""
+def default_instruction(pipeline_class: type) -> list[str]:
+    """What a SANA pipeline class puts before each prompt by default (the
+    ``complex_human_instruction`` default of its ``__call__``, read from the installed
+    diffusers), so that the cache encodes prompts as the pipeline does."""
     import inspect
 
-    default = inspect.signature(type(pipe).__call__).parameters.get("complex_human_instruction")
+    default = inspect.signature(pipeline_class.__call__).parameters.get(
+        "complex_human_instruction")
     return list(default.default or []) if default is not None else []
+
+
+def instruction(pipe: Any) -> list[str]:
+    """The default instruction of ``pipe``'s own class."""
+    return default_instruction(type(pipe))
 
 
 @torch.no_grad()

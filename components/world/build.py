@@ -71,15 +71,20 @@ def train_autoencoder(cfg: WorldConfig, images: torch.Tensor, reference: torch.T
     return vae, latents * scale, report
 
 
+def check_fits(tokenizer, captions: list[str], limit: int, key: str) -> None:
+    """Every caption fits ``limit`` tokens of ``tokenizer``, else one error naming ``key``."""
+    longest = max(len(ids) for ids in tokenizer(captions).input_ids)
+    if longest > limit:
+        raise ValueError(f"captions need {longest} tokens but {key} is {limit}; raise it to at "
+                         f"least {longest}")
+
+
 def build_denoiser(cfg: WorldConfig, latents: torch.Tensor, captions: list[str]) -> dict:
     """Untrained tokenizer, text encoder and UNet, plus the token ids of ``captions`` (N, L)
     and of the empty prompt (L,), for latents (N, C, h, w)."""
     tokenizer = build_tokenizer(cfg.text.max_length)
     unique = sorted(set(captions))
-    longest = max(len(ids) for ids in tokenizer(unique).input_ids)
-    if longest > cfg.text.max_length:
-        raise ValueError(f"captions need {longest} tokens but world.text.max_length is "
-                         f"{cfg.text.max_length}; raise it to at least {longest}")
+    check_fits(tokenizer, unique, cfg.text.max_length, "world.text.max_length")
     unique_ids = tokenize(tokenizer, unique)
     index = {c: i for i, c in enumerate(unique)}
     torch.manual_seed(cfg.seed + 1)
@@ -122,10 +127,8 @@ def train_teacher(
         parts = build_sd3_parts(cfg.sd3, cfg.vae.latent_channels, latents.shape[-1],
                                 train_captions)
         for key, name in (("max_length", "tokenizer"), ("t5_length", "tokenizer_3")):
-            longest = max(len(ids) for ids in parts[name](sorted(set(train_captions))).input_ids)
-            if longest > getattr(cfg.sd3, key):
-                raise ValueError(f"captions need {longest} tokens but world.sd3.{key} is "
-                                 f"{getattr(cfg.sd3, key)}; raise it to at least {longest}")
+            check_fits(parts[name], sorted(set(train_captions)), getattr(cfg.sd3, key),
+                       f"world.sd3.{key}")
         pipe = assemble_sd3_pipeline(vae, parts, cfg.sd3.shift)
         report = train_sd3(pipe, latents, train_captions, cfg.sd3, cfg.seed, emit)
         log(f"sd3: {report}")
