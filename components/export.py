@@ -1,5 +1,7 @@
 """A student in the formats other tools load: a diffusers folder, a LoRA file, and a single-file
-checkpoint in the original SD1.x / SDXL layout (ComfyUI, A1111; ``components.ldm_layout``).
+checkpoint in the original layout: the whole SD1.x / SDXL pipeline (ComfyUI, A1111;
+``components.ldm_layout``), or an SD3 / FLUX / SANA student's transformer alone
+(``components.flow_layout``).
 
 Each writer reads a student folder (``components.generation.save_student``) and writes one file
 or folder atomically; ``python -m pipeline.export`` is the command.
@@ -61,21 +63,25 @@ def export_lora(student: Path, out: Path) -> Path:
 
 
 def export_single_file(student: Path, out: Path, precision: str = "fp16") -> Path:
-    """The whole pipeline (UNet, VAE, text encoders) as one safetensors checkpoint in the original
-    layout, its tensors in ``precision`` (fp16, as the published SD checkpoints; bf16; fp32)."""
+    """One safetensors checkpoint in the original layout, its tensors in ``precision`` (fp16, as
+    the published checkpoints; bf16; fp32). A UNet student's file holds the whole pipeline (UNet,
+    VAE, text encoders); an SD3, FLUX or SANA student's holds the transformer only, in its
+    family's released layout (ComfyUI's "Load Diffusion Model"; diffusers'
+    ``<Transformer>.from_single_file(out, config=student, subfolder="transformer")``)."""
     from safetensors.torch import save_file
 
+    from components.flow_layout import transformer_to_original
     from components.ldm_layout import pipeline_to_ldm
-    from components.networks import is_flow
+    from components.networks import PIPELINES, is_flow
 
     dtype = torch.float16 if precision == "fp16" else precision_dtype(precision)
     _meta(student)
     pipe = _pipeline(student)
     if is_flow(pipe):
-        raise ValueError(f"{student} is a {type(pipe).__name__} student: the single-file layout "
-                         "is SD1.x / SDXL's; export it as diffusers")
-    state = {k: v.to(dtype) if v.is_floating_point() else v
-             for k, v in pipeline_to_ldm(pipe).items()}
+        state = transformer_to_original(PIPELINES[type(pipe).__name__], pipe.transformer)
+    else:
+        state = pipeline_to_ldm(pipe)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
