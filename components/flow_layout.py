@@ -4,8 +4,9 @@ diffusers' single-file converters (``diffusers.loaders.single_file_utils``).
 diffusers converts these layouts only towards diffusers; each function here undoes one converter
 key for key: it fuses what the converter splits (q/k/v, FLUX's q/k/v + MLP ``linear1``, SANA's
 k/v), swaps back the shift/scale halves it swaps, and fails on any weight it has no place for
-rather than drop it. Only the transformer is written: the released files of these families hold
-the denoiser alone (ComfyUI's "Load Diffusion Model"; the text encoders and VAE load apart).
+rather than drop it. Only the transformer is written, as the released SD3 and FLUX files that
+ComfyUI's "Load Diffusion Model" reads hold the denoiser alone (the text encoders and VAE load
+apart); diffusers' ``<Transformer>.from_single_file`` reads all three.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 Writes ``<out>/diffusers/`` (a full-weight diffusers pipeline folder), ``<out>/student_lora
 .safetensors`` (a LoRA student's diffusers LoRA, for ``pipe.load_lora_weights``) and
 ``<out>/student.safetensors`` (SD1.x / SDXL original single-file layout: ComfyUI's checkpoint
-loader, A1111's ``models/Stable-diffusion``; diffusers' ``from_single_file``).
+loader, A1111's ``models/Stable-diffusion``; diffusers' ``from_single_file``; for an SD3, FLUX or
+SANA student the transformer alone in its released layout, for ComfyUI's "Load Diffusion Model").
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.export",
         description="Write a saved or registered student as a diffusers folder, a LoRA file "
-                    "(LoRA students) and a single-file SD1.x/SDXL checkpoint (ComfyUI, A1111).")
+                    "(LoRA students) and a single-file checkpoint in the original layout (ComfyUI, "
+                    "A1111; an SD3/FLUX/SANA student's transformer alone).")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--student", type=Path, default=None,
                         help=f"a student folder (default: {paths.STUDENT} under --root)")

@@ -1,6 +1,7 @@
 """Exports (``python -m pipeline.export``): a diffusers folder, a LoRA file and an original-layout
 single-file checkpoint that diffusers' own ``from_single_file`` loads back weight for weight, on
-tiny random pipelines with the real SD1.x and SDXL layouts."""
+tiny random pipelines with the real SD1.x and SDXL layouts, and the SD3 (MMDiT), FLUX (BFL) and
+SANA transformer layouts."""
 
 from __future__ import annotations
 
@@ -160,3 +161,83 @@ def test_help_names_every_format():
     proc = subprocess.run([sys.executable, "-m", "pipeline.export", "--help"], cwd=ROOT,
                           capture_output=True, text=True, check=True)
     assert all(fmt in proc.stdout for fmt in ("diffusers", "lora", "single-file"))
+
+
+class _TinyFluxSplit:
+    """``torch`` for diffusers' FLUX converter, whose one width-specific step splits each single
+    block's ``linear1`` at FLUX.1's sizes (3072 × 3 + 12288, written as constants); at the tiny
+    width ``d`` the same split is (d, d, d, 4d). A FLUX.1-width block is too big for a CPU test."""
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def split(self, tensor, sizes, dim=0):
+        if tuple(sizes) == (3072, 3072, 3072, 12288):
+            sizes = [self.width] * 3 + [4 * self.width]
+        return torch.split(tensor, sizes, dim=dim)
+
+
+FLOW_KEYS = {  # a key of each family the tiny configs exercise: QK norm, SD3.5's dual attention,
+    # the text-pre-only last block; FLUX's guidance embedding and fused single-block linear1
+    "sd3": ("model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight",
+            "model.diffusion_model.joint_blocks.0.context_block.attn.ln_q.weight",
+            "model.diffusion_model.joint_blocks.1.context_block.adaLN_modulation.1.weight",
+            "model.diffusion_model.pos_embed", "model.diffusion_model.y_embedder.mlp.0.weight"),
+    "flux": ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight",
+             "guidance_in.in_layer.weight", "double_blocks.0.txt_attn.norm.key_norm.scale"),
+    "sana": ("blocks.0.attn.qkv.weight", "blocks.0.cross_attn.kv_linear.bias",
+             "y_embedder.y_embedding", "final_layer.scale_shift_table"),
+}
+
+
+def _flow_student(family: str, folder: Path):
+    from components.generation import save_student
+    from tests import tiny_flow
+
+    build = {"sd3": tiny_flow.tiny_sd3_pipeline, "flux": tiny_flow.tiny_flux_pipeline,
+             "sana": tiny_flow.tiny_sana_pipeline}[family]
+    pipe = build(0)
+    save_student(pipe, GeneratorSpec(), folder, {"method": "dmd2"})
+    return pipe
+
+
+@pytest.mark.parametrize("family", sorted(FLOW_KEYS))
+def test_flow_single_file_round_trips_through_from_single_file(tmp_path, monkeypatch, family):
+    from diffusers.loaders import single_file_utils
+
+    from components.export import export_single_file
+
+    pipe = _flow_student(family, tmp_path / "student")
+    path = export_single_file(tmp_path / "student", tmp_path / "t.safetensors", "fp32")
+    keys = load_file(str(path)).keys()
+    assert set(FLOW_KEYS[family]) <= keys
+    assert not any(k.startswith(("text_encoder", "vae", "first_stage_model")) for k in keys)
+    if family == "flux":
+        width = pipe.transformer.config.num_attention_heads * pipe.transformer.config.attention_head_dim
+        monkeypatch.setattr(single_file_utils, "torch", _TinyFluxSplit(width))
+    back = type(pipe.transformer).from_single_file(
+        str(path), config=str(tmp_path / "student"), subfolder="transformer",
+        local_files_only=True)
+    assert not _same_weights(pipe.transformer, back)
+
+
+def test_flow_single_file_is_fp16_by_default(tmp_path):
+    _flow_student("sd3", tmp_path / "student")
+    main(["--student", str(tmp_path / "student"), "--out", str(tmp_path / "out"),
+          "--format", "single-file"])
+    tensors = load_file(str(tmp_path / "out" / "student.safetensors"))
+    assert {v.dtype for v in tensors.values()} == {torch.float16}
+    assert all(k.startswith("model.diffusion_model.") for k in tensors)
+
+
+def test_a_transformer_family_without_a_layout_says_what_is_supported():
+    from components.flow_layout import transformer_to_original
+
+    with pytest.raises(ValueError) as err:
+        transformer_to_original("hidream", torch.nn.Linear(2, 2))
+    message = str(err.value)
+    assert all(name in message for name in ("StableDiffusion3Pipeline", "FluxPipeline",
+                                            "SanaPipeline", "--format diffusers"))
